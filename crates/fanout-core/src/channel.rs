@@ -1,0 +1,188 @@
+//! Channel names, topics and shards.
+//!
+//! A client joins the topic `realtime:<name>`; `<name>` is the channel. The
+//! channel decides the shard (`shard_of`), and the shard decides which NATS
+//! subjects and JetStream stream carry the channel's events.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The prefix every client topic carries.
+pub const TOPIC_PREFIX: &str = "realtime:";
+
+/// Longest accepted channel name in bytes. Topics travel in binary frames
+/// whose length fields are one byte, so `realtime:` plus the name must fit 255.
+pub const MAX_CHANNEL_LEN: usize = 255 - TOPIC_PREFIX.len();
+
+/// Why a topic was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("topic must start with \"realtime:\"")]
+    MissingPrefix,
+    #[error("topic \"realtime:\" needs a channel name after the prefix")]
+    Empty,
+    #[error("channel name is longer than {MAX_CHANNEL_LEN} bytes")]
+    TooLong,
+    #[error("channel name contains a control character")]
+    ControlCharacter,
+}
+
+/// A validated channel name (the part after `realtime:`), cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelName(Arc<str>);
+
+impl ChannelName {
+    /// Validates a bare channel name.
+    pub fn new(name: &str) -> Result<Self, ChannelError> {
+        if name.is_empty() {
+            return Err(ChannelError::Empty);
+        }
+        if name.len() > MAX_CHANNEL_LEN {
+            return Err(ChannelError::TooLong);
+        }
+        if name.chars().any(char::is_control) {
+            return Err(ChannelError::ControlCharacter);
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// Parses a client topic `realtime:<name>`.
+    pub fn from_topic(topic: &str) -> Result<Self, ChannelError> {
+        let name = topic.strip_prefix(TOPIC_PREFIX).ok_or(ChannelError::MissingPrefix)?;
+        Self::new(name)
+    }
+
+    /// Accepts either a bare name or a `realtime:` topic (the REST broadcast
+    /// API takes both).
+    pub fn from_name_or_topic(s: &str) -> Result<Self, ChannelError> {
+        match s.strip_prefix(TOPIC_PREFIX) {
+            Some(name) => Self::new(name),
+            None => Self::new(s),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The client topic, `realtime:<name>`.
+    pub fn topic(&self) -> String {
+        format!("{TOPIC_PREFIX}{}", self.0)
+    }
+}
+
+impl fmt::Debug for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The shard of a channel: `fnv1a_32(utf8 bytes of the name) mod shards`.
+///
+/// This mapping is part of the wire contract between edges, the CDC ingester
+/// and JetStream stream layout, so it must never change. FNV-1a (32-bit,
+/// offset basis `0x811c9dc5`, prime `0x01000193`) is trivial to reimplement
+/// in any language. `shards == 0` is treated as 1.
+pub fn shard_of(channel: &str, shards: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in channel.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % shards.max(1)
+}
+
+/// Escapes a channel name into one valid NATS subject token.
+///
+/// NATS tokens may not contain `.`, `*`, `>` or whitespace. ASCII letters,
+/// digits, `-` and `_` pass through; every other byte becomes `%XX`
+/// (uppercase hex), so the mapping is injective and reversible.
+pub fn subject_token(channel: &str) -> String {
+    let mut out = String::with_capacity(channel.len());
+    for &b in channel.as_bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reverses [`subject_token`]. Returns `None` for a malformed token.
+pub fn channel_from_token(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = token.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_parse_and_refuse() {
+        assert_eq!(
+            ChannelName::from_topic("realtime:workshop:42").unwrap().as_str(),
+            "workshop:42"
+        );
+        assert_eq!(ChannelName::from_topic("realtime:"), Err(ChannelError::Empty));
+        assert_eq!(ChannelName::from_topic("phoenix"), Err(ChannelError::MissingPrefix));
+        assert_eq!(
+            ChannelName::from_topic(&format!("realtime:{}", "x".repeat(247))),
+            Err(ChannelError::TooLong)
+        );
+        assert!(ChannelName::from_topic(&format!("realtime:{}", "x".repeat(246))).is_ok());
+        assert_eq!(
+            ChannelName::from_topic("realtime:a\nb"),
+            Err(ChannelError::ControlCharacter)
+        );
+        assert_eq!(
+            ChannelName::from_name_or_topic("room").unwrap().topic(),
+            "realtime:room"
+        );
+    }
+
+    #[test]
+    fn shard_mapping_is_stable() {
+        // Reference values: FNV-1a 32 of the name. These pin the contract;
+        // changing them breaks every running cluster.
+        assert_eq!(shard_of("", 1 << 31), 0x811c_9dc5 % (1 << 31));
+        assert_eq!(shard_of("a", u32::MAX), 0xe40c_292c);
+        assert_eq!(shard_of("foobar", u32::MAX), 0xbf9c_f968);
+        assert_eq!(shard_of("workshop:42", 64), shard_of("workshop:42", 64));
+        assert!(shard_of("workshop:42", 64) < 64);
+        assert_eq!(shard_of("anything", 0), 0);
+    }
+
+    #[test]
+    fn subject_tokens_round_trip() {
+        for name in ["workshop:42", "a.b*c>d e", "ünï", "plain-name_1", "%41"] {
+            let token = subject_token(name);
+            assert!(
+                token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_%".contains(&b)),
+                "{token}"
+            );
+            assert_eq!(channel_from_token(&token).as_deref(), Some(name));
+        }
+        assert_eq!(subject_token("workshop:42"), "workshop%3A42");
+        assert_eq!(channel_from_token("%4"), None);
+    }
+}

@@ -1,0 +1,33 @@
+//! The shared vocabulary of fanout: channel names and their shards, the event
+//! envelope that travels between edges, JWT claims, client-controlled limits
+//! and the Phoenix Presence rules.
+//!
+//! Every role (`edge`, `cdc`, `presence`, `standalone`) speaks in these types,
+//! so a message means the same thing wherever it is.
+//!
+//! # Layout
+//! - [`channel`]: `realtime:<name>` topics, [`ChannelName`], the stable
+//!   [`shard_of`] mapping and NATS subject tokens.
+//! - [`event`]: [`Event`], the envelope of a broadcast, a presence diff or a
+//!   database change, and [`Position`], its place in a channel's history.
+//! - [`auth`]: HS256 JWT verification and [`Claims`].
+//! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
+//!   `presence_state` / `presence_diff` semantics.
+//! - [`limits`]: the [`Limits`] on everything a client controls.
+//!
+//! # What it does not do
+//! `fanout-core` does no I/O: it knows nothing about sockets, NATS, Redis or
+//! Postgres, and it starts no tasks. That keeps it fast to test and lets every
+//! transport share one definition of the rules.
+
+pub mod auth;
+pub mod channel;
+pub mod event;
+pub mod limits;
+pub mod presence;
+
+pub use auth::{AuthError, Claims, JwtVerifier};
+pub use channel::{ChannelError, ChannelName, shard_of, subject_token};
+pub use event::{Event, EventKind, Origin, Position};
+pub use limits::Limits;
+pub use presence::{PresenceDiff, PresenceSet};

@@ -1,0 +1,56 @@
+//! Limits on everything a client controls.
+
+use std::time::Duration;
+
+/// Per-connection and per-message limits. Every field has a safe default and
+/// can be set from config; the edge enforces them with an error reply or a
+/// close code, never a panic.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest WebSocket message accepted from a client, in bytes.
+    pub max_frame_bytes: usize,
+    /// Channels one connection may have joined at once.
+    pub max_channels_per_connection: usize,
+    /// Frames queued for one connection before it counts as a slow consumer
+    /// and is disconnected.
+    pub outbound_queue_frames: usize,
+    /// Messages (any event) a connection may send per second, sustained;
+    /// bursts up to twice this are allowed.
+    pub messages_per_second: u32,
+    /// Joins a connection may send per second, sustained.
+    pub joins_per_second: u32,
+    /// Open client connections per process; beyond it the handshake gets 429.
+    pub max_connections: usize,
+    /// A connection that sends nothing (not even a heartbeat) for this long is
+    /// closed. realtime-js sends a heartbeat every 25 s.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            max_channels_per_connection: 100,
+            outbound_queue_frames: 1024,
+            messages_per_second: 1000,
+            joins_per_second: 50,
+            max_connections: 100_000,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+mod secs {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs: u64 = serde::Deserialize::deserialize(d)?;
+        Ok(Duration::from_secs(secs))
+    }
+}

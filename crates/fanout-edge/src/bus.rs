@@ -1,0 +1,280 @@
+//! The bus: how events reach every edge that has subscribers for a channel.
+//!
+//! [`Bus`] is the seam between the edge and its transport. Standalone uses
+//! [`MemoryBus`]; cluster mode uses NATS/JetStream behind the same trait, and
+//! both must pass the same behaviour tests. The contract:
+//! - `publish` assigns history events (broadcasts, database changes) a
+//!   position, increasing per channel; presence diffs get position 0 and are
+//!   not kept in history.
+//! - A [`Subscription`] yields every event of its channel published after it
+//!   was taken, in publish order, and reports `head`, the position of the
+//!   last history event before it started.
+//! - `replay(after, upto)` returns the history events with positions in
+//!   `(after, upto]`, in order, or [`Replay::Expired`] when some of them are
+//!   no longer retained (the client must resync).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fanout_core::{ChannelName, Event, EventKind, Position};
+use tokio::sync::mpsc;
+
+/// A boxed, sendable future (the bus is used as a trait object).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Bus failures. `Unavailable` is transient (retry, report not-ready);
+/// `Rejected` is about the message itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("message rejected by the bus: {0}")]
+    Rejected(String),
+}
+
+/// A live subscription to one channel. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Position of the last history event published before the subscription
+    /// started (0 if none).
+    pub head: Position,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// The answer to a replay request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replay {
+    Events(Vec<Event>),
+    /// Some requested events are past retention.
+    Expired,
+}
+
+/// The transport between edges. See the module docs for the contract.
+pub trait Bus: Send + Sync + 'static {
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>>;
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<Subscription, BusError>>;
+    fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>>;
+    /// Whether the bus can currently deliver (for `/readyz`).
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// Retention of channel history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_messages: usize,
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_age: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    last: Position,
+    history: VecDeque<Event>,
+    subscribers: Vec<mpsc::UnboundedSender<Event>>,
+}
+
+impl Log {
+    fn trim(&mut self, retention: Retention, now_ms: u64) {
+        while self.history.len() > retention.max_messages {
+            self.history.pop_front();
+        }
+        let max_age_ms = retention.max_age.as_millis() as u64;
+        while let Some(front) = self.history.front() {
+            if now_ms.saturating_sub(front.published_at_ms) > max_age_ms {
+                self.history.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// The in-process bus of standalone mode: per-channel history in memory,
+/// bounded by [`Retention`].
+pub struct MemoryBus {
+    logs: Mutex<HashMap<ChannelName, Log>>,
+    retention: Retention,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryBus {
+    pub fn new(retention: Retention) -> Self {
+        Self {
+            logs: Mutex::new(HashMap::new()),
+            retention,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Log>> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_now(&self, mut event: Event) -> Position {
+        let now = crate::now_ms();
+        let mut logs = self.lock();
+        let log = logs.entry(event.channel.clone()).or_default();
+        if event.kind != EventKind::PresenceDiff {
+            log.last += 1;
+            event.position = log.last;
+            log.history.push_back(event.clone());
+            log.trim(self.retention, now);
+        } else {
+            event.position = 0;
+        }
+        let position = event.position;
+        log.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+        if log.subscribers.is_empty() && log.history.is_empty() && log.last == 0 {
+            logs.remove(&event.channel);
+        }
+        position
+    }
+
+    fn replay_now(&self, channel: &ChannelName, after: Position, upto: Position) -> Replay {
+        let now = crate::now_ms();
+        let mut logs = self.lock();
+        let Some(log) = logs.get_mut(channel) else {
+            return if after == 0 {
+                Replay::Events(Vec::new())
+            } else {
+                Replay::Expired
+            };
+        };
+        log.trim(self.retention, now);
+        if after > log.last {
+            // A position from the future: the history was lost (restart).
+            return Replay::Expired;
+        }
+        let oldest = log.history.front().map_or(log.last + 1, |e| e.position);
+        if after + 1 < oldest && after < upto {
+            return Replay::Expired;
+        }
+        Replay::Events(
+            log.history
+                .iter()
+                .filter(|e| e.position > after && e.position <= upto)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+impl Bus for MemoryBus {
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>> {
+        let position = self.publish_now(event);
+        Box::pin(async move { Ok(position) })
+    }
+
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<Subscription, BusError>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut logs = self.lock();
+        let log = logs.entry(channel).or_default();
+        log.subscribers.push(tx);
+        let head = log.last;
+        Box::pin(async move { Ok(Subscription { head, events: rx }) })
+    }
+
+    fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>> {
+        let r = self.replay_now(&channel, after, upto);
+        Box::pin(async move { Ok(r) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn ev(channel: &str, kind: EventKind, n: u32) -> Event {
+        Event {
+            channel: ChannelName::new(channel).unwrap(),
+            kind,
+            event: Arc::from("e"),
+            payload: Bytes::from(n.to_string()),
+            origin: None,
+            position: 0,
+            published_at_ms: crate::now_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn positions_order_and_presence() {
+        let bus = MemoryBus::new(Retention::default());
+        let ch = ChannelName::new("a").unwrap();
+        assert_eq!(bus.publish(ev("a", EventKind::Broadcast, 1)).await, Ok(1));
+        let mut sub = bus.subscribe(ch.clone()).await.unwrap();
+        assert_eq!(sub.head, 1);
+        assert_eq!(bus.publish(ev("a", EventKind::Broadcast, 2)).await, Ok(2));
+        assert_eq!(bus.publish(ev("a", EventKind::PresenceDiff, 3)).await, Ok(0));
+        assert_eq!(
+            bus.publish(ev("b", EventKind::Broadcast, 4)).await,
+            Ok(1),
+            "positions are per channel"
+        );
+        assert_eq!(bus.publish(ev("a", EventKind::Broadcast, 5)).await, Ok(3));
+        let got: Vec<_> = (0..3).map(|_| sub.events.try_recv().unwrap()).collect();
+        assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), vec![2, 0, 3]);
+        assert_eq!(got[1].payload, Bytes::from("3"));
+        assert!(sub.events.try_recv().is_err(), "nothing from channel b");
+    }
+
+    #[tokio::test]
+    async fn replay_ranges_and_expiry() {
+        let bus = MemoryBus::new(Retention {
+            max_messages: 5,
+            max_age: Duration::from_secs(60),
+        });
+        let ch = ChannelName::new("a").unwrap();
+        for n in 1..=8 {
+            bus.publish(ev("a", EventKind::Broadcast, n)).await.unwrap();
+        }
+        // Retained: 4..=8.
+        let positions = |r: Replay| match r {
+            Replay::Events(v) => v.iter().map(|e| e.position).collect::<Vec<_>>(),
+            Replay::Expired => panic!("expired"),
+        };
+        assert_eq!(
+            positions(bus.replay(ch.clone(), 3, 8).await.unwrap()),
+            vec![4, 5, 6, 7, 8]
+        );
+        assert_eq!(positions(bus.replay(ch.clone(), 5, 7).await.unwrap()), vec![6, 7]);
+        assert_eq!(
+            positions(bus.replay(ch.clone(), 8, 8).await.unwrap()),
+            Vec::<u64>::new()
+        );
+        assert_eq!(bus.replay(ch.clone(), 2, 8).await.unwrap(), Replay::Expired);
+        assert_eq!(bus.replay(ch.clone(), 99, 8).await.unwrap(), Replay::Expired);
+        let unknown = ChannelName::new("never").unwrap();
+        assert_eq!(bus.replay(unknown.clone(), 0, 0).await.unwrap(), Replay::Events(vec![]));
+        assert_eq!(bus.replay(unknown, 3, 0).await.unwrap(), Replay::Expired);
+    }
+
+    #[tokio::test]
+    async fn dropped_subscription_is_pruned() {
+        let bus = MemoryBus::new(Retention::default());
+        let sub = bus.subscribe(ChannelName::new("a").unwrap()).await.unwrap();
+        drop(sub);
+        bus.publish(ev("a", EventKind::Broadcast, 1)).await.unwrap();
+        assert!(bus.lock()[&ChannelName::new("a").unwrap()].subscribers.is_empty());
+    }
+}

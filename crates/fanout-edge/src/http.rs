@@ -1,0 +1,385 @@
+//! The two HTTP listeners.
+//!
+//! Public: `GET /realtime/v1/websocket` (the WebSocket endpoint),
+//! `POST /realtime/v1/api/broadcast` (realtime-js's REST fallback), the demo
+//! page at `/` with its client module `/fanout.js`, and `/healthz`.
+//!
+//! Admin: `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz`
+//! (ready for traffic). It binds separately so metrics are never exposed
+//! through a public ingress.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_core::{ChannelName, Event, EventKind};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Edge;
+use crate::protocol::Vsn;
+
+type Body = Full<Bytes>;
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const FANOUT_JS: &str = include_str!("../assets/fanout.js");
+
+/// Serves both listeners until the edge's shutdown token is cancelled, then
+/// waits (up to `grace`) for every connection and channel task to finish.
+pub async fn serve(edge: Arc<Edge>, public: TcpListener, admin: TcpListener, grace: Duration) {
+    let public_loop = accept_loop(edge.clone(), public, Listener::Public);
+    let admin_loop = accept_loop(edge.clone(), admin, Listener::Admin);
+    tokio::join!(public_loop, admin_loop);
+    edge.tasks.close();
+    if tokio::time::timeout(grace, edge.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = edge.tasks.len(),
+            "shutdown grace period over; tasks left running"
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Public,
+    Admin,
+}
+
+async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, which: Listener) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = edge.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    metrics::counter!("fanout_accept_errors_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let edge2 = edge.clone();
+        edge.tasks.spawn(serve_http(edge2, stream, peer, which));
+    }
+}
+
+async fn serve_http(edge: Arc<Edge>, stream: TcpStream, _peer: SocketAddr, which: Listener) {
+    let io = TokioIo::new(stream);
+    let svc_edge = edge.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let edge = svc_edge.clone();
+        async move {
+            Ok::<_, Infallible>(match which {
+                Listener::Public => public_route(edge, req).await,
+                Listener::Admin => admin_route(&edge, &req),
+            })
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection error");
+            }
+        }
+        () = edge.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// `{"error": reason}` with `status`, the shape realtime-js and Supabase use.
+fn json_error(status: StatusCode, reason: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": reason }).to_string();
+    response(status, "application/json", body)
+}
+
+fn admin_route(edge: &Edge, req: &Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => match &edge.metrics {
+            Some(h) => response(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => json_error(StatusCode::NOT_FOUND, "metrics recorder not installed"),
+        },
+        (&Method::GET, "/healthz") => response(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if edge.is_ready() {
+                response(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn public_route(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req),
+        (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
+        (Method::OPTIONS, "/realtime/v1/api/broadcast") => {
+            with_cors(response(StatusCode::NO_CONTENT, "text/plain", ""))
+        }
+        (Method::GET, "/" | "/index.html") => response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        (Method::GET, "/fanout.js") => response(StatusCode::OK, "text/javascript; charset=utf-8", FANOUT_JS),
+        (Method::GET, "/healthz") => response(StatusCode::OK, "text/plain", "ok\n"),
+        _ => json_error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn with_cors(mut r: Response<Body>) -> Response<Body> {
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, apikey, content-type, x-client-info"),
+    );
+    r
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The token from `apikey` (query or header) or `Authorization: Bearer`.
+fn request_token<'a>(req: &'a Request<Incoming>, query: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+    if let Some(k) = query_param(query, "apikey") {
+        return Some(k);
+    }
+    if let Some(k) = req.headers().get("apikey").and_then(|v| v.to_str().ok()) {
+        return Some(k.into());
+    }
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(Into::into)
+}
+
+/// Checks the request's token when auth is on.
+fn authenticate(
+    edge: &Edge,
+    req: &Request<Incoming>,
+    query: &str,
+) -> Result<Option<fanout_core::Claims>, fanout_core::AuthError> {
+    let Some(verifier) = &edge.config.auth else {
+        return Ok(None);
+    };
+    let token = request_token(req, query).unwrap_or_default();
+    verifier.verify(&token).map(Some)
+}
+
+fn unauthorized(e: fanout_core::AuthError) -> Response<Body> {
+    metrics::counter!("fanout_handshake_rejections_total", "reason" => "unauthorized").increment(1);
+    json_error(StatusCode::UNAUTHORIZED, &format!("unauthorized: {e}"))
+}
+
+fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let Some(vsn) = Vsn::parse(query_param(&query, "vsn").as_deref()) else {
+        metrics::counter!("fanout_handshake_rejections_total", "reason" => "bad_request").increment(1);
+        return json_error(StatusCode::BAD_REQUEST, "unsupported vsn: use 1.0.0 or 2.0.0");
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return json_error(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
+    }
+    if !edge.is_ready() {
+        metrics::counter!("fanout_handshake_rejections_total", "reason" => "draining").increment(1);
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is draining; connect to another node",
+        );
+    }
+    let claims = match authenticate(&edge, &req, &query) {
+        Ok(c) => c,
+        Err(e) => return unauthorized(e),
+    };
+    if !edge.try_open_connection() {
+        metrics::counter!("fanout_handshake_rejections_total", "reason" => "too_many").increment(1);
+        return json_error(StatusCode::TOO_MANY_REQUESTS, "too many connections on this node");
+    }
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            edge.connection_closed();
+            return json_error(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}"));
+        }
+    };
+    let edge2 = edge.clone();
+    edge.tasks.spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                edge2.connection_closed();
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => crate::conn::serve(edge2, parts.io.into_inner(), parts.read_buf, vsn, claims).await,
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                edge2.connection_closed();
+            }
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+#[derive(Deserialize)]
+struct RestBroadcast<'a> {
+    #[serde(borrow)]
+    messages: Vec<RestMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RestMessage<'a> {
+    topic: String,
+    event: String,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    private: bool,
+}
+
+/// `POST /realtime/v1/api/broadcast` `{messages: [{topic, event, payload}]}`
+/// → 202 once every message is on the bus.
+async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if let Err(e) = authenticate(&edge, &req, &query) {
+        return unauthorized(e);
+    }
+    let max = edge.config.limits.max_frame_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {max} bytes")),
+    };
+    let parsed: RestBroadcast<'_> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid body: {e}; expected {{\"messages\": [{{\"topic\", \"event\", \"payload\"}}]}}"),
+            );
+        }
+    };
+    let mut events = Vec::with_capacity(parsed.messages.len());
+    for (i, m) in parsed.messages.iter().enumerate() {
+        let channel = match ChannelName::from_name_or_topic(&m.topic) {
+            Ok(c) => c,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("messages[{i}].topic: {e}")),
+        };
+        if m.private {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("messages[{i}]: private channels are not supported"),
+            );
+        }
+        if m.event.is_empty() || m.event.len() > 255 {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("messages[{i}].event must be 1 to 255 bytes"),
+            );
+        }
+        events.push(Event {
+            channel,
+            kind: EventKind::Broadcast,
+            event: Arc::from(m.event.as_str()),
+            payload: m.payload.map_or_else(
+                || Bytes::from_static(b"{}"),
+                |p| Bytes::copy_from_slice(p.get().as_bytes()),
+            ),
+            origin: None,
+            position: 0,
+            published_at_ms: crate::now_ms(),
+        });
+    }
+    for ev in events {
+        if let Err(e) = edge.bus.publish(ev).await {
+            metrics::counter!("fanout_bus_publish_errors_total").increment(1);
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("broadcast not delivered: {e}"),
+            );
+        }
+    }
+    metrics::counter!("fanout_rest_broadcasts_total").increment(1);
+    response(StatusCode::ACCEPTED, "application/json", "{}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        let q = "apikey=a%2Eb%2Ec&vsn=2.0.0&log_level=info&flag";
+        assert_eq!(query_param(q, "apikey").as_deref(), Some("a.b.c"));
+        assert_eq!(query_param(q, "vsn").as_deref(), Some("2.0.0"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("%é%C3%A9"), "%é\u{e9}");
+    }
+}

@@ -1,0 +1,398 @@
+//! The local fan-out hub: one task per channel with local subscribers.
+//!
+//! Each channel task owns the channel's member list and its single bus
+//! subscription, so everything a member sees of a channel (join reply,
+//! `presence_state`, replayed history, live events) is sequenced by one
+//! task, in one order, with no lock on the delivery path. An event is
+//! encoded at most once per protocol version and the same `Bytes` go to every
+//! member's [`ConnWriter`].
+//!
+//! A channel task is started by the first join and retires after the last
+//! member left and a short linger passed, dropping its bus subscription; the
+//! linger avoids churn when a client leaves and rejoins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_core::{ChannelName, Event, EventKind, Origin, Position};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{Bus, Replay, Subscription};
+use crate::presence::PresenceStore;
+use crate::protocol::{Encoder, Vsn};
+use crate::writer::ConnWriter;
+
+/// One connection's membership in a channel.
+#[derive(Debug)]
+pub struct Member {
+    /// Connection id, unique within this process.
+    pub conn: u64,
+    pub origin: Origin,
+    pub vsn: Vsn,
+    /// `config.broadcast.self`: receive one's own broadcasts.
+    pub receive_own: bool,
+    /// Receive `presence_state` and `presence_diff`.
+    pub presence: bool,
+    pub writer: Arc<ConnWriter>,
+}
+
+/// A join, handed to the channel task.
+#[derive(Debug)]
+pub struct JoinRequest {
+    pub member: Member,
+    /// The encoded `phx_reply` for the join, sent by the channel task so that
+    /// every event after it reaches the member.
+    pub reply: Bytes,
+    /// `config.resume.after`: replay history after this position first.
+    pub resume_after: Option<Position>,
+}
+
+enum Command {
+    Join(JoinRequest),
+    Leave { conn: u64 },
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Command>,
+    members: usize,
+    generation: u64,
+}
+
+struct Inner {
+    bus: Arc<dyn Bus>,
+    presence: Arc<dyn PresenceStore>,
+    channels: Mutex<HashMap<ChannelName, Entry>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    linger: Duration,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// The hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("channels", &self.channel_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn PresenceStore>,
+        linger: Duration,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                bus,
+                presence,
+                channels: Mutex::new(HashMap::new()),
+                next_generation: std::sync::atomic::AtomicU64::new(1),
+                linger,
+                tasks,
+                shutdown,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Entry>> {
+        self.inner.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Channels with a running task (local subscribers or lingering).
+    pub fn channel_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Adds a member; the channel task sends the join reply, then the
+    /// presence state (if enabled), then replayed history (if asked), then
+    /// live events.
+    pub fn join(&self, channel: &ChannelName, request: JoinRequest) {
+        let mut channels = self.lock();
+        let entry = channels.entry(channel.clone()).or_insert_with(|| {
+            let generation = self
+                .inner
+                .next_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let task = ChannelTask {
+                hub: self.clone(),
+                topic: channel.topic(),
+                channel: channel.clone(),
+                generation,
+                members: Vec::new(),
+                index: HashMap::new(),
+                last: 0,
+            };
+            self.inner.tasks.spawn(task.run(rx));
+            metrics::gauge!("fanout_channels").increment(1.0);
+            Entry {
+                tx,
+                members: 0,
+                generation,
+            }
+        });
+        entry.members += 1;
+        // The task only exits after removing its entry under this lock, so
+        // the receiver is alive.
+        let _ = entry.tx.send(Command::Join(request));
+    }
+
+    /// Removes a member (no-op if it was already dropped as a slow consumer).
+    pub fn leave(&self, channel: &ChannelName, conn: u64) {
+        let mut channels = self.lock();
+        if let Some(entry) = channels.get_mut(channel) {
+            entry.members = entry.members.saturating_sub(1);
+            let _ = entry.tx.send(Command::Leave { conn });
+        }
+    }
+
+    /// Called by an idle channel task: retires it if no join arrived since.
+    fn try_retire(&self, channel: &ChannelName, generation: u64) -> bool {
+        let mut channels = self.lock();
+        match channels.get(channel) {
+            Some(e) if e.generation == generation && e.members == 0 => {
+                channels.remove(channel);
+                metrics::gauge!("fanout_channels").decrement(1.0);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+struct ChannelTask {
+    hub: Hub,
+    channel: ChannelName,
+    topic: String,
+    generation: u64,
+    members: Vec<Member>,
+    /// conn id → index in `members`.
+    index: HashMap<u64, usize>,
+    /// Position of the last history event dispatched (or the subscription
+    /// head): the boundary between replay and live delivery.
+    last: Position,
+}
+
+impl ChannelTask {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let Some(mut sub) = self.subscribe().await else {
+            return;
+        };
+        self.last = sub.head;
+        let mut idle_since = Some(Instant::now());
+        loop {
+            let linger_until = idle_since.map(|t| t + self.hub.inner.linger);
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Join(req)) => {
+                        self.join(req).await;
+                        idle_since = None;
+                    }
+                    Some(Command::Leave { conn }) => {
+                        self.remove(conn);
+                        if self.members.is_empty() {
+                            idle_since = Some(Instant::now());
+                        }
+                    }
+                    None => break,
+                },
+                ev = sub.events.recv() => match ev {
+                    Some(ev) => self.dispatch(&ev),
+                    None => {
+                        // The bus ended our subscription (transport restart):
+                        // take a new one. Events in between are recoverable
+                        // by resume; live members may miss them.
+                        tracing::warn!(channel = %self.channel, "bus subscription ended; resubscribing");
+                        match self.subscribe().await {
+                            Some(s) => sub = s,
+                            None => break,
+                        }
+                    }
+                },
+                () = self.hub.inner.shutdown.cancelled(), if self.members.is_empty() => {
+                    self.hub.try_retire(&self.channel, self.generation);
+                    break;
+                }
+                () = sleep_until_opt(linger_until) => {
+                    if self.hub.try_retire(&self.channel, self.generation) {
+                        break;
+                    }
+                    idle_since = Some(Instant::now());
+                }
+            }
+        }
+        metrics::gauge!("fanout_channel_members").decrement(self.members.len() as f64);
+    }
+
+    /// Subscribes with backoff until it works or the process shuts down.
+    async fn subscribe(&self) -> Option<Subscription> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.hub.inner.bus.subscribe(self.channel.clone()).await {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(channel = %self.channel, error = %e, "bus subscribe failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.hub.inner.shutdown.cancelled() => return None,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn join(&mut self, req: JoinRequest) {
+        let JoinRequest {
+            member,
+            reply,
+            resume_after,
+        } = req;
+        // A rejoin by the same connection replaces the old membership.
+        self.remove(member.conn);
+        let enc = Encoder(member.vsn);
+        if member.writer.send(reply).is_err() {
+            return;
+        }
+        if member.presence {
+            let frame = match self.hub.inner.presence.state(&self.channel).await {
+                Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
+                Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.as_str()),
+            };
+            if member.writer.send(frame).is_err() {
+                return;
+            }
+        }
+        if let Some(after) = resume_after {
+            let frames: Vec<Bytes> = match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
+                Ok(Replay::Events(events)) => {
+                    metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
+                    events
+                        .iter()
+                        .filter_map(|ev| encode_event(enc, &self.topic, ev, true))
+                        .collect()
+                }
+                Ok(Replay::Expired) => {
+                    metrics::counter!("fanout_resync_required_total").increment(1);
+                    vec![enc.system(
+                        &self.topic,
+                        "broadcast",
+                        false,
+                        &format!("resync required: messages after position {after} are no longer retained"),
+                        self.channel.as_str(),
+                    )]
+                }
+                Err(e) => vec![enc.system(
+                    &self.topic,
+                    "broadcast",
+                    false,
+                    &format!("resync required: history unavailable ({e})"),
+                    self.channel.as_str(),
+                )],
+            };
+            for f in frames {
+                if member.writer.send(f).is_err() {
+                    return;
+                }
+            }
+        }
+        self.index.insert(member.conn, self.members.len());
+        self.members.push(member);
+        metrics::gauge!("fanout_channel_members").increment(1.0);
+    }
+
+    fn remove(&mut self, conn: u64) {
+        if let Some(i) = self.index.remove(&conn) {
+            self.members.swap_remove(i);
+            if let Some(moved) = self.members.get(i) {
+                self.index.insert(moved.conn, i);
+            }
+            metrics::gauge!("fanout_channel_members").decrement(1.0);
+        }
+    }
+
+    fn dispatch(&mut self, ev: &Event) {
+        if ev.position != 0 {
+            if ev.position <= self.last {
+                // Already delivered (a transport redelivery).
+                return;
+            }
+            self.last = ev.position;
+        }
+        let mut v1: Option<Option<Bytes>> = None;
+        let mut v2: Option<Option<Bytes>> = None;
+        let mut dropped = Vec::new();
+        let mut delivered = 0u64;
+        for m in &self.members {
+            match ev.kind {
+                EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
+                EventKind::PresenceDiff if !m.presence => continue,
+                _ => {}
+            }
+            let slot = match m.vsn {
+                Vsn::V1 => &mut v1,
+                Vsn::V2 => &mut v2,
+            };
+            let Some(frame) = slot.get_or_insert_with(|| encode_event(Encoder(m.vsn), &self.topic, ev, false)) else {
+                continue;
+            };
+            match m.writer.send(frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(_) => dropped.push(m.conn),
+            }
+        }
+        for conn in dropped {
+            self.remove(conn);
+        }
+        metrics::counter!("fanout_messages_delivered_total").increment(delivered);
+        if ev.published_at_ms > 0 {
+            let lag = crate::now_ms().saturating_sub(ev.published_at_ms);
+            metrics::histogram!("fanout_publish_to_dispatch_seconds").record(lag as f64 / 1000.0);
+        }
+    }
+}
+
+/// Encodes an event for one protocol version. `None` for kinds this edge
+/// does not deliver.
+fn encode_event(enc: Encoder, topic: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
+    match ev.kind {
+        EventKind::Broadcast => {
+            let meta = if replayed {
+                format!(r#"{{"id":"{}","replayed":true}}"#, ev.position)
+            } else {
+                format!(r#"{{"id":"{}"}}"#, ev.position)
+            };
+            Some(enc.broadcast(topic, &ev.event, &ev.payload, &meta))
+        }
+        EventKind::PresenceDiff => {
+            if replayed {
+                return None;
+            }
+            Some(enc.push(topic, "presence_diff", std::str::from_utf8(&ev.payload).ok()?))
+        }
+        EventKind::PostgresChange => None,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

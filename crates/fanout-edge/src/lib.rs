@@ -1,0 +1,176 @@
+//! The fanout edge: the process that holds client WebSockets.
+//!
+//! An edge terminates WebSockets (hyper + fastwebsockets), speaks the
+//! Supabase Realtime protocol (Phoenix Channels, vsn 1.0.0 and 2.0.0), and
+//! fans each channel event out to its local sockets. It is stateless: what it
+//! shares with other edges goes through two seams, the [`bus::Bus`] (events)
+//! and the [`presence::PresenceStore`] (who is online). Standalone mode plugs
+//! in the in-memory implementations; cluster mode plugs in NATS and Redis.
+//!
+//! # Layout
+//! - [`http`]: the public listener (WebSocket, REST broadcast, demo page)
+//!   and the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - `conn`: one task per connection: decode, apply limits, act.
+//! - [`protocol`]: the wire codecs; [`frame`]: pre-encoded server frames.
+//! - [`hub`]: one task per channel with local members; encodes each event
+//!   once per protocol version and writes the shared bytes to every member.
+//! - [`writer`]: the per-connection write path with its bounded queue.
+//! - [`bus`], [`presence`]: the seams and their in-memory implementations.
+//!
+//! # What it does not do
+//! The edge never talks to Postgres and keeps no durable state: a restarted
+//! edge loses nothing that clients cannot get back by rejoining (with
+//! `config.resume` for history).
+
+pub mod bus;
+mod conn;
+pub mod frame;
+pub mod http;
+pub mod hub;
+pub mod presence;
+pub mod protocol;
+mod ratelimit;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fanout_core::{JwtVerifier, Limits};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::hub::Hub;
+use crate::presence::PresenceStore;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Edge settings (the binary builds them from file, environment and flags).
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// `None` runs without authentication (insecure dev mode; the binary
+    /// only allows it on loopback).
+    pub auth: Option<JwtVerifier>,
+    pub limits: Limits,
+    /// How long a channel with no local members keeps its bus subscription.
+    pub channel_linger: Duration,
+    /// On shutdown, client sockets are closed at random moments spread over
+    /// this window, so reconnections spread over the other edges.
+    pub drain_window: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            limits: Limits::default(),
+            channel_linger: Duration::from_secs(2),
+            drain_window: Duration::ZERO,
+        }
+    }
+}
+
+/// One edge's shared state.
+pub struct Edge {
+    pub config: EdgeConfig,
+    /// Random per process start; tells this edge's connections apart from
+    /// other edges' in event origins.
+    pub node: u64,
+    pub hub: Hub,
+    pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn PresenceStore>,
+    metrics: Option<PrometheusHandle>,
+    next_conn: AtomicU64,
+    connections: AtomicUsize,
+    draining: AtomicBool,
+    /// Every task the edge starts, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Cancelled when the edge must stop.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("node", &self.node)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Edge {
+    /// Builds an edge over the given seams. `metrics` renders `/metrics`
+    /// (the binary installs the global recorder once).
+    pub fn new(
+        config: EdgeConfig,
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn PresenceStore>,
+        metrics: Option<PrometheusHandle>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let tasks = TaskTracker::new();
+        let hub = Hub::new(
+            bus.clone(),
+            presence.clone(),
+            config.channel_linger,
+            tasks.clone(),
+            shutdown.clone(),
+        );
+        Arc::new(Self {
+            node: rand::random(),
+            config,
+            hub,
+            bus,
+            presence,
+            metrics,
+            next_conn: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            tasks,
+            shutdown,
+        })
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reserves a connection slot; `false` when at the limit.
+    fn try_open_connection(&self) -> bool {
+        let max = self.config.limits.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Ready to take traffic: not draining and the bus is reachable.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && !self.shutdown.is_cancelled() && self.bus.is_ready()
+    }
+
+    /// A random delay within the drain window.
+    async fn drain_delay(&self) {
+        self.draining.store(true, Ordering::Release);
+        let window = self.config.drain_window;
+        if !window.is_zero() {
+            let ms = rand::random_range(0..window.as_millis().max(1) as u64);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The Supabase Realtime wire protocol (Phoenix Channels serializers).
+//!
+//! Three inbound shapes are decoded into one [`Inbound`]:
+//! - vsn 1.0.0 text: `{"topic", "event", "payload", "ref", "join_ref"}`;
+//! - vsn 2.0.0 text: `[join_ref, ref, topic, event, payload]`;
+//! - vsn 2.0.0 binary "user broadcast push" (kind 3), which realtime-js uses
+//!   for every `channel.send({type: "broadcast"})`.
+//!
+//! Outbound frames are encoded per [`Vsn`] by [`Encoder`]: replies and pushes
+//! as JSON (object or array), and broadcasts to vsn 2.0.0 clients as binary
+//! "user broadcast" frames (kind 4), as the realtime-js serializer expects.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::frame::{self, Opcode};
+
+/// Protocol version, from the `vsn` query parameter. No `vsn` means 1.0.0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vsn {
+    V1,
+    V2,
+}
+
+impl Vsn {
+    pub fn parse(s: Option<&str>) -> Option<Self> {
+        match s {
+            None | Some("1.0.0") => Some(Self::V1),
+            Some("2.0.0") => Some(Self::V2),
+            _ => None,
+        }
+    }
+}
+
+/// Binary frame kinds of the vsn 2.0.0 serializer.
+const KIND_USER_BROADCAST_PUSH: u8 = 3;
+const KIND_USER_BROADCAST: u8 = 4;
+const ENCODING_JSON: u8 = 1;
+
+/// Why an inbound frame could not be decoded. The message goes to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("expected a JSON {0}")]
+    Shape(&'static str),
+    #[error("binary frame of unknown kind {0}")]
+    UnknownKind(u8),
+    #[error("binary frame is truncated")]
+    Truncated,
+    #[error("binary frame field is not UTF-8")]
+    NotUtf8,
+    #[error("binary broadcast payloads are not supported; send JSON")]
+    BinaryPayload,
+}
+
+/// A decoded client message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    pub join_ref: Option<String>,
+    pub r#ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Payload,
+}
+
+/// The payload of a client message.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// JSON text as sent (validated, not yet interpreted).
+    Json(Box<RawValue>),
+    /// A broadcast from a binary kind-3 frame: user event and JSON payload.
+    Broadcast { event: String, payload: Bytes },
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Json(a), Self::Json(b)) => a.get() == b.get(),
+            (Self::Broadcast { event: e1, payload: p1 }, Self::Broadcast { event: e2, payload: p2 }) => {
+                e1 == e2 && p1 == p2
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Accepts a ref as a string, a number or null (clients send strings; be
+/// lenient with numbers, which some hand-written clients send).
+fn de_ref<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ref {
+        S(String),
+        N(serde_json::Number),
+    }
+    Ok(match Option::<Ref>::deserialize(d)? {
+        None => None,
+        Some(Ref::S(s)) => Some(s),
+        Some(Ref::N(n)) => Some(n.to_string()),
+    })
+}
+
+#[derive(Deserialize)]
+struct V1Message {
+    topic: String,
+    event: String,
+    payload: Box<RawValue>,
+    #[serde(default, rename = "ref", deserialize_with = "de_ref")]
+    r#ref: Option<String>,
+    #[serde(default, deserialize_with = "de_ref")]
+    join_ref: Option<String>,
+}
+
+struct V2Message(Inbound);
+
+impl<'de> Deserialize<'de> for V2Message {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = V2Message;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("[join_ref, ref, topic, event, payload]")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<V2Message, A::Error> {
+                #[derive(Deserialize)]
+                struct R(#[serde(deserialize_with = "de_ref")] Option<String>);
+                let missing = || de::Error::custom("expected [join_ref, ref, topic, event, payload]");
+                let join_ref = seq.next_element::<R>()?.ok_or_else(missing)?.0;
+                let r#ref = seq.next_element::<R>()?.ok_or_else(missing)?.0;
+                let topic: String = seq.next_element()?.ok_or_else(missing)?;
+                let event: String = seq.next_element()?.ok_or_else(missing)?;
+                let payload: Box<RawValue> = seq.next_element()?.ok_or_else(missing)?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(missing());
+                }
+                Ok(V2Message(Inbound {
+                    join_ref,
+                    r#ref,
+                    topic,
+                    event,
+                    payload: Payload::Json(payload),
+                }))
+            }
+        }
+        d.deserialize_seq(Visitor)
+    }
+}
+
+/// Decodes a text frame.
+pub fn decode_text(vsn: Vsn, text: &[u8]) -> Result<Inbound, DecodeError> {
+    match vsn {
+        Vsn::V1 => {
+            let m: V1Message =
+                serde_json::from_slice(text).map_err(|e| shape_or_json(e, "object {topic, event, payload, ref}"))?;
+            Ok(Inbound {
+                join_ref: m.join_ref,
+                r#ref: m.r#ref,
+                topic: m.topic,
+                event: m.event,
+                payload: Payload::Json(m.payload),
+            })
+        }
+        Vsn::V2 => serde_json::from_slice::<V2Message>(text)
+            .map(|m| m.0)
+            .map_err(|e| shape_or_json(e, "array [join_ref, ref, topic, event, payload]")),
+    }
+}
+
+fn shape_or_json(e: serde_json::Error, shape: &'static str) -> DecodeError {
+    match e.classify() {
+        serde_json::error::Category::Data => DecodeError::Shape(shape),
+        _ => DecodeError::Json(e.to_string()),
+    }
+}
+
+/// Decodes a binary frame (vsn 2.0.0 kind 3, "user broadcast push"):
+/// `kind, join_ref_len, ref_len, topic_len, event_len, meta_len, encoding`,
+/// then the strings, the metadata and the payload.
+pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
+    let (&kind, _) = buf.split_first().ok_or(DecodeError::Truncated)?;
+    if kind != KIND_USER_BROADCAST_PUSH {
+        return Err(DecodeError::UnknownKind(kind));
+    }
+    if buf.len() < 7 {
+        return Err(DecodeError::Truncated);
+    }
+    let lens = [buf[1], buf[2], buf[3], buf[4], buf[5]].map(usize::from);
+    let encoding = buf[6];
+    let mut at = 7;
+    let mut field = |len: usize| -> Result<&[u8], DecodeError> {
+        let s = buf.get(at..at + len).ok_or(DecodeError::Truncated)?;
+        at += len;
+        Ok(s)
+    };
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::NotUtf8)
+    };
+    let join_ref = text(field(lens[0])?)?;
+    let r#ref = text(field(lens[1])?)?;
+    let topic = text(field(lens[2])?)?;
+    let event = text(field(lens[3])?)?;
+    // Client metadata (allowed keys only) is not used by fanout.
+    let _meta = field(lens[4])?;
+    let payload = &buf[at..];
+    if encoding != ENCODING_JSON {
+        return Err(DecodeError::BinaryPayload);
+    }
+    serde_json::from_slice::<de::IgnoredAny>(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+    Ok(Inbound {
+        join_ref: opt(join_ref),
+        r#ref: opt(r#ref),
+        topic,
+        event: "broadcast".to_owned(),
+        payload: Payload::Broadcast {
+            event,
+            payload: Bytes::copy_from_slice(payload),
+        },
+    })
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+fn json_opt(s: Option<&str>) -> String {
+    s.map_or_else(|| "null".to_owned(), json_str)
+}
+
+/// Builds outbound frames for one protocol version.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoder(pub Vsn);
+
+impl Encoder {
+    /// A message with JSON `payload` (already serialized) as a text frame.
+    pub fn message(
+        self,
+        join_ref: Option<&str>,
+        r#ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) -> Bytes {
+        let text = match self.0 {
+            Vsn::V1 => format!(
+                r#"{{"topic":{},"event":{},"payload":{},"ref":{},"join_ref":{}}}"#,
+                json_str(topic),
+                json_str(event),
+                payload,
+                json_opt(r#ref),
+                json_opt(join_ref)
+            ),
+            Vsn::V2 => format!(
+                "[{},{},{},{},{}]",
+                json_opt(join_ref),
+                json_opt(r#ref),
+                json_str(topic),
+                json_str(event),
+                payload
+            ),
+        };
+        frame::encode(Opcode::Text, text.as_bytes())
+    }
+
+    /// A server push (no refs).
+    pub fn push(self, topic: &str, event: &str, payload: &str) -> Bytes {
+        self.message(None, None, topic, event, payload)
+    }
+
+    /// `phx_reply` with `{"status": …, "response": …}`.
+    pub fn reply(self, join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, ok: bool, response: &str) -> Bytes {
+        let payload = format!(
+            r#"{{"status":"{}","response":{}}}"#,
+            if ok { "ok" } else { "error" },
+            response
+        );
+        self.message(join_ref, r#ref, topic, "phx_reply", &payload)
+    }
+
+    /// An error reply with `{"reason": …}`.
+    pub fn error_reply(self, join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, reason: &str) -> Bytes {
+        self.reply(
+            join_ref,
+            r#ref,
+            topic,
+            false,
+            &format!(r#"{{"reason":{}}}"#, json_str(reason)),
+        )
+    }
+
+    /// A `system` message `{extension, status, message, channel}`.
+    pub fn system(self, topic: &str, extension: &str, ok: bool, message: &str, channel: &str) -> Bytes {
+        let payload = format!(
+            r#"{{"extension":{},"status":"{}","message":{},"channel":{}}}"#,
+            json_str(extension),
+            if ok { "ok" } else { "error" },
+            json_str(message),
+            json_str(channel)
+        );
+        self.push(topic, "system", &payload)
+    }
+
+    /// A broadcast to clients: a JSON push for vsn 1.0.0, a binary kind-4
+    /// frame for vsn 2.0.0. `meta` is a JSON object such as `{"id":"7"}`;
+    /// `user_event` and `meta` must be at most 255 bytes (checked at input).
+    pub fn broadcast(self, topic: &str, user_event: &str, payload: &[u8], meta: &str) -> Bytes {
+        match self.0 {
+            Vsn::V1 => {
+                let mut text = String::with_capacity(payload.len() + user_event.len() + topic.len() + meta.len() + 96);
+                text.push_str(r#"{"topic":"#);
+                text.push_str(&json_str(topic));
+                text.push_str(r#","event":"broadcast","payload":{"type":"broadcast","event":"#);
+                text.push_str(&json_str(user_event));
+                text.push_str(r#","payload":"#);
+                // The payload was validated as JSON when it entered the bus.
+                text.push_str(std::str::from_utf8(payload).unwrap_or("null"));
+                text.push_str(r#","meta":"#);
+                text.push_str(meta);
+                text.push_str(r#"},"ref":null,"join_ref":null}"#);
+                frame::encode(Opcode::Text, text.as_bytes())
+            }
+            Vsn::V2 => {
+                let body_len = 5 + topic.len() + user_event.len() + meta.len() + payload.len();
+                let mut buf = BytesMut::with_capacity(body_len + 10);
+                frame::put_header(&mut buf, Opcode::Binary, body_len);
+                buf.put_u8(KIND_USER_BROADCAST);
+                buf.put_u8(topic.len().min(255) as u8);
+                buf.put_u8(user_event.len().min(255) as u8);
+                buf.put_u8(meta.len().min(255) as u8);
+                buf.put_u8(ENCODING_JSON);
+                buf.put_slice(topic.as_bytes());
+                buf.put_slice(user_event.as_bytes());
+                buf.put_slice(meta.as_bytes());
+                buf.put_slice(payload);
+                buf.freeze()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(frame: &Bytes) -> &str {
+        let header = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        std::str::from_utf8(&frame[header..]).unwrap()
+    }
+
+    #[test]
+    fn decodes_v1_and_v2_text() {
+        let m = decode_text(
+            Vsn::V1,
+            br#"{"topic":"realtime:a","event":"phx_join","payload":{"x":1},"ref":"1","join_ref":"1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.topic.as_str(), m.event.as_str(), m.r#ref.as_deref()),
+            ("realtime:a", "phx_join", Some("1"))
+        );
+        let m = decode_text(Vsn::V2, br#"[null,"5","phoenix","heartbeat",{}]"#).unwrap();
+        assert_eq!(
+            (m.join_ref, m.r#ref.as_deref(), m.event.as_str()),
+            (None, Some("5"), "heartbeat")
+        );
+        let m = decode_text(Vsn::V2, br#"[1,2,"t","e",null]"#).unwrap();
+        assert_eq!((m.join_ref.as_deref(), m.r#ref.as_deref()), (Some("1"), Some("2")));
+    }
+
+    #[test]
+    fn refuses_bad_text() {
+        assert!(matches!(decode_text(Vsn::V1, b"not json"), Err(DecodeError::Json(_))));
+        assert!(matches!(decode_text(Vsn::V1, b"[1,2]"), Err(DecodeError::Shape(_))));
+        assert!(matches!(
+            decode_text(Vsn::V1, br#"{"topic":"t"}"#),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            decode_text(Vsn::V2, br#"{"topic":"t"}"#),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            decode_text(Vsn::V2, br#"[null,null,"t","e"]"#),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            decode_text(Vsn::V2, br#"[null,null,"t","e",{},6]"#),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(matches!(
+            decode_text(Vsn::V2, br#"[null,null,5,"e",{}]"#),
+            Err(DecodeError::Shape(_))
+        ));
+        assert!(decode_text(Vsn::V2, b"[").is_err());
+    }
+
+    fn kind3(join_ref: &str, r: &str, topic: &str, event: &str, meta: &str, enc: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![
+            3,
+            join_ref.len() as u8,
+            r.len() as u8,
+            topic.len() as u8,
+            event.len() as u8,
+            meta.len() as u8,
+            enc,
+        ];
+        for s in [join_ref, r, topic, event, meta] {
+            v.extend_from_slice(s.as_bytes());
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_binary_broadcast_push() {
+        let buf = kind3("1", "2", "realtime:room", "chat", "", 1, br#"{"text":"hi"}"#);
+        let m = decode_binary(&buf).unwrap();
+        assert_eq!(m.topic, "realtime:room");
+        assert_eq!(m.event, "broadcast");
+        assert_eq!((m.join_ref.as_deref(), m.r#ref.as_deref()), (Some("1"), Some("2")));
+        assert_eq!(
+            m.payload,
+            Payload::Broadcast {
+                event: "chat".into(),
+                payload: Bytes::from_static(br#"{"text":"hi"}"#)
+            }
+        );
+        // Empty refs mean "no ref" (the client sends '' for a missing ref).
+        let m = decode_binary(&kind3("", "", "realtime:room", "e", "", 1, b"{}")).unwrap();
+        assert_eq!((m.join_ref, m.r#ref), (None, None));
+    }
+
+    #[test]
+    fn refuses_bad_binary() {
+        assert_eq!(decode_binary(&[]), Err(DecodeError::Truncated));
+        assert_eq!(decode_binary(&[9, 0, 0]), Err(DecodeError::UnknownKind(9)));
+        assert_eq!(
+            decode_binary(&[3, 0, 0, 200, 0, 0, 1, b'a']),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            decode_binary(&kind3("", "", "t", "e", "", 0, b"\x00\x01")),
+            Err(DecodeError::BinaryPayload)
+        );
+        assert!(matches!(
+            decode_binary(&kind3("", "", "t", "e", "", 1, b"{oops")),
+            Err(DecodeError::Json(_))
+        ));
+        assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
+    }
+
+    #[test]
+    fn encodes_replies_per_vsn() {
+        let f = Encoder(Vsn::V1).reply(Some("1"), Some("1"), "realtime:a", true, "{}");
+        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"topic": "realtime:a", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1", "join_ref": "1"})
+        );
+        let f = Encoder(Vsn::V2).error_reply(None, Some("3"), "realtime:a", "bad \"thing\"");
+        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([null, "3", "realtime:a", "phx_reply", {"status": "error", "response": {"reason": "bad \"thing\""}}])
+        );
+    }
+
+    #[test]
+    fn encodes_broadcasts_per_vsn() {
+        let f = Encoder(Vsn::V1).broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#);
+        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"topic": "realtime:a", "event": "broadcast", "payload": {"type": "broadcast", "event": "chat", "payload": {"t": 1}, "meta": {"id": "7"}}, "ref": null, "join_ref": null})
+        );
+        let f = Encoder(Vsn::V2).broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#);
+        assert_eq!(f[0], 0x82, "binary frame");
+        let body = &f[2..];
+        assert_eq!(&body[..5], &[4, 10, 4, 10, 1]);
+        assert_eq!(&body[5..], br#"realtime:achat{"id":"7"}{"t":1}"#);
+    }
+}

@@ -1,0 +1,243 @@
+//! The write side of one client connection.
+//!
+//! Fan-out writes go straight to the socket: [`ConnWriter::send`] tries a
+//! non-blocking `write` of the shared frame bytes from the caller's task
+//! (usually the channel's dispatcher). Only when the kernel's send buffer is
+//! full does the frame go into the connection's bounded queue, which the
+//! connection's writer task drains when the socket becomes writable. In the
+//! common case a delivery therefore costs one syscall and no task wake-up.
+//!
+//! When the queue reaches its bound the client is a slow consumer: the queue
+//! is dropped, a close frame with the reason is attempted and the connection
+//! is shut down. The channel never waits for one socket.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Mutex;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame;
+
+/// Why a frame was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("connection is closed")]
+    Closed,
+    #[error("slow consumer: outbound queue full")]
+    SlowConsumer,
+}
+
+/// How the connection ends, decided once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+    /// Drop queued frames instead of flushing them first.
+    pub abort: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Bytes>,
+    /// Bytes of `queue[0]` already written.
+    offset: usize,
+    close: Option<CloseReason>,
+    /// Set on a write error: nothing more can be written.
+    broken: bool,
+}
+
+/// The shared write half of a connection.
+#[derive(Debug)]
+pub struct ConnWriter {
+    stream: OwnedWriteHalf,
+    state: Mutex<State>,
+    notify: Notify,
+    max_queue: usize,
+    /// Cancelled when the connection must end (slow consumer, write error,
+    /// close requested); the read side watches it.
+    done: CancellationToken,
+}
+
+impl ConnWriter {
+    pub fn new(stream: OwnedWriteHalf, max_queue: usize) -> Self {
+        Self {
+            stream,
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_queue: max_queue.max(1),
+            done: CancellationToken::new(),
+        }
+    }
+
+    /// Cancelled once the connection is ending.
+    pub fn done(&self) -> &CancellationToken {
+        &self.done
+    }
+
+    /// The close reason, once decided.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue half-updated
+        // in a way that matters more than the panic itself; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one encoded frame: written now if the socket takes it, queued
+    /// otherwise. Never waits.
+    pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        let mut st = self.lock();
+        if st.close.is_some() || st.broken {
+            return Err(SendError::Closed);
+        }
+        if st.queue.is_empty() {
+            match self.stream.as_ref().try_write(&frame) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => {
+                    st.offset = n;
+                    st.queue.push_back(frame);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.queue.push_back(frame),
+                Err(_) => {
+                    st.broken = true;
+                    drop(st);
+                    self.done.cancel();
+                    self.notify.notify_one();
+                    return Err(SendError::Closed);
+                }
+            }
+            drop(st);
+            self.notify.notify_one();
+            return Ok(());
+        }
+        if st.queue.len() >= self.max_queue {
+            st.queue.clear();
+            st.offset = 0;
+            st.close = Some(CloseReason {
+                code: frame::close_code::POLICY,
+                reason: format!("slow consumer: {} frames queued", self.max_queue),
+                abort: true,
+            });
+            drop(st);
+            metrics::counter!("fanout_slow_consumer_disconnects_total").increment(1);
+            self.done.cancel();
+            self.notify.notify_one();
+            return Err(SendError::SlowConsumer);
+        }
+        st.queue.push_back(frame);
+        Ok(())
+    }
+
+    /// Ends the connection with a close frame. With `abort`, queued frames
+    /// are dropped; otherwise they are written first. The first reason wins.
+    pub fn close(&self, code: u16, reason: impl Into<String>, abort: bool) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            if abort {
+                st.queue.clear();
+                st.offset = 0;
+            }
+            st.close = Some(CloseReason {
+                code,
+                reason: reason.into(),
+                abort,
+            });
+        }
+        drop(st);
+        self.done.cancel();
+        self.notify.notify_one();
+    }
+
+    /// The writer task: drains the queue whenever the socket is writable and
+    /// writes the close frame at the end. Returns when the connection is
+    /// finished on the write side.
+    pub async fn run(&self) {
+        loop {
+            let notified = self.notify.notified();
+            match self.drain() {
+                Drained::Empty => notified.await,
+                Drained::Blocked => {
+                    if self.stream.as_ref().writable().await.is_err() {
+                        self.lock().broken = true;
+                        break;
+                    }
+                }
+                Drained::Finished => break,
+            }
+        }
+        self.finish().await;
+    }
+
+    /// Writes queued frames until the queue is empty or the socket is full.
+    fn drain(&self) -> Drained {
+        let mut st = self.lock();
+        loop {
+            if st.broken {
+                return Drained::Finished;
+            }
+            let Some(front) = st.queue.front() else {
+                return if st.close.is_some() {
+                    Drained::Finished
+                } else {
+                    Drained::Empty
+                };
+            };
+            let front = front.slice(st.offset..);
+            match self.stream.as_ref().try_write(&front) {
+                Ok(n) if n == front.len() => {
+                    st.queue.pop_front();
+                    st.offset = 0;
+                }
+                Ok(n) => st.offset += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Blocked,
+                Err(_) => {
+                    st.broken = true;
+                    return Drained::Finished;
+                }
+            }
+        }
+    }
+
+    /// Sends the close frame (best effort, bounded in time) and shuts down
+    /// the write side.
+    async fn finish(&self) {
+        self.done.cancel();
+        let (close, broken) = {
+            let st = self.lock();
+            (st.close.clone(), st.broken)
+        };
+        if broken {
+            return;
+        }
+        if let Some(close) = close {
+            let bytes = frame::close(close.code, &close.reason);
+            let write = async {
+                let mut written = 0;
+                while written < bytes.len() {
+                    self.stream.as_ref().writable().await?;
+                    match self.stream.as_ref().try_write(&bytes[written..]) {
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                io::Result::Ok(())
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+        }
+        // Half-close: the client sees EOF after the close frame, while its
+        // own close frame can still be read.
+        let _ = socket2::SockRef::from(self.stream.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+enum Drained {
+    Empty,
+    Blocked,
+    Finished,
+}

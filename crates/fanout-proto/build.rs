@@ -1,0 +1,16 @@
+//! Generates the prost types from `proto/` with a pinned, vendored `protoc`
+//! (the `protoc-bin-vendored` crate), so a fresh machine needs no manual step.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [root.join("fanout/v1/envelope.proto")];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
+    config.bytes(["."]);
+    config.compile_protos(&files, &[root])?;
+    Ok(())
+}

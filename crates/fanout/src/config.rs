@@ -1,0 +1,304 @@
+//! One typed [`Config`], read in one place: defaults, then the TOML file,
+//! then `FANOUT_*` environment variables, then command-line flags.
+//!
+//! Every setting is declared once in [`SETTINGS`] with its file key, its
+//! environment variable and its flag, so the three can never drift apart
+//! (the README's table and the Helm values follow the same keys). All
+//! problems are collected and reported together; the binary exits with 64
+//! (`EX_USAGE`) on any of them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use fanout_core::Limits;
+
+/// The settings of a fanout process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// HS256 secret for client JWTs; `None` is insecure dev mode.
+    pub jwt_secret: Option<String>,
+    pub limits: Limits,
+    pub history_max_messages: usize,
+    pub history_max_age: Duration,
+    pub channel_linger: Duration,
+    pub drain_window: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// One setting: its key in the file (dotted for tables), its environment
+/// variable and its flag. The help text lives on the flag (`fanout --help`).
+pub struct Setting {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub flag: &'static str,
+}
+
+macro_rules! settings {
+    ($( $key:literal, $env:literal, $flag:literal; )*) => {
+        /// Every setting fanout reads.
+        pub const SETTINGS: &[Setting] = &[ $( Setting { key: $key, env: $env, flag: $flag }, )* ];
+    };
+}
+
+settings! {
+    "listen", "FANOUT_LISTEN", "listen";
+    "admin_listen", "FANOUT_ADMIN_LISTEN", "admin-listen";
+    "jwt_secret", "FANOUT_JWT_SECRET", "jwt-secret";
+    "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes";
+    "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection";
+    "limits.outbound_queue_frames", "FANOUT_OUTBOUND_QUEUE_FRAMES", "outbound-queue-frames";
+    "limits.messages_per_second", "FANOUT_MESSAGES_PER_SECOND", "messages-per-second";
+    "limits.joins_per_second", "FANOUT_JOINS_PER_SECOND", "joins-per-second";
+    "limits.max_connections", "FANOUT_MAX_CONNECTIONS", "max-connections";
+    "limits.idle_timeout_secs", "FANOUT_IDLE_TIMEOUT_SECS", "idle-timeout-secs";
+    "history.max_messages", "FANOUT_HISTORY_MAX_MESSAGES", "history-max-messages";
+    "history.max_age_secs", "FANOUT_HISTORY_MAX_AGE_SECS", "history-max-age-secs";
+    "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms";
+    "drain_secs", "FANOUT_DRAIN_SECS", "drain-secs";
+    "shutdown_grace_secs", "FANOUT_SHUTDOWN_GRACE_SECS", "shutdown-grace-secs";
+}
+
+/// Everything wrong with a configuration, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Where settings come from, lowest precedence first.
+pub struct Sources<'a> {
+    /// The parsed TOML file (empty without one).
+    pub file: toml::Table,
+    /// Environment lookup (a closure so tests can pass a map).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Flag values by flag name (only flags given on the command line).
+    pub flags: BTreeMap<&'static str, String>,
+}
+
+impl Sources<'_> {
+    /// Reads a TOML file into a table.
+    pub fn read_file(path: &Path) -> Result<toml::Table, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read config file {}: {e}", path.display())]))?;
+        text.parse::<toml::Table>()
+            .map_err(|e| ConfigErrors(vec![format!("config file {}: {e}", path.display())]))
+    }
+}
+
+struct Reader<'a, 'b> {
+    src: &'b Sources<'a>,
+    used: BTreeSet<&'static str>,
+    errors: Vec<String>,
+}
+
+impl Reader<'_, '_> {
+    fn setting(key: &str) -> &'static Setting {
+        SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .unwrap_or_else(|| panic!("undeclared setting {key}"))
+    }
+
+    fn file_value(&self, key: &str) -> Option<&toml::Value> {
+        let mut parts = key.split('.');
+        let first = parts.next()?;
+        let mut v = self.src.file.get(first)?;
+        for p in parts {
+            v = v.as_table()?.get(p)?;
+        }
+        Some(v)
+    }
+
+    /// flag, then environment, then file, then `default`.
+    fn get<T>(&mut self, key: &'static str, default: T) -> T
+    where
+        T: FromStr + serde::de::DeserializeOwned,
+        T::Err: std::fmt::Display,
+    {
+        self.opt(key).unwrap_or(default)
+    }
+
+    /// flag, then environment, then file; `None` when absent or invalid
+    /// (invalid values are recorded as errors).
+    fn opt<T>(&mut self, key: &'static str) -> Option<T>
+    where
+        T: FromStr + serde::de::DeserializeOwned,
+        T::Err: std::fmt::Display,
+    {
+        let s = Self::setting(key);
+        self.used.insert(key);
+        let raw = if let Some(v) = self.src.flags.get(s.flag) {
+            Some((v.clone(), format!("--{}", s.flag)))
+        } else {
+            (self.src.env)(s.env).map(|v| (v, s.env.to_owned()))
+        };
+        match raw {
+            Some((v, origin)) => match v.parse::<T>() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.errors.push(format!("{origin}={v:?}: {e}"));
+                    None
+                }
+            },
+            None => match T::deserialize(self.file_value(key)?.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.errors.push(format!("config key {key}: {e}"));
+                    None
+                }
+            },
+        }
+    }
+
+    /// Every file key that no setting read.
+    fn unknown_file_keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (k, v) in &self.src.file {
+            match v.as_table() {
+                Some(t) if SETTINGS.iter().any(|s| s.key.starts_with(&format!("{k}."))) => {
+                    for sub in t.keys() {
+                        let full = format!("{k}.{sub}");
+                        if !self.used.contains(full.as_str()) {
+                            out.push(full);
+                        }
+                    }
+                }
+                _ => {
+                    if !self.used.contains(k.as_str()) {
+                        out.push(k.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Config {
+    /// Builds the configuration from its sources, or every reason it is bad.
+    pub fn load(src: &Sources<'_>) -> Result<Self, ConfigErrors> {
+        let mut r = Reader {
+            src,
+            used: BTreeSet::new(),
+            errors: Vec::new(),
+        };
+        let d = Limits::default();
+        let limits = Limits {
+            max_frame_bytes: r.get("limits.max_frame_bytes", d.max_frame_bytes),
+            max_channels_per_connection: r.get("limits.max_channels_per_connection", d.max_channels_per_connection),
+            outbound_queue_frames: r.get("limits.outbound_queue_frames", d.outbound_queue_frames),
+            messages_per_second: r.get("limits.messages_per_second", d.messages_per_second),
+            joins_per_second: r.get("limits.joins_per_second", d.joins_per_second),
+            max_connections: r.get("limits.max_connections", d.max_connections),
+            idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs", d.idle_timeout.as_secs())),
+        };
+        let config = Config {
+            listen: r.get("listen", SocketAddr::from(([127, 0, 0, 1], 4000))),
+            admin_listen: r.get("admin_listen", SocketAddr::from(([127, 0, 0, 1], 9600))),
+            jwt_secret: r.opt::<String>("jwt_secret").filter(|s| !s.is_empty()),
+            limits,
+            history_max_messages: r.get("history.max_messages", 10_000),
+            history_max_age: Duration::from_secs(r.get("history.max_age_secs", 300)),
+            channel_linger: Duration::from_millis(r.get("channel_linger_ms", 2000)),
+            drain_window: Duration::from_secs(r.get("drain_secs", 0)),
+            shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs", 10)),
+        };
+        let mut errors = std::mem::take(&mut r.errors);
+        for k in r.unknown_file_keys() {
+            errors.push(format!("unknown config key {k:?}"));
+        }
+        if config.limits.max_frame_bytes < 1024 {
+            errors.push("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if config.limits.max_channels_per_connection == 0 {
+            errors.push("limits.max_channels_per_connection must be at least 1".into());
+        }
+        if config.limits.outbound_queue_frames == 0 {
+            errors.push("limits.outbound_queue_frames must be at least 1".into());
+        }
+        if config.jwt_secret.is_none() && !config.listen.ip().is_loopback() {
+            errors.push(format!(
+                "refusing to listen on {} without a JWT secret: set FANOUT_JWT_SECRET (or --jwt-secret), or listen on a loopback address for insecure dev mode",
+                config.listen
+            ));
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Config, ConfigErrors> {
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = move |k: &str| env.get(k).cloned();
+        let src = Sources {
+            file: file.parse().unwrap(),
+            env: &lookup,
+            flags: flags.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        };
+        Config::load(&src)
+    }
+
+    #[test]
+    fn defaults_are_loopback_dev_mode() {
+        let c = load("", &[], &[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9600".parse().unwrap());
+        assert_eq!(c.jwt_secret, None);
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn precedence_is_flag_env_file_default() {
+        let file = "listen = \"127.0.0.1:1\"\n[limits]\nmax_frame_bytes = 2048\nmax_channels_per_connection = 7\n";
+        let c = load(
+            file,
+            &[("FANOUT_LISTEN", "127.0.0.1:2"), ("FANOUT_MAX_FRAME_BYTES", "4096")],
+            &[("listen", "127.0.0.1:3")],
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 3, "flag wins");
+        assert_eq!(c.limits.max_frame_bytes, 4096, "env beats file");
+        assert_eq!(c.limits.max_channels_per_connection, 7, "file beats default");
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let file = "bogus = 1\nlisten = 5\n[limits]\nmax_frame_bytes = \"x\"\nnope = 2\n";
+        let err = load(
+            file,
+            &[("FANOUT_MAX_CHANNELS_PER_CONNECTION", "many")],
+            &[("admin-listen", "nowhere")],
+        )
+        .unwrap_err();
+        let all = err.0.join("\n");
+        for needle in [
+            "bogus",
+            "config key listen",
+            "limits.max_frame_bytes",
+            "limits.nope",
+            "FANOUT_MAX_CHANNELS_PER_CONNECTION",
+            "--admin-listen",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.0.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn public_bind_needs_a_secret() {
+        let err = load("", &[], &[("listen", "0.0.0.0:4000")]).unwrap_err();
+        assert!(err.0[0].contains("without a JWT secret"), "{err}");
+        let ok = load("", &[("FANOUT_JWT_SECRET", "s3cret")], &[("listen", "0.0.0.0:4000")]).unwrap();
+        assert_eq!(ok.jwt_secret.as_deref(), Some("s3cret"));
+    }
+}

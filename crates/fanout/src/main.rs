@@ -1,0 +1,316 @@
+//! `fanout`: the realtime fan-out server. One binary, one subcommand per
+//! role; with no subcommand it runs `standalone`.
+
+mod config;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fanout_core::JwtVerifier;
+use fanout_edge::bus::{MemoryBus, Retention};
+use fanout_edge::presence::MemoryPresence;
+use fanout_edge::{Edge, EdgeConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigErrors, SETTINGS, Sources};
+
+/// EX_USAGE from sysexits.h: bad command line or configuration.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fanout",
+    version,
+    about = "Self-hosted realtime pub/sub fan-out, compatible with Supabase Realtime clients",
+    long_about = "fanout serves the Supabase Realtime protocol (Phoenix Channels, vsn 1.0.0 and 2.0.0) \
+so an unmodified @supabase/realtime-js client can broadcast, track presence and resume after reconnects.\n\n\
+Settings come from defaults, then the TOML file (--config / FANOUT_CONFIG), then FANOUT_* environment \
+variables, then flags. Every flag below names its environment variable.",
+    after_help = "With no subcommand, fanout runs `standalone`: everything in one process, in memory."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Everything in one process with an in-memory bus and presence (the default).
+    Standalone,
+}
+
+#[derive(Args, Debug, Default)]
+struct ServerArgs {
+    /// TOML config file [env: FANOUT_CONFIG].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Public address: WebSocket, REST broadcast, demo page [env: FANOUT_LISTEN] [default: 127.0.0.1:4000].
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin address: /metrics, /healthz, /readyz [env: FANOUT_ADMIN_LISTEN] [default: 127.0.0.1:9600].
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// HS256 secret for client JWTs; without it fanout runs in insecure dev mode on loopback only [env: FANOUT_JWT_SECRET].
+    #[arg(long, global = true, value_name = "SECRET")]
+    jwt_secret: Option<String>,
+    /// Largest client message in bytes [env: FANOUT_MAX_FRAME_BYTES] [default: 1048576].
+    #[arg(long, global = true, value_name = "BYTES")]
+    max_frame_bytes: Option<String>,
+    /// Channels one connection may join [env: FANOUT_MAX_CHANNELS_PER_CONNECTION] [default: 100].
+    #[arg(long, global = true, value_name = "N")]
+    max_channels_per_connection: Option<String>,
+    /// Frames queued per connection before it is dropped as a slow consumer [env: FANOUT_OUTBOUND_QUEUE_FRAMES] [default: 1024].
+    #[arg(long, global = true, value_name = "N")]
+    outbound_queue_frames: Option<String>,
+    /// Messages per second per connection (bursts of twice that; 0 = unlimited) [env: FANOUT_MESSAGES_PER_SECOND] [default: 1000].
+    #[arg(long, global = true, value_name = "N")]
+    messages_per_second: Option<String>,
+    /// Joins per second per connection (0 = unlimited) [env: FANOUT_JOINS_PER_SECOND] [default: 50].
+    #[arg(long, global = true, value_name = "N")]
+    joins_per_second: Option<String>,
+    /// Client connections per process; more get HTTP 429 [env: FANOUT_MAX_CONNECTIONS] [default: 100000].
+    #[arg(long, global = true, value_name = "N")]
+    max_connections: Option<String>,
+    /// Close connections silent for this long; clients heartbeat every 25 s [env: FANOUT_IDLE_TIMEOUT_SECS] [default: 60].
+    #[arg(long, global = true, value_name = "SECS")]
+    idle_timeout_secs: Option<String>,
+    /// Messages kept per channel for resume [env: FANOUT_HISTORY_MAX_MESSAGES] [default: 10000].
+    #[arg(long, global = true, value_name = "N")]
+    history_max_messages: Option<String>,
+    /// Age limit of messages kept for resume [env: FANOUT_HISTORY_MAX_AGE_SECS] [default: 300].
+    #[arg(long, global = true, value_name = "SECS")]
+    history_max_age_secs: Option<String>,
+    /// Keep a channel's bus subscription this long after its last local member left [env: FANOUT_CHANNEL_LINGER_MS] [default: 2000].
+    #[arg(long, global = true, value_name = "MS")]
+    channel_linger_ms: Option<String>,
+    /// On SIGTERM, close client sockets spread over this window [env: FANOUT_DRAIN_SECS] [default: 0].
+    #[arg(long, global = true, value_name = "SECS")]
+    drain_secs: Option<String>,
+    /// After draining, wait at most this long for tasks to finish [env: FANOUT_SHUTDOWN_GRACE_SECS] [default: 10].
+    #[arg(long, global = true, value_name = "SECS")]
+    shutdown_grace_secs: Option<String>,
+}
+
+impl ServerArgs {
+    /// Flag values by flag name, as [`Sources`] wants them.
+    fn flags(&self) -> BTreeMap<&'static str, String> {
+        let given = [
+            ("listen", &self.listen),
+            ("admin-listen", &self.admin_listen),
+            ("jwt-secret", &self.jwt_secret),
+            ("max-frame-bytes", &self.max_frame_bytes),
+            ("max-channels-per-connection", &self.max_channels_per_connection),
+            ("outbound-queue-frames", &self.outbound_queue_frames),
+            ("messages-per-second", &self.messages_per_second),
+            ("joins-per-second", &self.joins_per_second),
+            ("max-connections", &self.max_connections),
+            ("idle-timeout-secs", &self.idle_timeout_secs),
+            ("history-max-messages", &self.history_max_messages),
+            ("history-max-age-secs", &self.history_max_age_secs),
+            ("channel-linger-ms", &self.channel_linger_ms),
+            ("drain-secs", &self.drain_secs),
+            ("shutdown-grace-secs", &self.shutdown_grace_secs),
+        ];
+        debug_assert_eq!(given.len(), SETTINGS.len());
+        given
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+            .collect()
+    }
+}
+
+fn load_config(args: &ServerArgs) -> Result<Config, ConfigErrors> {
+    let env = |k: &str| std::env::var(k).ok();
+    let path = args.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
+    let file = match path {
+        Some(p) => Sources::read_file(&p)?,
+        None => toml::Table::new(),
+    };
+    Config::load(&Sources {
+        file,
+        env: &env,
+        flags: args.flags(),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(&cli.server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fanout: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Standalone) {
+        Command::Standalone => runtime.block_on(standalone(config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("fanout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Installs the Prometheus recorder and keeps its histograms fresh.
+fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = handle.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => upkeep.run_upkeep(),
+                () = shutdown.cancelled() => break,
+            }
+        }
+    });
+    metrics::describe_gauge!("fanout_connections", "Open client WebSocket connections.");
+    metrics::describe_counter!(
+        "fanout_connections_opened_total",
+        "Client WebSocket connections accepted."
+    );
+    metrics::describe_counter!(
+        "fanout_connections_closed_total",
+        "Client connections closed, by reason."
+    );
+    metrics::describe_gauge!("fanout_channels", "Channels with a running fan-out task on this node.");
+    metrics::describe_gauge!(
+        "fanout_channel_members",
+        "Channel memberships (connection x channel) on this node."
+    );
+    metrics::describe_counter!(
+        "fanout_messages_delivered_total",
+        "Frames handed to client sockets by the fan-out."
+    );
+    metrics::describe_counter!(
+        "fanout_slow_consumer_disconnects_total",
+        "Connections closed because their outbound queue was full."
+    );
+    metrics::describe_histogram!(
+        "fanout_publish_to_dispatch_seconds",
+        "Time from publish to the start of local fan-out."
+    );
+    metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
+    metrics::describe_counter!(
+        "fanout_handshake_rejections_total",
+        "WebSocket handshakes refused, by reason."
+    );
+    Ok(handle)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Raises the open-file soft limit to the hard limit: each client socket is
+/// one file.
+fn raise_nofile_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+async fn standalone(config: Config) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let shutdown = CancellationToken::new();
+    let metrics = install_metrics(&shutdown)?;
+    let public = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the public listener on {}", config.listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
+    let auth = match &config.jwt_secret {
+        Some(secret) => Some(JwtVerifier::hs256(secret.as_bytes())),
+        None => {
+            tracing::warn!(
+                "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
+                 Loopback only. Never run this way in production."
+            );
+            None
+        }
+    };
+    let edge_config = EdgeConfig {
+        auth,
+        limits: config.limits.clone(),
+        channel_linger: config.channel_linger,
+        drain_window: config.drain_window,
+    };
+    let bus = Arc::new(MemoryBus::new(Retention {
+        max_messages: config.history_max_messages,
+        max_age: config.history_max_age,
+    }));
+    let edge = Edge::new(
+        edge_config,
+        bus,
+        Arc::new(MemoryPresence::new(std::process::id().into())),
+        Some(metrics),
+        shutdown.clone(),
+    );
+    tracing::info!(
+        public = %public.local_addr()?,
+        admin = %admin.local_addr()?,
+        "fanout standalone listening (demo page at http://{}/)",
+        public.local_addr()?
+    );
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; closing connections");
+        signal_token.cancel();
+    });
+    let grace = config.drain_window + config.shutdown_grace;
+    fanout_edge::http::serve(edge, public, admin, grace).await;
+    tracing::info!("fanout stopped");
+    Ok(())
+}

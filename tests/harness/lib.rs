@@ -1,0 +1,322 @@
+//! Test harness: starts the real `fanout` binary on free loopback ports and
+//! drives it with a raw WebSocket client (fastwebsockets), so tests see
+//! exactly what a client on the wire sees.
+//!
+//! The binary is the one `cargo build --workspace` put next to the test
+//! executable (`target/<profile>/fanout`), or `$FANOUT_BIN`.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use fastwebsockets::{FragmentCollector, Frame, OpCode};
+use http_body_util::Empty;
+use hyper::Request;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Path of the `fanout` binary.
+pub fn fanout_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FANOUT_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test-exe> → target/<profile>/fanout
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>");
+    profile_dir.join("fanout")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `fanout` process, killed on drop.
+pub struct Fanout {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Fanout {
+    /// Starts `fanout standalone` with extra `args` and `env` and waits until
+    /// `/healthz` answers.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port();
+        let admin_port = free_port();
+        let bin = fanout_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "{} not built: run `cargo build --workspace`",
+            bin.display()
+        );
+        let mut cmd = Command::new(&bin);
+        cmd.arg("standalone")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let mut me = Self {
+            child,
+            port,
+            admin_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = me.child.try_wait()? {
+                bail!("fanout exited during start-up: {status}");
+            }
+            if http_get(port, "/healthz").await.map(|(s, _)| s == 200).unwrap_or(false) {
+                return Ok(me);
+            }
+            if Instant::now() > deadline {
+                bail!("fanout did not answer /healthz within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `ws://127.0.0.1:<port>/realtime/v1/websocket?vsn=…&apikey=…`.
+    pub fn ws_path(&self, vsn: &str, apikey: Option<&str>) -> String {
+        let mut p = format!("/realtime/v1/websocket?vsn={vsn}");
+        if let Some(k) = apikey {
+            p.push_str("&apikey=");
+            p.push_str(k);
+        }
+        p
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("fanout did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(self.admin_port, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(body)
+    }
+}
+
+impl Drop for Fanout {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a counter or gauge (summing every label set) from metrics text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_request(port, "GET", path, &[], Bytes::new()).await
+}
+
+/// A plain HTTP/1.1 request on 127.0.0.1; returns (status, body).
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, String)> {
+    use http_body_util::{BodyExt, Full};
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("127.0.0.1:{port}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender.send_request(req.body(Full::new(body))?).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+struct SpawnExecutor;
+
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::spawn(fut);
+    }
+}
+
+/// What a client received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(u16, String),
+}
+
+/// A raw WebSocket client.
+pub struct WsClient {
+    ws: FragmentCollector<TokioIo<Upgraded>>,
+}
+
+impl WsClient {
+    /// Connects to `path` on 127.0.0.1:`port`.
+    pub async fn connect(port: u16, path: &str) -> Result<Self> {
+        Self::connect_from(port, path, None).await
+    }
+
+    /// Connects from a given local address (to spread over 127.0.0.x).
+    pub async fn connect_from(port: u16, path: &str, local: Option<std::net::IpAddr>) -> Result<Self> {
+        let stream = match local {
+            None => TcpStream::connect(("127.0.0.1", port)).await?,
+            Some(ip) => {
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                sock.connect(([127, 0, 0, 1], port).into()).await?
+            }
+        };
+        let req = Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("host", format!("127.0.0.1:{port}"))
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header("sec-websocket-key", fastwebsockets::handshake::generate_key())
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())?;
+        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
+            .await
+            .map_err(|e| anyhow!("handshake: {e}"))?;
+        Ok(Self {
+            ws: FragmentCollector::new(ws),
+        })
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        self.ws
+            .write_frame(Frame::text(fastwebsockets::Payload::Borrowed(text.as_bytes())))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn send_json(&mut self, v: &Value) -> Result<()> {
+        self.send_text(&v.to_string()).await
+    }
+
+    pub async fn send_binary(&mut self, b: &[u8]) -> Result<()> {
+        self.ws
+            .write_frame(Frame::binary(fastwebsockets::Payload::Borrowed(b)))
+            .await?;
+        Ok(())
+    }
+
+    /// The next data or close frame, within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Received> {
+        let frame = tokio::time::timeout(timeout, self.ws.read_frame())
+            .await
+            .map_err(|_| anyhow!("nothing received within {timeout:?}"))??;
+        Ok(match frame.opcode {
+            OpCode::Text => Received::Text(String::from_utf8(frame.payload.to_vec())?),
+            OpCode::Binary => Received::Binary(frame.payload.to_vec()),
+            OpCode::Close => {
+                let p = frame.payload.to_vec();
+                let code = if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    1005
+                };
+                Received::Close(code, String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned())
+            }
+            other => bail!("unexpected frame {other:?}"),
+        })
+    }
+
+    /// The next text frame as JSON (vsn 1.0.0 objects or 2.0.0 arrays).
+    pub async fn recv_json(&mut self, timeout: Duration) -> Result<Value> {
+        match self.recv(timeout).await? {
+            Received::Text(t) => Ok(serde_json::from_str(&t)?),
+            other => bail!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Receives until `pred` matches a JSON message; returns it.
+    pub async fn recv_until(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self.recv_json(left).await?;
+            if pred(&v) {
+                return Ok(v);
+            }
+        }
+    }
+}
+
+/// A vsn 1.0.0 message.
+pub fn v1(topic: &str, event: &str, payload: Value, r#ref: &str) -> Value {
+    serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": r#ref, "join_ref": r#ref})
+}
+
+/// Joins `topic` over vsn 1.0.0 and waits for the ok reply.
+pub async fn join_v1(c: &mut WsClient, topic: &str, config: Value, r#ref: &str) -> Result<Value> {
+    c.send_json(&v1(topic, "phx_join", serde_json::json!({"config": config}), r#ref))
+        .await?;
+    let reply = c
+        .recv_until(Duration::from_secs(5), |v| {
+            v["event"] == "phx_reply" && v["ref"] == r#ref
+        })
+        .await?;
+    anyhow::ensure!(reply["payload"]["status"] == "ok", "join refused: {reply}");
+    Ok(reply)
+}
