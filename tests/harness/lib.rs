@@ -254,6 +254,20 @@ impl WsClient {
         self.send_text(&v.to_string()).await
     }
 
+    /// Sends `text` as a message split into frames of at most `chunk` bytes
+    /// (a first text frame, then continuation frames).
+    pub async fn send_fragmented(&mut self, text: &str, chunk: usize) -> Result<()> {
+        let parts: Vec<&[u8]> = text.as_bytes().chunks(chunk.max(1)).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let opcode = if i == 0 { OpCode::Text } else { OpCode::Continuation };
+            let fin = i + 1 == parts.len();
+            self.ws
+                .write_frame(Frame::new(fin, opcode, None, fastwebsockets::Payload::Borrowed(part)))
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn send_binary(&mut self, b: &[u8]) -> Result<()> {
         self.ws
             .write_frame(Frame::binary(fastwebsockets::Payload::Borrowed(b)))

@@ -254,3 +254,35 @@ async fn metrics_count_connections_and_deliveries() -> Result<()> {
     assert_eq!(status, 404, "metrics are not on the public listener");
     Ok(())
 }
+
+/// Fragmented messages are reassembled, and the size limit applies to the
+/// whole message, not to each fragment.
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_limited() -> Result<()> {
+    let srv = Fanout::start(&["--max-frame-bytes", "2048"], &[]).await?;
+    let path = srv.ws_path("1.0.0", None);
+    let mut c = WsClient::connect(srv.port, &path).await?;
+    let join = v1("realtime:frag", "phx_join", json!({"config": {}}), "1").to_string();
+    c.send_fragmented(&join, 10).await?;
+    let reply = c.recv_until(T, |v| v["event"] == "phx_reply").await?;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+
+    // 3 KiB in 1 KiB fragments: every fragment is under the limit, the
+    // message is not.
+    let big = v1(
+        "realtime:frag",
+        "broadcast",
+        json!({"type": "broadcast", "event": "e", "payload": {"x": "y".repeat(3000)}}),
+        "2",
+    )
+    .to_string();
+    c.send_fragmented(&big, 1024).await?;
+    let got = loop {
+        match c.recv(T).await? {
+            Received::Close(code, reason) => break (code, reason),
+            Received::Text(_) | Received::Binary(_) => continue,
+        }
+    };
+    assert_eq!(got, (1009, "message larger than 2048 bytes".to_owned()));
+    Ok(())
+}

@@ -39,8 +39,11 @@ pub struct Event {
     pub kind: EventKind,
     /// The user event name (`broadcast`), empty for presence diffs.
     pub event: Arc<str>,
-    /// The payload as JSON text.
+    /// The payload: JSON text, or raw bytes when `binary` is set.
     pub payload: Bytes,
+    /// The payload is raw bytes (a realtime-js `ArrayBuffer` broadcast), not
+    /// JSON. Only vsn 2.0.0 clients can receive such events.
+    pub binary: bool,
     pub origin: Option<Origin>,
     /// Set by the bus when the event is stored in history.
     pub position: Position,

@@ -211,6 +211,7 @@ mod tests {
             kind,
             event: Arc::from("e"),
             payload: Bytes::from(n.to_string()),
+            binary: false,
             origin: None,
             position: 0,
             published_at_ms: crate::now_ms(),

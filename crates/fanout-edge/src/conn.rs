@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::{ChannelName, Claims, Event, EventKind, Origin, Position};
-use fastwebsockets::{FragmentCollectorRead, OpCode, Role, WebSocketError};
+use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncReadExt;
@@ -63,9 +63,19 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
         let writer = writer.clone();
         edge.tasks.spawn(async move { writer.run().await })
     };
+    // `leftover` may be a view into hyper's whole read buffer: copy the few
+    // bytes (usually none) so that buffer is freed now, not when the
+    // connection ends.
+    let leftover = if leftover.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&leftover)
+    };
     let read = std::io::Cursor::new(leftover).chain(read);
-    let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    let mut ws = FragmentCollectorRead::new(ws);
+    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(limits.max_frame_bytes);
     let id = edge.next_conn_id();
     let mut conn = Conn {
         origin: Origin {
@@ -118,11 +128,13 @@ fn noop_send(_: fastwebsockets::Frame<'_>) -> std::future::Ready<Result<(), std:
 }
 
 impl Conn {
-    async fn read_loop<S: tokio::io::AsyncRead + Unpin>(&mut self, ws: &mut FragmentCollectorRead<S>) -> End {
-        let idle = self.edge.config.limits.idle_timeout;
+    async fn read_loop<S: tokio::io::AsyncRead + Unpin>(&mut self, ws: &mut WebSocketRead<S>) -> End {
+        let limits = self.edge.config.limits.clone();
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
         let mut send = noop_send;
+        // A fragmented message being assembled: its opcode and bytes so far.
+        let mut partial: Option<(OpCode, Vec<u8>)> = None;
         loop {
             let expiry = self.token_exp.map(deadline_of);
             let frame = tokio::select! {
@@ -139,50 +151,105 @@ impl Conn {
                     self.expire_token().await;
                     continue;
                 }
-                r = tokio::time::timeout(idle, ws.read_frame(&mut send)) => match r {
-                    Err(_) => return End::new(close_code::POLICY, format!("idle for {} s without a heartbeat", idle.as_secs()), "idle"),
-                    Ok(Err(e)) => return read_error(e, self.edge.config.limits.max_frame_bytes),
+                r = tokio::time::timeout(limits.idle_timeout, ws.read_frame(&mut send)) => match r {
+                    Err(_) => return End::new(close_code::POLICY, format!("idle for {} s without a heartbeat", limits.idle_timeout.as_secs()), "idle"),
+                    Ok(Err(e)) => return read_error(e, limits.max_frame_bytes),
                     Ok(Ok(frame)) => frame,
                 },
             };
             match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    if !self.messages.try_take() {
-                        metrics::counter!("fanout_client_errors_total", "reason" => "rate_limited").increment(1);
-                        let _ = self.writer.send(self.enc.error_reply(
-                            None,
-                            None,
-                            "phoenix",
-                            &format!(
-                                "rate limit exceeded: {} messages per second",
-                                self.edge.config.limits.messages_per_second
-                            ),
-                        ));
-                        continue;
+                OpCode::Text | OpCode::Binary if frame.fin => {
+                    if partial.is_some() {
+                        return End::new(
+                            close_code::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                            "protocol",
+                        );
                     }
-                    let decoded = if frame.opcode == OpCode::Text {
-                        protocol::decode_text(self.vsn, &frame.payload)
-                    } else {
-                        protocol::decode_binary(&frame.payload)
+                    Box::pin(self.data(frame.opcode, &frame.payload)).await;
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if partial.is_some() {
+                        return End::new(
+                            close_code::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                            "protocol",
+                        );
+                    }
+                    partial = Some((frame.opcode, frame.payload.to_vec()));
+                }
+                OpCode::Continuation => {
+                    let Some((_, buf)) = partial.as_mut() else {
+                        return End::new(
+                            close_code::PROTOCOL_ERROR,
+                            "continuation frame without a message",
+                            "protocol",
+                        );
                     };
-                    match decoded {
-                        Ok(msg) => self.handle(msg).await,
-                        Err(e) => {
-                            metrics::counter!("fanout_client_errors_total", "reason" => "malformed").increment(1);
-                            let _ = self.writer.send(self.enc.error_reply(
-                                None,
-                                None,
-                                "phoenix",
-                                &format!("invalid message: {e}"),
-                            ));
+                    // The limit is on the whole message, not on each fragment.
+                    if buf.len() + frame.payload.len() > limits.max_frame_bytes {
+                        return End::new(
+                            close_code::TOO_BIG,
+                            format!("message larger than {} bytes", limits.max_frame_bytes),
+                            "too_big",
+                        );
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if frame.fin
+                        && let Some((opcode, buf)) = partial.take()
+                    {
+                        if opcode == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                            return End::new(1007, "text message is not valid UTF-8", "protocol");
                         }
+                        Box::pin(self.data(opcode, &buf)).await;
                     }
                 }
                 OpCode::Close => return End::new(close_code::NORMAL, "", "client"),
                 OpCode::Ping => {
                     let _ = self.writer.send(frame::encode(Opcode::Pong, &frame.payload));
                 }
-                OpCode::Pong | OpCode::Continuation => {}
+                OpCode::Pong => {}
+            }
+        }
+    }
+
+    /// One complete client message. Callers box this future: handling
+    /// needs far more state than waiting does, and an idle connection
+    /// should only pay for waiting.
+    async fn data(&mut self, opcode: OpCode, bytes: &[u8]) {
+        if !self.messages.try_take() {
+            metrics::counter!("fanout_client_errors_total", "reason" => "rate_limited").increment(1);
+            let reason = format!(
+                "rate limit exceeded: {} messages per second",
+                self.edge.config.limits.messages_per_second
+            );
+            let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, opcode == OpCode::Binary, bytes);
+            self.send(self.enc.error_reply(
+                join_ref.as_deref(),
+                r#ref.as_deref(),
+                topic.as_deref().unwrap_or("phoenix"),
+                &reason,
+            ));
+            return;
+        }
+        let decoded = if opcode == OpCode::Text {
+            protocol::decode_text(self.vsn, bytes)
+        } else {
+            protocol::decode_binary(bytes)
+        };
+        match decoded {
+            Ok(msg) => self.handle(msg).await,
+            Err(e) => {
+                metrics::counter!("fanout_client_errors_total", "reason" => "malformed").increment(1);
+                // Address the error to the message's own topic and ref when
+                // they can be read, so the client's pending push sees it.
+                let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, opcode == OpCode::Binary, bytes);
+                self.send(self.enc.error_reply(
+                    join_ref.as_deref(),
+                    r#ref.as_deref(),
+                    topic.as_deref().unwrap_or("phoenix"),
+                    &format!("invalid message: {e}"),
+                ));
             }
         }
     }
@@ -384,8 +451,8 @@ impl Conn {
     }
 
     async fn broadcast(&mut self, m: &Inbound) {
-        let (event, payload) = match &m.payload {
-            Payload::Broadcast { event, payload } => (event.clone(), payload.clone()),
+        let (event, payload, binary) = match &m.payload {
+            Payload::Broadcast { event, payload, binary } => (event.clone(), payload.clone(), *binary),
             Payload::Json(raw) => match serde_json::from_str::<BroadcastPayload<'_>>(raw.get()) {
                 Ok(b) if b.r#type == "broadcast" => (
                     b.event,
@@ -393,6 +460,7 @@ impl Conn {
                         || Bytes::from_static(b"{}"),
                         |p| Bytes::copy_from_slice(p.get().as_bytes()),
                     ),
+                    false,
                 ),
                 Ok(_) => return self.reply_err(m, "bad_payload", "broadcast payload must have type \"broadcast\""),
                 Err(e) => return self.reply_err(m, "bad_payload", &format!("invalid broadcast payload: {e}")),
@@ -410,6 +478,7 @@ impl Conn {
             kind: EventKind::Broadcast,
             event: Arc::from(event),
             payload,
+            binary,
             origin: Some(self.origin),
             position: 0,
             published_at_ms: crate::now_ms(),
@@ -483,6 +552,7 @@ impl Conn {
             kind: EventKind::PresenceDiff,
             event: Arc::from(""),
             payload: Bytes::from(diff.to_json().to_string()),
+            binary: false,
             origin: Some(self.origin),
             position: 0,
             published_at_ms: crate::now_ms(),

@@ -141,7 +141,8 @@ async fn public_route(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body>
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req),
         (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
-        (Method::OPTIONS, "/realtime/v1/api/broadcast") => {
+        (Method::POST, p) if p.starts_with("/realtime/v1/api/broadcast/") => with_cors(rest_send(edge, req).await),
+        (Method::OPTIONS, p) if p.starts_with("/realtime/v1/api/broadcast") => {
             with_cors(response(StatusCode::NO_CONTENT, "text/plain", ""))
         }
         (Method::GET, "/" | "/index.html") => response(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
@@ -349,6 +350,7 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
                 || Bytes::from_static(b"{}"),
                 |p| Bytes::copy_from_slice(p.get().as_bytes()),
             ),
+            binary: false,
             origin: None,
             position: 0,
             published_at_ms: crate::now_ms(),
@@ -362,6 +364,70 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
                 &format!("broadcast not delivered: {e}"),
             );
         }
+    }
+    metrics::counter!("fanout_rest_broadcasts_total").increment(1);
+    response(StatusCode::ACCEPTED, "application/json", "{}")
+}
+
+/// `POST /realtime/v1/api/broadcast/<channel>/events/<event>` with the
+/// payload as the body (JSON, or raw bytes as `application/octet-stream`):
+/// realtime-js's `channel.httpSend()`. 202 once it is on the bus.
+async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if let Err(e) = authenticate(&edge, &req, &query) {
+        return unauthorized(e);
+    }
+    let path = req
+        .uri()
+        .path()
+        .trim_start_matches("/realtime/v1/api/broadcast/")
+        .to_owned();
+    let Some((channel, event)) = path.split_once("/events/") else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "expected /realtime/v1/api/broadcast/<channel>/events/<event>",
+        );
+    };
+    let (channel, event) = (percent_decode(channel).into_owned(), percent_decode(event).into_owned());
+    if query_param(&query, "private").as_deref() == Some("true") {
+        return json_error(StatusCode::BAD_REQUEST, "private channels are not supported");
+    }
+    let channel = match ChannelName::from_name_or_topic(&channel) {
+        Ok(c) => c,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("channel: {e}")),
+    };
+    if event.is_empty() || event.len() > 255 {
+        return json_error(StatusCode::BAD_REQUEST, "event must be 1 to 255 bytes");
+    }
+    let binary = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let max = edge.config.limits.max_frame_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {max} bytes")),
+    };
+    if !binary && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+        return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}"));
+    }
+    let ev = Event {
+        channel,
+        kind: EventKind::Broadcast,
+        event: Arc::from(event.as_str()),
+        payload: body,
+        binary,
+        origin: None,
+        position: 0,
+        published_at_ms: crate::now_ms(),
+    };
+    if let Err(e) = edge.bus.publish(ev).await {
+        metrics::counter!("fanout_bus_publish_errors_total").increment(1);
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("broadcast not delivered: {e}"),
+        );
     }
     metrics::counter!("fanout_rest_broadcasts_total").increment(1);
     response(StatusCode::ACCEPTED, "application/json", "{}")

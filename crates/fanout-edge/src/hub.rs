@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -134,7 +134,7 @@ impl Hub {
                 topic: channel.topic(),
                 channel: channel.clone(),
                 generation,
-                members: Vec::new(),
+                shards: Vec::new(),
                 index: HashMap::new(),
                 last: 0,
             };
@@ -175,13 +175,56 @@ impl Hub {
     }
 }
 
+/// Events taken from the bus in one go when several are waiting.
+const MAX_BATCH: usize = 64;
+
+/// Members per fan-out shard. A channel's members are spread over shard
+/// tasks of at most this many, so a big channel's writes run on every core
+/// and no task holds a worker thread for long.
+const SHARD_SIZE: usize = 256;
+
+/// Events to deliver, shared by every shard of a channel. Each event is
+/// encoded at most once per protocol version, by whichever shard needs it
+/// first.
+struct Batch {
+    topic: String,
+    events: Vec<Event>,
+    encoded: Vec<[OnceLock<Option<Bytes>>; 2]>,
+}
+
+impl Batch {
+    fn frame(&self, i: usize, vsn: Vsn) -> Option<&Bytes> {
+        self.encoded[i][vsn as usize]
+            .get_or_init(|| encode_event(Encoder(vsn), &self.topic, &self.events[i], false))
+            .as_ref()
+    }
+}
+
+enum ShardCommand {
+    /// Send `preface` (join reply, presence state, replay) then deliver
+    /// live events to `member`.
+    Add {
+        member: Member,
+        preface: Vec<Bytes>,
+    },
+    Remove {
+        conn: u64,
+    },
+    Deliver(Arc<Batch>),
+}
+
+struct ShardHandle {
+    tx: mpsc::UnboundedSender<ShardCommand>,
+    len: usize,
+}
+
 struct ChannelTask {
     hub: Hub,
     channel: ChannelName,
     topic: String,
     generation: u64,
-    members: Vec<Member>,
-    /// conn id → index in `members`.
+    shards: Vec<ShardHandle>,
+    /// conn id → index in `shards`.
     index: HashMap<u64, usize>,
     /// Position of the last history event dispatched (or the subscription
     /// head): the boundary between replay and live delivery.
@@ -206,14 +249,25 @@ impl ChannelTask {
                     }
                     Some(Command::Leave { conn }) => {
                         self.remove(conn);
-                        if self.members.is_empty() {
+                        if self.index.is_empty() {
                             idle_since = Some(Instant::now());
                         }
                     }
                     None => break,
                 },
                 ev = sub.events.recv() => match ev {
-                    Some(ev) => self.dispatch(&ev),
+                    Some(ev) => {
+                        // Take whatever else is already waiting: under load
+                        // each member then gets one write per batch.
+                        let mut batch = vec![ev];
+                        while batch.len() < MAX_BATCH {
+                            match sub.events.try_recv() {
+                                Ok(ev) => batch.push(ev),
+                                Err(_) => break,
+                            }
+                        }
+                        self.dispatch(batch);
+                    }
                     None => {
                         // The bus ended our subscription (transport restart):
                         // take a new one. Events in between are recoverable
@@ -225,7 +279,7 @@ impl ChannelTask {
                         }
                     }
                 },
-                () = self.hub.inner.shutdown.cancelled(), if self.members.is_empty() => {
+                () = self.hub.inner.shutdown.cancelled(), if self.index.is_empty() => {
                     self.hub.try_retire(&self.channel, self.generation);
                     break;
                 }
@@ -237,7 +291,6 @@ impl ChannelTask {
                 }
             }
         }
-        metrics::gauge!("fanout_channel_members").decrement(self.members.len() as f64);
     }
 
     /// Subscribes with backoff until it works or the process shuts down.
@@ -267,105 +320,143 @@ impl ChannelTask {
         // A rejoin by the same connection replaces the old membership.
         self.remove(member.conn);
         let enc = Encoder(member.vsn);
-        if member.writer.send(reply).is_err() {
-            return;
-        }
+        let mut preface = vec![reply];
         if member.presence {
-            let frame = match self.hub.inner.presence.state(&self.channel).await {
+            preface.push(match self.hub.inner.presence.state(&self.channel).await {
                 Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
                 Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.as_str()),
-            };
-            if member.writer.send(frame).is_err() {
-                return;
-            }
+            });
         }
         if let Some(after) = resume_after {
-            let frames: Vec<Bytes> = match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
+            match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
                 Ok(Replay::Events(events)) => {
                     metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
-                    events
-                        .iter()
-                        .filter_map(|ev| encode_event(enc, &self.topic, ev, true))
-                        .collect()
+                    preface.extend(events.iter().filter_map(|ev| encode_event(enc, &self.topic, ev, true)));
                 }
                 Ok(Replay::Expired) => {
                     metrics::counter!("fanout_resync_required_total").increment(1);
-                    vec![enc.system(
+                    preface.push(enc.system(
                         &self.topic,
                         "broadcast",
                         false,
                         &format!("resync required: messages after position {after} are no longer retained"),
                         self.channel.as_str(),
-                    )]
+                    ));
                 }
-                Err(e) => vec![enc.system(
+                Err(e) => preface.push(enc.system(
                     &self.topic,
                     "broadcast",
                     false,
                     &format!("resync required: history unavailable ({e})"),
                     self.channel.as_str(),
-                )],
-            };
-            for f in frames {
-                if member.writer.send(f).is_err() {
-                    return;
-                }
+                )),
             }
         }
-        self.index.insert(member.conn, self.members.len());
-        self.members.push(member);
-        metrics::gauge!("fanout_channel_members").increment(1.0);
+        let shard = match self.shards.iter().position(|s| s.len < SHARD_SIZE) {
+            Some(i) => i,
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.hub.inner.tasks.spawn(run_shard(rx));
+                self.shards.push(ShardHandle { tx, len: 0 });
+                self.shards.len() - 1
+            }
+        };
+        self.shards[shard].len += 1;
+        self.index.insert(member.conn, shard);
+        let _ = self.shards[shard].tx.send(ShardCommand::Add { member, preface });
     }
 
     fn remove(&mut self, conn: u64) {
         if let Some(i) = self.index.remove(&conn) {
-            self.members.swap_remove(i);
-            if let Some(moved) = self.members.get(i) {
-                self.index.insert(moved.conn, i);
-            }
-            metrics::gauge!("fanout_channel_members").decrement(1.0);
+            self.shards[i].len -= 1;
+            let _ = self.shards[i].tx.send(ShardCommand::Remove { conn });
         }
     }
 
-    fn dispatch(&mut self, ev: &Event) {
-        if ev.position != 0 {
-            if ev.position <= self.last {
-                // Already delivered (a transport redelivery).
-                return;
+    fn dispatch(&mut self, batch: Vec<Event>) {
+        // Drop redeliveries (positions at or below what was dispatched).
+        let mut events = Vec::with_capacity(batch.len());
+        for ev in batch {
+            if ev.position != 0 {
+                if ev.position <= self.last {
+                    continue;
+                }
+                self.last = ev.position;
             }
-            self.last = ev.position;
+            events.push(ev);
         }
-        let mut v1: Option<Option<Bytes>> = None;
-        let mut v2: Option<Option<Bytes>> = None;
-        let mut dropped = Vec::new();
-        let mut delivered = 0u64;
-        for m in &self.members {
-            match ev.kind {
-                EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
-                EventKind::PresenceDiff if !m.presence => continue,
-                _ => {}
-            }
-            let slot = match m.vsn {
-                Vsn::V1 => &mut v1,
-                Vsn::V2 => &mut v2,
-            };
-            let Some(frame) = slot.get_or_insert_with(|| encode_event(Encoder(m.vsn), &self.topic, ev, false)) else {
-                continue;
-            };
-            match m.writer.send(frame.clone()) {
-                Ok(()) => delivered += 1,
-                Err(_) => dropped.push(m.conn),
+        if events.is_empty() {
+            return;
+        }
+        let now = crate::now_ms();
+        for ev in &events {
+            if ev.published_at_ms > 0 {
+                let lag = now.saturating_sub(ev.published_at_ms);
+                metrics::histogram!("fanout_publish_to_dispatch_seconds").record(lag as f64 / 1000.0);
             }
         }
-        for conn in dropped {
-            self.remove(conn);
-        }
-        metrics::counter!("fanout_messages_delivered_total").increment(delivered);
-        if ev.published_at_ms > 0 {
-            let lag = crate::now_ms().saturating_sub(ev.published_at_ms);
-            metrics::histogram!("fanout_publish_to_dispatch_seconds").record(lag as f64 / 1000.0);
+        let encoded = events.iter().map(|_| [OnceLock::new(), OnceLock::new()]).collect();
+        let batch = Arc::new(Batch {
+            topic: self.topic.clone(),
+            events,
+            encoded,
+        });
+        for shard in self.shards.iter().filter(|s| s.len > 0) {
+            let _ = shard.tx.send(ShardCommand::Deliver(batch.clone()));
         }
     }
+}
+
+/// One shard of a channel's members: writes each batch to its members.
+async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
+    let mut members: Vec<Member> = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::new();
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            ShardCommand::Add { member, preface } => {
+                if member.writer.send_many(&preface).is_ok() {
+                    members.push(member);
+                    metrics::gauge!("fanout_channel_members").increment(1.0);
+                }
+            }
+            ShardCommand::Remove { conn } => {
+                if let Some(i) = members.iter().position(|m| m.conn == conn) {
+                    members.swap_remove(i);
+                    metrics::gauge!("fanout_channel_members").decrement(1.0);
+                }
+            }
+            ShardCommand::Deliver(batch) => {
+                let mut delivered = 0u64;
+                let before = members.len();
+                members.retain(|m| {
+                    frames.clear();
+                    for (i, ev) in batch.events.iter().enumerate() {
+                        match ev.kind {
+                            EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
+                            EventKind::PresenceDiff if !m.presence => continue,
+                            _ => {}
+                        }
+                        if let Some(f) = batch.frame(i, m.vsn) {
+                            frames.push(f.clone());
+                        }
+                    }
+                    if frames.is_empty() {
+                        return true;
+                    }
+                    // A member whose connection is closing (or too slow) is
+                    // dropped here; its connection's leave is then a no-op.
+                    let ok = m.writer.send_many(&frames).is_ok();
+                    if ok {
+                        delivered += frames.len() as u64;
+                    }
+                    ok
+                });
+                metrics::gauge!("fanout_channel_members").decrement((before - members.len()) as f64);
+                metrics::counter!("fanout_messages_delivered_total").increment(delivered);
+            }
+        }
+    }
+    metrics::gauge!("fanout_channel_members").decrement(members.len() as f64);
 }
 
 /// Encodes an event for one protocol version. `None` for kinds this edge
@@ -378,7 +469,7 @@ fn encode_event(enc: Encoder, topic: &str, ev: &Event, replayed: bool) -> Option
             } else {
                 format!(r#"{{"id":"{}"}}"#, ev.position)
             };
-            Some(enc.broadcast(topic, &ev.event, &ev.payload, &meta))
+            enc.broadcast(topic, &ev.event, &ev.payload, &meta, ev.binary)
         }
         EventKind::PresenceDiff => {
             if replayed {

@@ -20,8 +20,8 @@ use crate::frame::{self, Opcode};
 /// Protocol version, from the `vsn` query parameter. No `vsn` means 1.0.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vsn {
-    V1,
-    V2,
+    V1 = 0,
+    V2 = 1,
 }
 
 impl Vsn {
@@ -37,6 +37,7 @@ impl Vsn {
 /// Binary frame kinds of the vsn 2.0.0 serializer.
 const KIND_USER_BROADCAST_PUSH: u8 = 3;
 const KIND_USER_BROADCAST: u8 = 4;
+const ENCODING_BINARY: u8 = 0;
 const ENCODING_JSON: u8 = 1;
 
 /// Why an inbound frame could not be decoded. The message goes to the client.
@@ -52,8 +53,8 @@ pub enum DecodeError {
     Truncated,
     #[error("binary frame field is not UTF-8")]
     NotUtf8,
-    #[error("binary broadcast payloads are not supported; send JSON")]
-    BinaryPayload,
+    #[error("unknown payload encoding {0}")]
+    UnknownEncoding(u8),
 }
 
 /// A decoded client message.
@@ -71,17 +72,31 @@ pub struct Inbound {
 pub enum Payload {
     /// JSON text as sent (validated, not yet interpreted).
     Json(Box<RawValue>),
-    /// A broadcast from a binary kind-3 frame: user event and JSON payload.
-    Broadcast { event: String, payload: Bytes },
+    /// A broadcast from a binary kind-3 frame: user event and payload, JSON
+    /// or (with `binary`) raw bytes.
+    Broadcast {
+        event: String,
+        payload: Bytes,
+        binary: bool,
+    },
 }
 
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Json(a), Self::Json(b)) => a.get() == b.get(),
-            (Self::Broadcast { event: e1, payload: p1 }, Self::Broadcast { event: e2, payload: p2 }) => {
-                e1 == e2 && p1 == p2
-            }
+            (
+                Self::Broadcast {
+                    event: e1,
+                    payload: p1,
+                    binary: b1,
+                },
+                Self::Broadcast {
+                    event: e2,
+                    payload: p2,
+                    binary: b2,
+                },
+            ) => e1 == e2 && p1 == p2 && b1 == b2,
             _ => false,
         }
     }
@@ -207,10 +222,14 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
     // Client metadata (allowed keys only) is not used by fanout.
     let _meta = field(lens[4])?;
     let payload = &buf[at..];
-    if encoding != ENCODING_JSON {
-        return Err(DecodeError::BinaryPayload);
-    }
-    serde_json::from_slice::<de::IgnoredAny>(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let binary = match encoding {
+        ENCODING_JSON => {
+            serde_json::from_slice::<de::IgnoredAny>(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            false
+        }
+        ENCODING_BINARY => true,
+        other => return Err(DecodeError::UnknownEncoding(other)),
+    };
     let opt = |s: String| if s.is_empty() { None } else { Some(s) };
     Ok(Inbound {
         join_ref: opt(join_ref),
@@ -220,8 +239,39 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
         payload: Payload::Broadcast {
             event,
             payload: Bytes::copy_from_slice(payload),
+            binary,
         },
     })
+}
+
+/// Best-effort `(join_ref, ref, topic)` of a message that failed to decode,
+/// so the error reply reaches the push that caused it.
+pub fn peek_refs(vsn: Vsn, binary: bool, buf: &[u8]) -> (Option<String>, Option<String>, Option<String>) {
+    if binary {
+        if buf.len() < 7 || buf[0] != KIND_USER_BROADCAST_PUSH {
+            return (None, None, None);
+        }
+        let (jl, rl, tl) = (usize::from(buf[1]), usize::from(buf[2]), usize::from(buf[3]));
+        let get = |from: usize, len: usize| {
+            buf.get(from..from + len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        return (get(7, jl), get(7 + jl, rl), get(7 + jl + rl, tl));
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) else {
+        return (None, None, None);
+    };
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    match vsn {
+        Vsn::V1 => (s(&v["join_ref"]), s(&v["ref"]), v["topic"].as_str().map(str::to_owned)),
+        Vsn::V2 => (s(&v[0]), s(&v[1]), v[2].as_str().map(str::to_owned)),
+    }
 }
 
 fn json_str(s: &str) -> String {
@@ -308,8 +358,10 @@ impl Encoder {
     /// A broadcast to clients: a JSON push for vsn 1.0.0, a binary kind-4
     /// frame for vsn 2.0.0. `meta` is a JSON object such as `{"id":"7"}`;
     /// `user_event` and `meta` must be at most 255 bytes (checked at input).
-    pub fn broadcast(self, topic: &str, user_event: &str, payload: &[u8], meta: &str) -> Bytes {
+    /// A `binary` payload (raw bytes) has no JSON form: `None` for vsn 1.0.0.
+    pub fn broadcast(self, topic: &str, user_event: &str, payload: &[u8], meta: &str, binary: bool) -> Option<Bytes> {
         match self.0 {
+            Vsn::V1 if binary => None,
             Vsn::V1 => {
                 let mut text = String::with_capacity(payload.len() + user_event.len() + topic.len() + meta.len() + 96);
                 text.push_str(r#"{"topic":"#);
@@ -322,7 +374,7 @@ impl Encoder {
                 text.push_str(r#","meta":"#);
                 text.push_str(meta);
                 text.push_str(r#"},"ref":null,"join_ref":null}"#);
-                frame::encode(Opcode::Text, text.as_bytes())
+                Some(frame::encode(Opcode::Text, text.as_bytes()))
             }
             Vsn::V2 => {
                 let body_len = 5 + topic.len() + user_event.len() + meta.len() + payload.len();
@@ -332,12 +384,12 @@ impl Encoder {
                 buf.put_u8(topic.len().min(255) as u8);
                 buf.put_u8(user_event.len().min(255) as u8);
                 buf.put_u8(meta.len().min(255) as u8);
-                buf.put_u8(ENCODING_JSON);
+                buf.put_u8(if binary { ENCODING_BINARY } else { ENCODING_JSON });
                 buf.put_slice(topic.as_bytes());
                 buf.put_slice(user_event.as_bytes());
                 buf.put_slice(meta.as_bytes());
                 buf.put_slice(payload);
-                buf.freeze()
+                Some(buf.freeze())
             }
         }
     }
@@ -431,7 +483,17 @@ mod tests {
             m.payload,
             Payload::Broadcast {
                 event: "chat".into(),
-                payload: Bytes::from_static(br#"{"text":"hi"}"#)
+                payload: Bytes::from_static(br#"{"text":"hi"}"#),
+                binary: false
+            }
+        );
+        let m = decode_binary(&kind3("", "", "realtime:room", "blob", "", 0, b"\x00\xff")).unwrap();
+        assert_eq!(
+            m.payload,
+            Payload::Broadcast {
+                event: "blob".into(),
+                payload: Bytes::from_static(b"\x00\xff"),
+                binary: true
             }
         );
         // Empty refs mean "no ref" (the client sends '' for a missing ref).
@@ -448,8 +510,8 @@ mod tests {
             Err(DecodeError::Truncated)
         );
         assert_eq!(
-            decode_binary(&kind3("", "", "t", "e", "", 0, b"\x00\x01")),
-            Err(DecodeError::BinaryPayload)
+            decode_binary(&kind3("", "", "t", "e", "", 7, b"{}")),
+            Err(DecodeError::UnknownEncoding(7))
         );
         assert!(matches!(
             decode_binary(&kind3("", "", "t", "e", "", 1, b"{oops")),
@@ -476,16 +538,29 @@ mod tests {
 
     #[test]
     fn encodes_broadcasts_per_vsn() {
-        let f = Encoder(Vsn::V1).broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#);
+        let f = Encoder(Vsn::V1)
+            .broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#, false)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"topic": "realtime:a", "event": "broadcast", "payload": {"type": "broadcast", "event": "chat", "payload": {"t": 1}, "meta": {"id": "7"}}, "ref": null, "join_ref": null})
         );
-        let f = Encoder(Vsn::V2).broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#);
+        let f = Encoder(Vsn::V2)
+            .broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#, false)
+            .unwrap();
         assert_eq!(f[0], 0x82, "binary frame");
         let body = &f[2..];
         assert_eq!(&body[..5], &[4, 10, 4, 10, 1]);
         assert_eq!(&body[5..], br#"realtime:achat{"id":"7"}{"t":1}"#);
+        let f = Encoder(Vsn::V2)
+            .broadcast("realtime:a", "b", b"\x00", "", true)
+            .unwrap();
+        assert_eq!(&f[2..], b"\x04\x0a\x01\x00\x00realtime:ab\x00");
+        assert_eq!(
+            Encoder(Vsn::V1).broadcast("realtime:a", "b", b"\x00", "", true),
+            None,
+            "no JSON form"
+        );
     }
 }

@@ -91,18 +91,35 @@ impl ConnWriter {
     /// Sends one encoded frame: written now if the socket takes it, queued
     /// otherwise. Never waits.
     pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        self.send_many(std::slice::from_ref(&frame))
+    }
+
+    /// Sends several frames in order, with one vectored write when the
+    /// queue is empty. The fan-out uses this when events pile up, so a busy
+    /// channel pays one syscall per member per batch, not per event.
+    pub fn send_many(&self, frames: &[Bytes]) -> Result<(), SendError> {
         let mut st = self.lock();
         if st.close.is_some() || st.broken {
             return Err(SendError::Closed);
         }
+        let mut rest = frames;
+        let mut wake = false;
         if st.queue.is_empty() {
-            match self.stream.as_ref().try_write(&frame) {
-                Ok(n) if n == frame.len() => return Ok(()),
-                Ok(n) => {
+            match write_some(self.stream.as_ref(), rest, 0) {
+                Ok(mut n) => {
+                    while let Some((first, tail)) = rest.split_first() {
+                        if n < first.len() {
+                            break;
+                        }
+                        n -= first.len();
+                        rest = tail;
+                    }
+                    if rest.is_empty() {
+                        return Ok(());
+                    }
                     st.offset = n;
-                    st.queue.push_back(frame);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.queue.push_back(frame),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     st.broken = true;
                     drop(st);
@@ -111,16 +128,14 @@ impl ConnWriter {
                     return Err(SendError::Closed);
                 }
             }
-            drop(st);
-            self.notify.notify_one();
-            return Ok(());
+            wake = true;
         }
-        if st.queue.len() >= self.max_queue {
+        if st.queue.len() + rest.len() > self.max_queue {
             st.queue.clear();
             st.offset = 0;
             st.close = Some(CloseReason {
                 code: frame::close_code::POLICY,
-                reason: format!("slow consumer: {} frames queued", self.max_queue),
+                reason: format!("slow consumer: more than {} frames queued", self.max_queue),
                 abort: true,
             });
             drop(st);
@@ -129,7 +144,11 @@ impl ConnWriter {
             self.notify.notify_one();
             return Err(SendError::SlowConsumer);
         }
-        st.queue.push_back(frame);
+        st.queue.extend(rest.iter().cloned());
+        drop(st);
+        if wake {
+            self.notify.notify_one();
+        }
         Ok(())
     }
 
@@ -180,20 +199,27 @@ impl ConnWriter {
             if st.broken {
                 return Drained::Finished;
             }
-            let Some(front) = st.queue.front() else {
+            if st.queue.is_empty() {
                 return if st.close.is_some() {
                     Drained::Finished
                 } else {
                     Drained::Empty
                 };
-            };
-            let front = front.slice(st.offset..);
-            match self.stream.as_ref().try_write(&front) {
-                Ok(n) if n == front.len() => {
-                    st.queue.pop_front();
+            }
+            let batch: Vec<Bytes> = st.queue.iter().take(MAX_IOVECS).cloned().collect();
+            match write_some(self.stream.as_ref(), &batch, st.offset) {
+                Ok(mut n) => {
+                    n += st.offset;
                     st.offset = 0;
+                    while let Some(front) = st.queue.front() {
+                        if n < front.len() {
+                            st.offset = n;
+                            break;
+                        }
+                        n -= front.len();
+                        st.queue.pop_front();
+                    }
                 }
-                Ok(n) => st.offset += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Blocked,
                 Err(_) => {
                     st.broken = true;
@@ -233,6 +259,27 @@ impl ConnWriter {
         // Half-close: the client sees EOF after the close frame, while its
         // own close frame can still be read.
         let _ = socket2::SockRef::from(self.stream.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Frames per vectored write (well under IOV_MAX).
+const MAX_IOVECS: usize = 64;
+
+/// One non-blocking (vectored) write of `frames`, skipping `offset` bytes of
+/// the first. Returns the bytes written, counted from `offset`.
+fn write_some(stream: &tokio::net::TcpStream, frames: &[Bytes], offset: usize) -> io::Result<usize> {
+    match frames {
+        [] => Ok(0),
+        [one] => stream.try_write(&one[offset..]),
+        _ => {
+            let slices: Vec<io::IoSlice<'_>> = frames
+                .iter()
+                .take(MAX_IOVECS)
+                .enumerate()
+                .map(|(i, f)| io::IoSlice::new(if i == 0 { &f[offset..] } else { &f[..] }))
+                .collect();
+            stream.try_write_vectored(&slices)
+        }
     }
 }
 

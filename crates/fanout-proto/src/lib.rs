@@ -47,6 +47,7 @@ pub fn encode_event(event: &Event) -> Bytes {
         kind: kind_to_proto(event.kind) as i32,
         event: event.event.to_string(),
         payload: event.payload.clone(),
+        binary: event.binary,
         origin: event.origin.map(|o| v1::Origin {
             node: o.node,
             connection: o.connection,
@@ -70,6 +71,7 @@ pub fn decode_event(bytes: &[u8], position: Position) -> Result<Event, DecodeErr
         kind,
         event: Arc::from(envelope.event),
         payload: envelope.payload,
+        binary: envelope.binary,
         origin: envelope.origin.map(|o| Origin {
             node: o.node,
             connection: o.connection,
@@ -90,6 +92,7 @@ mod tests {
             kind: EventKind::Broadcast,
             event: Arc::from("chat"),
             payload: Bytes::from_static(br#"{"text":"hi"}"#),
+            binary: false,
             origin: Some(Origin { node: 7, connection: 9 }),
             position: 0,
             published_at_ms: 1_700_000_000_000,

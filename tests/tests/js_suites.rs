@@ -1,0 +1,39 @@
+//! Runs the JavaScript suites in `tests/js` against the freshly built binary:
+//! the protocol suite with the real `@supabase/realtime-js` client, and the
+//! demo page in headless Chromium. `tests/run.sh` installs Node.js,
+//! Chromium and the npm packages first.
+
+use std::process::Command;
+
+fn run_node_suite(dir: &str) {
+    let js = fanout_tests::repo_root().join("tests/js");
+    assert!(
+        js.join("node_modules/@supabase/realtime-js").exists(),
+        "npm packages missing: run `bash tests/run.sh` (or `npm ci` in tests/js)"
+    );
+    let out = Command::new("node")
+        .args(["--test", "--test-concurrency=1", "--test-reporter=spec", dir])
+        .current_dir(&js)
+        .env("FANOUT_BIN", fanout_tests::fanout_bin())
+        .output()
+        .expect("node is installed (tests/run.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "node --test {dir} failed");
+    assert!(
+        stdout.contains("ℹ pass") && !stdout.contains("ℹ pass 0"),
+        "no test ran in {dir}"
+    );
+}
+
+#[test]
+fn realtime_js_protocol_suite() {
+    run_node_suite("protocol/");
+}
+
+#[test]
+fn demo_page_in_headless_chromium() {
+    run_node_suite("browser/");
+}
