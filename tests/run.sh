@@ -16,7 +16,6 @@ log() { printf '\n==> %s\n' "$*"; }
 need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
-command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 
 if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   if [ ${#need_apt[@]} -gt 0 ]; then

@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::{ChannelName, Claims, Event, EventKind, Origin, Position};
-use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{OpCode, WebSocketError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Edge;
 use crate::frame::{self, Opcode, close_code};
+use crate::framed::FrameReader;
 use crate::hub::{JoinRequest, Member};
 use crate::protocol::{self, Encoder, Inbound, Payload, Vsn};
 use crate::ratelimit::TokenBucket;
@@ -71,11 +71,7 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
     } else {
         Bytes::copy_from_slice(&leftover)
     };
-    let read = std::io::Cursor::new(leftover).chain(read);
-    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(limits.max_frame_bytes);
+    let mut reader = FrameReader::new(read, leftover, limits.max_frame_bytes);
     let id = edge.next_conn_id();
     let mut conn = Conn {
         origin: Origin {
@@ -96,7 +92,7 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
     metrics::gauge!("fanout_connections").increment(1.0);
     metrics::counter!("fanout_connections_opened_total").increment(1);
 
-    let reason = conn.read_loop(&mut ws).await;
+    let reason = conn.read_loop(&mut reader).await;
     conn.leave_all().await;
     writer.close(reason.code, reason.reason, false);
     let _ = drain.await;
@@ -123,38 +119,55 @@ impl End {
     }
 }
 
-fn noop_send(_: fastwebsockets::Frame<'_>) -> std::future::Ready<Result<(), std::convert::Infallible>> {
-    std::future::ready(Ok(()))
-}
-
 impl Conn {
-    async fn read_loop<S: tokio::io::AsyncRead + Unpin>(&mut self, ws: &mut WebSocketRead<S>) -> End {
+    fn closed_by_server(&self) -> End {
+        let r = self.writer.close_reason();
+        End::new(
+            r.as_ref().map_or(close_code::NORMAL, |r| r.code),
+            r.map(|r| r.reason).unwrap_or_default(),
+            "server",
+        )
+    }
+
+    async fn shutting_down(&self) -> End {
+        self.edge.drain_delay().await;
+        End::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
+    }
+
+    async fn read_loop(&mut self, reader: &mut FrameReader) -> End {
         let limits = self.edge.config.limits.clone();
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
-        let mut send = noop_send;
         // A fragmented message being assembled: its opcode and bytes so far.
         let mut partial: Option<(OpCode, Vec<u8>)> = None;
         loop {
             let expiry = self.token_exp.map(deadline_of);
-            let frame = tokio::select! {
+            // Wait for bytes (cancel-safe, holds no buffer), or for the end,
+            // or for the token to expire.
+            tokio::select! {
                 biased;
-                () = done.cancelled() => {
-                    let r = self.writer.close_reason();
-                    return End::new(r.as_ref().map_or(close_code::NORMAL, |r| r.code), r.map(|r| r.reason).unwrap_or_default(), "server");
-                }
-                () = shutdown.cancelled() => {
-                    self.edge.drain_delay().await;
-                    return End::new(close_code::GOING_AWAY, "server shutting down", "shutdown");
-                }
+                () = done.cancelled() => return self.closed_by_server(),
+                () = shutdown.cancelled() => return self.shutting_down().await,
                 () = sleep_until_opt(expiry) => {
                     self.expire_token().await;
                     continue;
                 }
-                r = tokio::time::timeout(limits.idle_timeout, ws.read_frame(&mut send)) => match r {
+                r = tokio::time::timeout(limits.idle_timeout, reader.readable()) => match r {
                     Err(_) => return End::new(close_code::POLICY, format!("idle for {} s without a heartbeat", limits.idle_timeout.as_secs()), "idle"),
+                    Ok(Err(_)) => return End::new(close_code::NORMAL, "", "eof"),
+                    Ok(Ok(())) => {}
+                },
+            }
+            // Read one whole frame; only the end of the connection may
+            // interrupt it (a half-read frame cannot be resumed).
+            let frame = tokio::select! {
+                biased;
+                () = done.cancelled() => return self.closed_by_server(),
+                () = shutdown.cancelled() => return self.shutting_down().await,
+                r = tokio::time::timeout(limits.idle_timeout, reader.read_frame()) => match r {
+                    Err(_) => return End::new(close_code::POLICY, "frame not completed in time", "idle"),
                     Ok(Err(e)) => return read_error(e, limits.max_frame_bytes),
-                    Ok(Ok(frame)) => frame,
+                    Ok(Ok((frame, _))) => frame,
                 },
             };
             match frame.opcode {

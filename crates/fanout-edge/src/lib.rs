@@ -25,6 +25,7 @@
 pub mod bus;
 mod conn;
 pub mod frame;
+mod framed;
 pub mod http;
 pub mod hub;
 pub mod presence;
