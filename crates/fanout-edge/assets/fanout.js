@@ -334,16 +334,17 @@ export class FanoutClient {
       p.resolve({ status: 'disconnected' });
       this._pending.delete(ref);
     }
+    this.status = 'offline'; // channels see isLive === false; listeners are told below
     for (const ch of this._channels.values()) ch._onSocketClose();
     if (this._manualClose) this._setStatus('offline', { code, reason, manual: true });
     else this._scheduleReconnect({ code, reason });
   }
 
-  /** Delay before attempt n (0-based): base·2ⁿ capped, then ± jitter. */
+  /** Delay before attempt n (0-based): base·2ⁿ ± jitter, never above the cap. */
   _backoff(n) {
     const raw = Math.min(this.reconnectMaxMs, this.reconnectBaseMs * 2 ** Math.min(n, 20));
     const spread = raw * this.jitter * (Math.random() * 2 - 1);
-    return Math.max(0, Math.round(raw + spread));
+    return Math.round(Math.min(this.reconnectMaxMs, Math.max(0, raw + spread)));
   }
 
   _scheduleReconnect(info) {
