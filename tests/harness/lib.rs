@@ -55,7 +55,55 @@ impl Fanout {
     /// Starts `fanout standalone` with extra `args` and `env` and waits until
     /// `/healthz` answers.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let port = free_port();
+        Self::start_role("standalone", free_port(), args, env).await
+    }
+
+    /// Starts `fanout edge` against `nats` and waits until it is ready.
+    pub async fn start_edge(nats: &Nats, args: &[&str]) -> Result<Self> {
+        Self::start_edge_on(nats, free_port(), args).await
+    }
+
+    /// Starts `fanout edge` on a given public port.
+    pub async fn start_edge_on(nats: &Nats, port: u16, args: &[&str]) -> Result<Self> {
+        let url = nats.url();
+        let mut all = vec!["--nats-url", url.as_str(), "--nats-shards", "8", "--nats-streams", "2"];
+        all.extend_from_slice(args);
+        let me = Self::start_role("edge", port, &all, &[]).await?;
+        me.wait_ready(Duration::from_secs(15)).await?;
+        Ok(me)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if http_get(self.admin_port, "/readyz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("not ready within {timeout:?}")
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn is_ready(&self) -> bool {
+        http_get(self.admin_port, "/readyz")
+            .await
+            .map(|(s, _)| s == 200)
+            .unwrap_or(false)
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn start_role(role: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let admin_port = free_port();
         let bin = fanout_bin();
         anyhow::ensure!(
@@ -64,7 +112,7 @@ impl Fanout {
             bin.display()
         );
         let mut cmd = Command::new(&bin);
-        cmd.arg("standalone")
+        cmd.arg(role)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(args)
@@ -143,6 +191,72 @@ impl Drop for Fanout {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A private `nats-server -js` on a free port with a temp store, killed on
+/// drop. `tests/run.sh` installs Debian's `nats-server` when missing.
+pub struct Nats {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("fanout-nats-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port();
+        let child = Self::spawn(&dir, port).await?;
+        Ok(Self { child, port, dir })
+    }
+
+    async fn spawn(dir: &std::path::Path, port: u16) -> Result<Child> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {bin} (tests/run.sh installs it)"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("nats-server did not listen on {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(child)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL), keeping its store.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = Self::spawn(&self.dir, self.port).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -6,6 +6,10 @@
 use std::process::Command;
 
 fn run_node_suite(dir: &str) {
+    run_node_suite_with(dir, &[]);
+}
+
+fn run_node_suite_with(dir: &str, env: &[(&str, String)]) {
     let js = fanout_tests::repo_root().join("tests/js");
     assert!(
         js.join("node_modules/@supabase/realtime-js").exists(),
@@ -15,6 +19,7 @@ fn run_node_suite(dir: &str) {
         .args(["--test", "--test-concurrency=1", "--test-reporter=spec", dir])
         .current_dir(&js)
         .env("FANOUT_BIN", fanout_tests::fanout_bin())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("node is installed (tests/run.sh installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -31,6 +36,18 @@ fn run_node_suite(dir: &str) {
 #[test]
 fn realtime_js_protocol_suite() {
     run_node_suite("protocol/");
+}
+
+/// The same realtime-js suite against a cluster-mode edge (`fanout edge`)
+/// on a private `nats-server -js`.
+#[tokio::test]
+async fn realtime_js_protocol_suite_against_a_cluster_edge() {
+    let nats = fanout_tests::Nats::start().await.expect("nats-server starts");
+    let url = nats.url();
+    tokio::task::spawn_blocking(move || run_node_suite_with("protocol/", &[("FANOUT_TEST_NATS_URL", url)]))
+        .await
+        .expect("suite ran");
+    drop(nats);
 }
 
 #[test]

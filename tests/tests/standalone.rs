@@ -276,7 +276,8 @@ async fn fragmented_messages_are_reassembled_and_limited() -> Result<()> {
         "2",
     )
     .to_string();
-    c.send_fragmented(&big, 1024).await?;
+    // The server may close before the last fragments are sent.
+    let _ = c.send_fragmented(&big, 1024).await;
     let got = loop {
         match c.recv(T).await? {
             Received::Close(code, reason) => break (code, reason),

@@ -96,6 +96,7 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
     conn.leave_all().await;
     writer.close(reason.code, reason.reason, false);
     let _ = drain.await;
+    reader.linger(Duration::from_secs(2)).await;
     edge.connection_closed();
     metrics::gauge!("fanout_connections").decrement(1.0);
     metrics::counter!("fanout_connections_closed_total", "reason" => reason.label).increment(1);
@@ -436,6 +437,7 @@ impl Conn {
                     vsn: self.vsn,
                     receive_own: config.broadcast.self_,
                     presence: config.presence.enabled.unwrap_or(true),
+                    skip_through: 0,
                     writer: self.writer.clone(),
                 },
                 reply,

@@ -139,6 +139,25 @@ impl FrameReader {
         Ok(())
     }
 
+    /// After our close frame: reads and discards until the client closes
+    /// too (EOF), for at most `limit`. Closing the socket while the client
+    /// is still sending would make the kernel answer with a reset, which can
+    /// destroy our close frame, and its reason, before the client reads it.
+    pub async fn linger(&mut self, limit: std::time::Duration) {
+        use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 1024];
+        let drain = async {
+            let mut total = 0usize;
+            while let Ok(n) = self.src.read.read(&mut sink).await {
+                total += n;
+                if n == 0 || total > 1 << 20 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, drain).await;
+    }
+
     /// Reads one frame (masking removed, payload owned).
     pub async fn read_frame(&mut self) -> Result<(Frame<'static>, bool), WebSocketError> {
         let adapter = OneFrame {

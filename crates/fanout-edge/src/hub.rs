@@ -39,6 +39,10 @@ pub struct Member {
     pub receive_own: bool,
     /// Receive `presence_state` and `presence_diff`.
     pub presence: bool,
+    /// Skip history events at or below this position: the member resumed
+    /// from it, possibly coming from an edge that was ahead of this one.
+    /// Set by the channel task from the join's `resume_after`.
+    pub skip_through: Position,
     pub writer: Arc<ConnWriter>,
 }
 
@@ -313,7 +317,7 @@ impl ChannelTask {
 
     async fn join(&mut self, req: JoinRequest) {
         let JoinRequest {
-            member,
+            mut member,
             reply,
             resume_after,
         } = req;
@@ -330,6 +334,7 @@ impl ChannelTask {
         if let Some(after) = resume_after {
             match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
                 Ok(Replay::Events(events)) => {
+                    member.skip_through = after;
                     metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
                     preface.extend(events.iter().filter_map(|ev| encode_event(enc, &self.topic, ev, true)));
                 }
@@ -431,6 +436,9 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                 members.retain(|m| {
                     frames.clear();
                     for (i, ev) in batch.events.iter().enumerate() {
+                        if ev.position != 0 && ev.position <= m.skip_through {
+                            continue;
+                        }
                         match ev.kind {
                             EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
                             EventKind::PresenceDiff if !m.presence => continue,

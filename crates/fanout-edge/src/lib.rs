@@ -28,6 +28,7 @@ pub mod frame;
 mod framed;
 pub mod http;
 pub mod hub;
+pub mod nats;
 pub mod presence;
 pub mod protocol;
 mod ratelimit;

@@ -28,6 +28,14 @@ pub struct Config {
     pub channel_linger: Duration,
     pub drain_window: Duration,
     pub shutdown_grace: Duration,
+    /// NATS seed URLs (cluster mode), from a comma-separated list.
+    pub nats_urls: Vec<String>,
+    pub nats_credentials_file: Option<std::path::PathBuf>,
+    pub nats_tls_required: bool,
+    /// Shards `S`; every process of a cluster must use the same value.
+    pub nats_shards: u32,
+    pub nats_streams: u32,
+    pub nats_replicas: usize,
 }
 
 /// One setting: its key in the file (dotted for tables), its environment
@@ -61,6 +69,12 @@ settings! {
     "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms";
     "drain_secs", "FANOUT_DRAIN_SECS", "drain-secs";
     "shutdown_grace_secs", "FANOUT_SHUTDOWN_GRACE_SECS", "shutdown-grace-secs";
+    "nats.url", "FANOUT_NATS_URL", "nats-url";
+    "nats.credentials_file", "FANOUT_NATS_CREDENTIALS_FILE", "nats-credentials-file";
+    "nats.tls_required", "FANOUT_NATS_TLS_REQUIRED", "nats-tls-required";
+    "nats.shards", "FANOUT_NATS_SHARDS", "nats-shards";
+    "nats.streams", "FANOUT_NATS_STREAMS", "nats-streams";
+    "nats.replicas", "FANOUT_NATS_REPLICAS", "nats-replicas";
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -205,6 +219,20 @@ impl Config {
             channel_linger: Duration::from_millis(r.get("channel_linger_ms", 2000)),
             drain_window: Duration::from_secs(r.get("drain_secs", 0)),
             shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs", 10)),
+            nats_urls: r
+                .opt::<String>("nats.url")
+                .map(|s| {
+                    s.split(',')
+                        .map(|u| u.trim().to_owned())
+                        .filter(|u| !u.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            nats_credentials_file: r.opt::<String>("nats.credentials_file").map(Into::into),
+            nats_tls_required: r.get("nats.tls_required", false),
+            nats_shards: r.get("nats.shards", 64),
+            nats_streams: r.get("nats.streams", 4),
+            nats_replicas: r.get("nats.replicas", 1),
         };
         let mut errors = std::mem::take(&mut r.errors);
         for k in r.unknown_file_keys() {
@@ -218,6 +246,9 @@ impl Config {
         }
         if config.limits.outbound_queue_frames == 0 {
             errors.push("limits.outbound_queue_frames must be at least 1".into());
+        }
+        if config.nats_shards == 0 || config.nats_streams == 0 || config.nats_streams > config.nats_shards {
+            errors.push("nats.streams must be between 1 and nats.shards".into());
         }
         if config.jwt_secret.is_none() && !config.listen.ip().is_loopback() {
             errors.push(format!(

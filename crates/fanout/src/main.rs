@@ -10,7 +10,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fanout_core::JwtVerifier;
-use fanout_edge::bus::{MemoryBus, Retention};
+use fanout_edge::bus::{Bus, MemoryBus, Retention};
+use fanout_edge::nats::{NatsBus, NatsConfig};
 use fanout_edge::presence::MemoryPresence;
 use fanout_edge::{Edge, EdgeConfig};
 use tokio::net::TcpListener;
@@ -49,6 +50,8 @@ struct Cli {
 enum Command {
     /// Everything in one process with an in-memory bus and presence (the default).
     Standalone,
+    /// A stateless edge of a cluster: events go through NATS JetStream (needs --nats-url).
+    Edge,
 }
 
 #[derive(Args, Debug, Default)]
@@ -101,6 +104,24 @@ struct ServerArgs {
     /// After draining, wait at most this long for tasks to finish [env: FANOUT_SHUTDOWN_GRACE_SECS] [default: 10].
     #[arg(long, global = true, value_name = "SECS")]
     shutdown_grace_secs: Option<String>,
+    /// NATS seed URLs, comma-separated; required by `edge` [env: FANOUT_NATS_URL].
+    #[arg(long, global = true, value_name = "URLS")]
+    nats_url: Option<String>,
+    /// NATS credentials (.creds) file [env: FANOUT_NATS_CREDENTIALS_FILE].
+    #[arg(long, global = true, value_name = "FILE")]
+    nats_credentials_file: Option<String>,
+    /// Require TLS to NATS [env: FANOUT_NATS_TLS_REQUIRED] [default: false].
+    #[arg(long, global = true, value_name = "BOOL")]
+    nats_tls_required: Option<String>,
+    /// Channel shards; every process of a cluster must agree [env: FANOUT_NATS_SHARDS] [default: 64].
+    #[arg(long, global = true, value_name = "N")]
+    nats_shards: Option<String>,
+    /// JetStream streams the shards are split over [env: FANOUT_NATS_STREAMS] [default: 4].
+    #[arg(long, global = true, value_name = "N")]
+    nats_streams: Option<String>,
+    /// Replicas per JetStream stream [env: FANOUT_NATS_REPLICAS] [default: 1].
+    #[arg(long, global = true, value_name = "N")]
+    nats_replicas: Option<String>,
 }
 
 impl ServerArgs {
@@ -122,6 +143,12 @@ impl ServerArgs {
             ("channel-linger-ms", &self.channel_linger_ms),
             ("drain-secs", &self.drain_secs),
             ("shutdown-grace-secs", &self.shutdown_grace_secs),
+            ("nats-url", &self.nats_url),
+            ("nats-credentials-file", &self.nats_credentials_file),
+            ("nats-tls-required", &self.nats_tls_required),
+            ("nats-shards", &self.nats_shards),
+            ("nats-streams", &self.nats_streams),
+            ("nats-replicas", &self.nats_replicas),
         ];
         debug_assert_eq!(given.len(), SETTINGS.len());
         given
@@ -167,6 +194,15 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Standalone) {
         Command::Standalone => runtime.block_on(standalone(config)),
+        Command::Edge => {
+            if config.nats_urls.is_empty() {
+                eprintln!(
+                    "fanout: invalid configuration:\n  - `fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL"
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+            runtime.block_on(edge(config))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -266,7 +302,36 @@ fn raise_nofile_limit() {
     }
 }
 
+fn retention(config: &Config) -> Retention {
+    Retention {
+        max_messages: config.history_max_messages,
+        max_age: config.history_max_age,
+    }
+}
+
 async fn standalone(config: Config) -> anyhow::Result<()> {
+    let bus = Arc::new(MemoryBus::new(retention(&config)));
+    serve(config, bus, "standalone").await
+}
+
+async fn edge(config: Config) -> anyhow::Result<()> {
+    let nats = NatsConfig {
+        urls: config.nats_urls.clone(),
+        credentials_file: config.nats_credentials_file.clone(),
+        user: None,
+        tls_required: config.nats_tls_required,
+        shards: config.nats_shards,
+        streams: config.nats_streams,
+        replicas: config.nats_replicas,
+        retention: retention(&config),
+    };
+    tracing::info!(urls = ?nats.urls, shards = nats.shards, streams = nats.streams, "connecting to NATS");
+    let bus = NatsBus::connect(nats).await.context("setting up NATS JetStream")?;
+    serve(config, Arc::new(bus), "edge").await
+}
+
+/// Binds the listeners and serves until SIGTERM/SIGINT.
+async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let metrics = install_metrics(&shutdown)?;
@@ -292,10 +357,6 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
         channel_linger: config.channel_linger,
         drain_window: config.drain_window,
     };
-    let bus = Arc::new(MemoryBus::new(Retention {
-        max_messages: config.history_max_messages,
-        max_age: config.history_max_age,
-    }));
     let edge = Edge::new(
         edge_config,
         bus,
@@ -306,7 +367,7 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         public = %public.local_addr()?,
         admin = %admin.local_addr()?,
-        "fanout standalone listening (demo page at http://{}/)",
+        "fanout {role} listening (demo page at http://{}/)",
         public.local_addr()?
     );
     let signal_token = shutdown.clone();

@@ -66,9 +66,13 @@ export function signJwt(claims, secret) {
 export async function startFanout({ port, adminPort, env = {}, args = [] } = {}) {
   port = port ?? (await freePort());
   adminPort = adminPort ?? (await freePort());
+  // With FANOUT_TEST_NATS_URL set, the same tests run against a cluster-mode
+  // edge on that (private) NATS server instead of standalone.
+  const nats = process.env.FANOUT_TEST_NATS_URL;
+  const role = nats ? ['edge', '--nats-url', nats, '--nats-shards', '8', '--nats-streams', '2'] : ['standalone'];
   const child = spawn(
     fanoutBin(),
-    ['standalone', '--listen', `127.0.0.1:${port}`, '--admin-listen', `127.0.0.1:${adminPort}`, ...args],
+    [...role, '--listen', `127.0.0.1:${port}`, '--admin-listen', `127.0.0.1:${adminPort}`, ...args],
     { env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn', ...env }, stdio: ['ignore', 'inherit', 'pipe'] },
   );
   let stderr = '';
@@ -83,7 +87,8 @@ export async function startFanout({ port, adminPort, env = {}, args = [] } = {})
   await waitFor(async () => {
     if (dead) throw new Error(`fanout exited during start-up:\n${stderr}`);
     try {
-      const r = await fetch(`${url}/healthz`);
+      // Ready, not just alive: an edge is ready once its bus is.
+      const r = await fetch(`http://127.0.0.1:${adminPort}/readyz`);
       return r.ok;
     } catch {
       return false;

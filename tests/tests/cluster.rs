@@ -1,0 +1,195 @@
+//! Cluster mode: several `fanout edge` processes over one private
+//! `nats-server -js`, driven by raw WebSocket clients.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use fanout_tests::{Fanout, Nats, Received, WsClient, join_v1, metric_value, v1};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(10);
+
+fn publish(topic: &str, seq: u64) -> Value {
+    v1(
+        topic,
+        "broadcast",
+        json!({"type": "broadcast", "event": "e", "payload": {"seq": seq}}),
+        &format!("p{seq}"),
+    )
+}
+
+/// Reads broadcasts until `n` arrived; returns (seq, id) pairs.
+async fn collect(c: &mut WsClient, n: usize) -> Result<Vec<(u64, u64)>> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let v = c.recv_until(T, |v| v["event"] == "broadcast").await?;
+        let seq = v["payload"]["payload"]["seq"].as_u64().unwrap();
+        let id: u64 = v["payload"]["meta"]["id"].as_str().unwrap().parse()?;
+        got.push((seq, id));
+    }
+    Ok(got)
+}
+
+/// 10,000 messages from one publisher on edge A reach subscribers on A and
+/// on B complete, in publish order, with identical positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_edge_broadcast_keeps_one_order() -> Result<()> {
+    let nats = Nats::start().await?;
+    let a = Fanout::start_edge(&nats, &["--messages-per-second", "0"]).await?;
+    let b = Fanout::start_edge(&nats, &[]).await?;
+    let topic = "realtime:workshop:order";
+    let mut sub_a = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub_a, topic, json!({}), "1").await?;
+    let mut sub_b = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub_b, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    join_v1(&mut publisher, topic, json!({}), "1").await?;
+
+    let n = 10_000;
+    let reader_a = tokio::spawn(async move { collect(&mut sub_a, n).await });
+    let reader_b = tokio::spawn(async move { collect(&mut sub_b, n).await });
+    for seq in 0..n as u64 {
+        publisher.send_json(&publish(topic, seq)).await?;
+    }
+    let got_a = reader_a.await??;
+    let got_b = reader_b.await??;
+    let seqs: Vec<u64> = got_a.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..n as u64).collect::<Vec<_>>(), "edge A: complete and in order");
+    assert_eq!(got_a, got_b, "edge B saw the same messages, order and positions");
+    assert!(got_a.windows(2).all(|w| w[0].1 < w[1].1), "positions increase");
+    Ok(())
+}
+
+/// However many local subscribers a channel has, an edge holds one NATS
+/// subscription for it, taken on the first join and dropped after the last
+/// leave (and the linger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nats_subscription_per_channel() -> Result<()> {
+    let nats = Nats::start().await?;
+    let edge = Fanout::start_edge(&nats, &["--channel-linger-ms", "200", "--joins-per-second", "0"]).await?;
+    let path = edge.ws_path("2.0.0", None);
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        let mut c = WsClient::connect(edge.port, &path).await?;
+        c.send_text(r#"["1","1","realtime:hot","phx_join",{"config":{"presence":{"enabled":false}}}]"#)
+            .await?;
+        let reply = c.recv_json(T).await?;
+        assert_eq!(reply[4]["status"], "ok", "client {i}: {reply}");
+        clients.push(c);
+    }
+    let m = edge.metrics().await?;
+    assert_eq!(metric_value(&m, "fanout_bus_subscriptions"), 1.0, "{m}");
+    assert_eq!(metric_value(&m, "fanout_channel_members"), 1000.0);
+    drop(clients);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = edge.metrics().await?;
+        if metric_value(&m, "fanout_bus_subscriptions") == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "subscription not released: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A subscriber's edge is killed (-9) in the middle of a stream; the client
+/// reconnects to the other edge with its last position and gets every
+/// message exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_edge_clients_resume_elsewhere_exactly_once() -> Result<()> {
+    let nats = Nats::start().await?;
+    let mut a = Fanout::start_edge(&nats, &[]).await?;
+    let b = Fanout::start_edge(&nats, &["--messages-per-second", "0"]).await?;
+    let topic = "realtime:workshop:failover";
+    let mut sub = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
+    join_v1(&mut publisher, topic, json!({"broadcast": {"ack": true}}), "1").await?;
+
+    let n = 2000u64;
+    let pub_task = tokio::spawn(async move {
+        for seq in 0..n {
+            publisher.send_json(&publish(topic, seq)).await?;
+            publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+            if seq % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        anyhow::Ok(())
+    });
+
+    let mut got: Vec<(u64, u64)> = collect(&mut sub, 300).await?;
+    a.kill9();
+    // Drain what was already in flight until the socket ends.
+    while let Ok(Received::Text(t)) = sub.recv(T).await {
+        let v: Value = serde_json::from_str(&t)?;
+        if v["event"] == "broadcast" {
+            let seq = v["payload"]["payload"]["seq"].as_u64().unwrap();
+            got.push((seq, v["payload"]["meta"]["id"].as_str().unwrap().parse()?));
+        }
+    }
+    let last_id = got.last().unwrap().1;
+    let mut sub = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub, topic, json!({"resume": {"after": last_id.to_string()}}), "2").await?;
+    let rest = collect(&mut sub, (n as usize) - got.len()).await?;
+    got.extend(rest);
+    pub_task.await??;
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "every message exactly once, in order");
+    // Nothing more (no duplicate) arrives.
+    let extra = sub
+        .recv_until(Duration::from_millis(500), |v| v["event"] == "broadcast")
+        .await;
+    assert!(extra.is_err(), "unexpected extra message: {extra:?}");
+    Ok(())
+}
+
+/// NATS goes away: the edge keeps its sockets and reports not-ready; NATS
+/// comes back: the edge is ready again and delivery resumes on the same
+/// sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_is_survived() -> Result<()> {
+    let mut nats = Nats::start().await?;
+    let edge = Fanout::start_edge(&nats, &[]).await?;
+    let topic = "realtime:workshop:outage";
+    let path = edge.ws_path("1.0.0", None);
+    let mut sub = WsClient::connect(edge.port, &path).await?;
+    join_v1(&mut sub, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(edge.port, &path).await?;
+    join_v1(&mut publisher, topic, json!({"broadcast": {"ack": true}}), "1").await?;
+    publisher.send_json(&publish(topic, 0)).await?;
+    publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+    assert_eq!(collect(&mut sub, 1).await?[0].0, 0);
+
+    nats.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while edge.is_ready().await {
+        assert!(std::time::Instant::now() < deadline, "edge still ready without NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nats.restart().await?;
+    edge.wait_ready(Duration::from_secs(20)).await?;
+    // Publish until the edge's JetStream publishes work again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seq = 1;
+    loop {
+        publisher.send_json(&publish(topic, seq)).await?;
+        let reply = publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+        if reply["payload"]["status"] == "ok" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing never recovered: {reply}"
+        );
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = collect(&mut sub, 1).await?;
+    assert_eq!(
+        got[0].0, seq,
+        "the first message after the outage reaches the old socket"
+    );
+    Ok(())
+}
