@@ -72,6 +72,14 @@ struct Args {
     /// Server pid, to report its CPU time per delivered message and its memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Fanout scenario: kill -9 this pid (an edge in --url) after --kill-after
+    /// seconds of publishing; its clients reconnect to another --url with
+    /// their last position and the run checks nothing was lost or repeated.
+    #[arg(long)]
+    kill_pid: Option<u32>,
+    /// Seconds into publishing at which --kill-pid is killed.
+    #[arg(long, default_value_t = 5)]
+    kill_after: u64,
     /// Write report.json into this directory.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -85,6 +93,8 @@ struct Counters {
     duplicated: AtomicU64,
     reordered: AtomicU64,
     disconnected: AtomicU64,
+    reconnected: AtomicU64,
+    reconnect_max_us: AtomicU64,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +128,10 @@ struct Report {
     server_rss_before_bytes: Option<u64>,
     server_rss_after_bytes: Option<u64>,
     server_rss_per_connection_bytes: Option<f64>,
+    /// Clients that lost their connection and resumed on another server.
+    reconnected: u64,
+    /// Longest time from losing a connection to being joined again, ms.
+    reconnect_max_ms: Option<f64>,
 }
 
 fn now_micros() -> u64 {
@@ -163,14 +177,23 @@ async fn main() -> Result<()> {
 
 /// Joins `topic` and waits for the ok reply (skipping presence_state).
 async fn join(r: &mut client::Reader, w: &mut client::Writer, topic: &str, vsn: &str) -> Result<()> {
+    join_from(r, w, topic, vsn, None).await
+}
+
+/// Joins `topic`, resuming after position `resume` when given.
+async fn join_from(
+    r: &mut client::Reader,
+    w: &mut client::Writer,
+    topic: &str,
+    vsn: &str,
+    resume: Option<u64>,
+) -> Result<()> {
+    let resume = resume.map_or_else(String::new, |p| format!(r#","resume":{{"after":"{p}"}}"#));
+    let config = format!(r#"{{"broadcast":{{"self":false}},"presence":{{"enabled":false}}{resume}}}"#);
     let msg = if vsn == "1.0.0" {
-        format!(
-            r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{{"broadcast":{{"self":false}},"presence":{{"enabled":false}}}}}},"ref":"1","join_ref":"1"}}"#
-        )
+        format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{config}}},"ref":"1","join_ref":"1"}}"#)
     } else {
-        format!(
-            r#"["1","1","{topic}","phx_join",{{"config":{{"broadcast":{{"self":false}},"presence":{{"enabled":false}}}}}}]"#
-        )
+        format!(r#"["1","1","{topic}","phx_join",{{"config":{config}}}]"#)
     };
     client::send_text(w, &msg).await?;
     loop {
@@ -274,32 +297,75 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
     let (hist_tx, mut hist_rx) = tokio::sync::mpsc::unbounded_channel::<Histogram<u64>>();
     let expected_total = args.rate as u64 * args.duration;
     let started = Instant::now();
+    let failover = args.kill_pid.is_some();
     let receiver = {
         let counters = counters.clone();
         let hist_tx = hist_tx.clone();
-        move |_i: usize, mut r: client::Reader| {
+        let targets = targets.to_vec();
+        let vsn = args.vsn.clone();
+        let apikey = args.apikey.clone();
+        let source_ips = args.source_ips;
+        let topic = topic.clone();
+        move |i: usize, mut r: client::Reader| {
             let counters = counters.clone();
             let hist_tx = hist_tx.clone();
+            let targets = targets.clone();
+            let vsn = vsn.clone();
+            let apikey = apikey.clone();
+            let topic = topic.clone();
             async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let mut seen_seqs = vec![0u64; (expected_total as usize).div_ceil(64)];
                 let mut next_seq = 0u64;
                 let mut seen = 0u64;
+                let mut last_id = 0u64;
+                // Keeps the socket's write half open after a reconnect.
+                let mut _writer = None;
                 loop {
-                    let payload = match client::recv(&mut r).await {
+                    let (payload, id) = match client::recv(&mut r).await {
                         Incoming::Binary(b) => match client::parse_broadcast(&b) {
-                            Some((_, _, p)) => p.to_vec(),
+                            Some((_, meta, p)) => (p.to_vec(), position_of(meta)),
                             None => continue,
                         },
                         Incoming::Text(t) => {
                             // vsn 1.0.0 broadcasts are JSON objects.
                             match serde_json::from_slice::<serde_json::Value>(&t) {
-                                Ok(v) if v["event"] == "broadcast" => v["payload"]["payload"].to_string().into_bytes(),
+                                Ok(v) if v["event"] == "broadcast" => (
+                                    v["payload"]["payload"].to_string().into_bytes(),
+                                    v["payload"]["meta"]["id"].as_str().and_then(|s| s.parse().ok()),
+                                ),
                                 _ => continue,
                             }
                         }
                         Incoming::Closed(_) => {
                             counters.disconnected.fetch_add(1, Ordering::Relaxed);
-                            break;
+                            if !failover {
+                                break;
+                            }
+                            // Resume on the next server, from the last position seen.
+                            let lost_at = Instant::now();
+                            let mut resumed = None;
+                            for attempt in 0..60 {
+                                let target = &targets[(i + 1 + attempt) % targets.len()];
+                                let src = source_ip(i, source_ips);
+                                if let Ok((mut nr, mut nw)) =
+                                    client::connect(target, &vsn, apikey.as_deref(), src).await
+                                {
+                                    let resume = (last_id > 0).then_some(last_id);
+                                    if join_from(&mut nr, &mut nw, &topic, &vsn, resume).await.is_ok() {
+                                        resumed = Some((nr, nw));
+                                        break;
+                                    }
+                                }
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                            let Some((nr, nw)) = resumed else { break };
+                            r = nr;
+                            _writer = Some(nw);
+                            let took = lost_at.elapsed().as_micros() as u64;
+                            counters.reconnected.fetch_add(1, Ordering::Relaxed);
+                            counters.reconnect_max_us.fetch_max(took, Ordering::Relaxed);
+                            continue;
                         }
                     };
                     #[derive(serde::Deserialize)]
@@ -310,9 +376,20 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
                     let Ok(m) = serde_json::from_slice::<Msg>(&payload) else {
                         continue;
                     };
+                    if let Some(id) = id {
+                        last_id = last_id.max(id);
+                    }
                     let now = now_micros();
                     let _ = hist.record(now.saturating_sub(m.ts).max(1));
                     counters.received.fetch_add(1, Ordering::Relaxed);
+                    let (word, bit) = ((m.seq / 64) as usize, m.seq % 64);
+                    if let Some(w) = seen_seqs.get_mut(word) {
+                        if *w & (1 << bit) != 0 {
+                            counters.duplicated.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        *w |= 1 << bit;
+                    }
                     seen += 1;
                     if m.seq == next_seq {
                         next_seq += 1;
@@ -320,7 +397,8 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
                         counters.lost.fetch_add(m.seq - next_seq, Ordering::Relaxed);
                         next_seq = m.seq + 1;
                     } else {
-                        // Older than expected: either a duplicate or late (reordered).
+                        // Late: counted lost when skipped, so undo that.
+                        counters.lost.fetch_sub(1, Ordering::Relaxed);
                         counters.reordered.fetch_add(1, Ordering::Relaxed);
                     }
                     if seen >= expected_total {
@@ -339,7 +417,8 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
     spawn_heartbeats(writers, args.vsn.clone(), stop.clone());
 
     // The publisher is its own connection (not a subscriber).
-    let (mut pr, mut pw) = client::connect(&targets[0], "2.0.0", args.apikey.as_deref(), None).await?;
+    let publisher_target = targets.last().expect("at least one --url");
+    let (mut pr, mut pw) = client::connect(publisher_target, "2.0.0", args.apikey.as_deref(), None).await?;
     join(&mut pr, &mut pw, &topic, "2.0.0").await?;
     tokio::spawn(async move { while !matches!(client::recv(&mut pr).await, Incoming::Closed(_)) {} });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -351,7 +430,18 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let t0 = Instant::now();
     let mut last_print = Instant::now();
+    let mut killed = false;
     for seq in 0..expected_total {
+        if let Some(pid) = args.kill_pid
+            && !killed
+            && t0.elapsed() >= Duration::from_secs(args.kill_after)
+        {
+            killed = true;
+            eprintln!("[{:>5.1}s] kill -9 {pid}", t0.elapsed().as_secs_f64());
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
         let due = t0 + interval.mul_f64(seq as f64);
         tokio::time::sleep_until(due.into()).await;
         let payload = if pad.is_empty() {
@@ -374,8 +464,10 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
     }
     let publish_seconds = t0.elapsed().as_secs_f64();
     let expected = expected_total * subscribers;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while counters.received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(if failover { 30 } else { 10 });
+    while counters.received.load(Ordering::Relaxed) - counters.duplicated.load(Ordering::Relaxed) < expected
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_seconds = t0.elapsed().as_secs_f64();
@@ -400,7 +492,7 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
         }
     }
     let received = counters.received.load(Ordering::Relaxed);
-    let missing_at_end = expected.saturating_sub(received);
+    let missing_at_end = expected.saturating_sub(received - counters.duplicated.load(Ordering::Relaxed));
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         scenario: "fanout".into(),
@@ -429,6 +521,9 @@ async fn fanout(args: &Args, targets: &[Target]) -> Result<Report> {
         server_rss_before_bytes: None,
         server_rss_after_bytes: None,
         server_rss_per_connection_bytes: None,
+        reconnected: counters.reconnected.load(Ordering::Relaxed),
+        reconnect_max_ms: (counters.reconnected.load(Ordering::Relaxed) > 0)
+            .then(|| counters.reconnect_max_us.load(Ordering::Relaxed) as f64 / 1000.0),
     })
 }
 
@@ -498,7 +593,18 @@ async fn idle(args: &Args, targets: &[Target]) -> Result<Report> {
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rss_after_connect,
         server_rss_per_connection_bytes: per_conn,
+        reconnected: 0,
+        reconnect_max_ms: None,
     })
+}
+
+/// The position in a kind-4 frame's metadata (`{"id":"N"}`).
+fn position_of(meta: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        id: String,
+    }
+    serde_json::from_slice::<Meta>(meta).ok()?.id.parse().ok()
 }
 
 fn print_summary(r: &Report) {
@@ -530,4 +636,8 @@ fn print_summary(r: &Report) {
         println!("server RSS per conn  {:>10.0} B", p);
     }
     println!("disconnected         {:>12}", r.disconnected);
+    if r.reconnected > 0 {
+        println!("reconnected          {:>12}", r.reconnected);
+        println!("slowest reconnect    {:>10.0} ms", r.reconnect_max_ms.unwrap_or(0.0));
+    }
 }
