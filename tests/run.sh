@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fanout test on a fresh Debian/Ubuntu machine, installing what it
 # needs first (idempotently): Node.js for the realtime-js protocol suite,
-# Chromium for the browser test, nats-server for cluster mode, and the npm
-# packages the JS suites use. Tests start
+# Chromium for the browser test, nats-server and redis-server for cluster mode
+# (tests start private instances on free ports), and the npm packages the JS
+# suites use. Tests start
 # their own private servers on free loopback ports, so they never collide with
 # system services.
 #
@@ -18,6 +19,7 @@ need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 
 if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   if [ ${#need_apt[@]} -gt 0 ]; then

@@ -73,6 +73,50 @@ impl Fanout {
         Ok(me)
     }
 
+    /// Starts `fanout presence` (the sweeper role) against `nats` and `redis`.
+    pub async fn start_presence(nats: &Nats, redis: &Redis, args: &[&str]) -> Result<Self> {
+        let (nurl, rurl) = (nats.url(), redis.url());
+        let mut all = vec![
+            "--nats-url",
+            nurl.as_str(),
+            "--nats-shards",
+            "8",
+            "--nats-streams",
+            "2",
+            "--redis-url",
+            rurl.as_str(),
+        ];
+        all.extend_from_slice(args);
+        // The presence role has no public listener; the harness port is unused.
+        let me = Self::start_role_admin_only("presence", &all).await?;
+        me.wait_ready(Duration::from_secs(15)).await?;
+        Ok(me)
+    }
+
+    async fn start_role_admin_only(role: &str, args: &[&str]) -> Result<Self> {
+        let admin_port = free_port();
+        let mut cmd = Command::new(fanout_bin());
+        cmd.arg(role)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        let child = cmd.spawn().context("spawning fanout")?;
+        let me = Self {
+            child,
+            port: 0,
+            admin_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while http_get(admin_port, "/healthz").await.is_err() {
+            if Instant::now() > deadline {
+                bail!("fanout {role} did not answer /healthz");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(me)
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -257,6 +301,54 @@ impl Drop for Nats {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private `redis-server` on a free port (no persistence), killed on drop.
+/// `tests/run.sh` installs Debian's `redis-server` when missing.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Result<Self> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning redis-server (tests/run.sh installs it)")?;
+        let me = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(me)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::{TcpListener, TcpStream};
@@ -119,20 +120,57 @@ fn json_error(status: StatusCode, reason: &str) -> Response<Body> {
 }
 
 fn admin_route(edge: &Edge, req: &Request<Incoming>) -> Response<Body> {
+    admin_response(edge.metrics.as_ref(), edge.is_ready(), req)
+}
+
+/// `/metrics`, `/healthz` and `/readyz`, for any role.
+fn admin_response(metrics: Option<&PrometheusHandle>, ready: bool, req: &Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => match &edge.metrics {
+        (&Method::GET, "/metrics") => match metrics {
             Some(h) => response(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
             None => json_error(StatusCode::NOT_FOUND, "metrics recorder not installed"),
         },
         (&Method::GET, "/healthz") => response(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            if edge.is_ready() {
+            if ready {
                 response(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
         _ => json_error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Serves only the admin endpoints, for roles without client sockets (the
+/// presence role), until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let r = admin_response(metrics.as_ref(), ready(), &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

@@ -108,10 +108,17 @@ impl std::fmt::Debug for Edge {
 }
 
 impl Edge {
-    /// Builds an edge over the given seams. `metrics` renders `/metrics`
+    /// A fresh random node id, for [`Edge::new`] and the presence store.
+    pub fn random_node() -> u64 {
+        rand::random()
+    }
+
+    /// Builds an edge over the given seams; `node` identifies this process
+    /// in event origins and presence entries ([`Edge::random_node`]). `metrics` renders `/metrics`
     /// (the binary installs the global recorder once).
     pub fn new(
         config: EdgeConfig,
+        node: u64,
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
         metrics: Option<PrometheusHandle>,
@@ -126,7 +133,7 @@ impl Edge {
             shutdown.clone(),
         );
         Arc::new(Self {
-            node: rand::random(),
+            node,
             config,
             hub,
             bus,

@@ -36,6 +36,12 @@ pub struct Config {
     pub nats_shards: u32,
     pub nats_streams: u32,
     pub nats_replicas: usize,
+    /// Redis for cluster presence (`redis://…`); without it edges keep
+    /// presence per edge.
+    pub redis_url: Option<String>,
+    pub presence_heartbeat: Duration,
+    pub presence_ttl: Duration,
+    pub presence_sweep: Duration,
 }
 
 /// One setting: its key in the file (dotted for tables), its environment
@@ -75,6 +81,10 @@ settings! {
     "nats.shards", "FANOUT_NATS_SHARDS", "nats-shards";
     "nats.streams", "FANOUT_NATS_STREAMS", "nats-streams";
     "nats.replicas", "FANOUT_NATS_REPLICAS", "nats-replicas";
+    "redis.url", "FANOUT_REDIS_URL", "redis-url";
+    "presence.heartbeat_secs", "FANOUT_PRESENCE_HEARTBEAT_SECS", "presence-heartbeat-secs";
+    "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs";
+    "presence.sweep_secs", "FANOUT_PRESENCE_SWEEP_SECS", "presence-sweep-secs";
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -233,6 +243,10 @@ impl Config {
             nats_shards: r.get("nats.shards", 64),
             nats_streams: r.get("nats.streams", 4),
             nats_replicas: r.get("nats.replicas", 1),
+            redis_url: r.opt::<String>("redis.url").filter(|s| !s.is_empty()),
+            presence_heartbeat: Duration::from_secs(r.get("presence.heartbeat_secs", 5)),
+            presence_ttl: Duration::from_secs(r.get("presence.ttl_secs", 15)),
+            presence_sweep: Duration::from_secs(r.get("presence.sweep_secs", 5)),
         };
         let mut errors = std::mem::take(&mut r.errors);
         for k in r.unknown_file_keys() {
@@ -249,6 +263,12 @@ impl Config {
         }
         if config.nats_shards == 0 || config.nats_streams == 0 || config.nats_streams > config.nats_shards {
             errors.push("nats.streams must be between 1 and nats.shards".into());
+        }
+        if config.presence_heartbeat.is_zero() || config.presence_ttl <= config.presence_heartbeat {
+            errors.push("presence.ttl_secs must be larger than presence.heartbeat_secs (and both above 0)".into());
+        }
+        if config.presence_sweep.is_zero() {
+            errors.push("presence.sweep_secs must be at least 1".into());
         }
         if config.jwt_secret.is_none() && !config.listen.ip().is_loopback() {
             errors.push(format!(

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use fanout_core::JwtVerifier;
 use fanout_edge::bus::{Bus, MemoryBus, Retention};
 use fanout_edge::nats::{NatsBus, NatsConfig};
-use fanout_edge::presence::MemoryPresence;
+use fanout_edge::presence::{MemoryPresence, PresenceStore};
 use fanout_edge::{Edge, EdgeConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +50,12 @@ struct Cli {
 enum Command {
     /// Everything in one process with an in-memory bus and presence (the default).
     Standalone,
-    /// A stateless edge of a cluster: events go through NATS JetStream (needs --nats-url).
+    /// A stateless edge of a cluster: events go through NATS JetStream (needs --nats-url;
+    /// with --redis-url, presence is shared through Redis).
     Edge,
+    /// The presence role: expires crashed edges' users from Redis and announces their
+    /// leaves (needs --nats-url and --redis-url; run one or more).
+    Presence,
 }
 
 #[derive(Args, Debug, Default)]
@@ -122,6 +126,18 @@ struct ServerArgs {
     /// Replicas per JetStream stream [env: FANOUT_NATS_REPLICAS] [default: 1].
     #[arg(long, global = true, value_name = "N")]
     nats_replicas: Option<String>,
+    /// Redis URL for cluster presence, e.g. redis://127.0.0.1:6379 [env: FANOUT_REDIS_URL].
+    #[arg(long, global = true, value_name = "URL")]
+    redis_url: Option<String>,
+    /// Edge heartbeat to Redis, one pipelined round trip per edge [env: FANOUT_PRESENCE_HEARTBEAT_SECS] [default: 5].
+    #[arg(long, global = true, value_name = "SECS")]
+    presence_heartbeat_secs: Option<String>,
+    /// A silent edge's users expire after this long [env: FANOUT_PRESENCE_TTL_SECS] [default: 15].
+    #[arg(long, global = true, value_name = "SECS")]
+    presence_ttl_secs: Option<String>,
+    /// How often the presence role sweeps for crashed edges [env: FANOUT_PRESENCE_SWEEP_SECS] [default: 5].
+    #[arg(long, global = true, value_name = "SECS")]
+    presence_sweep_secs: Option<String>,
 }
 
 impl ServerArgs {
@@ -149,6 +165,10 @@ impl ServerArgs {
             ("nats-shards", &self.nats_shards),
             ("nats-streams", &self.nats_streams),
             ("nats-replicas", &self.nats_replicas),
+            ("redis-url", &self.redis_url),
+            ("presence-heartbeat-secs", &self.presence_heartbeat_secs),
+            ("presence-ttl-secs", &self.presence_ttl_secs),
+            ("presence-sweep-secs", &self.presence_sweep_secs),
         ];
         debug_assert_eq!(given.len(), SETTINGS.len());
         given
@@ -202,6 +222,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_USAGE);
             }
             runtime.block_on(edge(config))
+        }
+        Command::Presence => {
+            if config.nats_urls.is_empty() || config.redis_url.is_none() {
+                eprintln!(
+                    "fanout: invalid configuration:\n  - `fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)"
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+            runtime.block_on(presence(config))
         }
     };
     match result {
@@ -314,8 +343,8 @@ async fn standalone(config: Config) -> anyhow::Result<()> {
     serve(config, bus, "standalone").await
 }
 
-async fn edge(config: Config) -> anyhow::Result<()> {
-    let nats = NatsConfig {
+fn nats_config(config: &Config) -> NatsConfig {
+    NatsConfig {
         urls: config.nats_urls.clone(),
         credentials_file: config.nats_credentials_file.clone(),
         user: None,
@@ -323,11 +352,72 @@ async fn edge(config: Config) -> anyhow::Result<()> {
         shards: config.nats_shards,
         streams: config.nats_streams,
         replicas: config.nats_replicas,
-        retention: retention(&config),
-    };
+        retention: retention(config),
+    }
+}
+
+async fn connect_nats(config: &Config) -> anyhow::Result<NatsBus> {
+    let nats = nats_config(config);
     tracing::info!(urls = ?nats.urls, shards = nats.shards, streams = nats.streams, "connecting to NATS");
-    let bus = NatsBus::connect(nats).await.context("setting up NATS JetStream")?;
+    NatsBus::connect(nats).await.context("setting up NATS JetStream")
+}
+
+/// Connects to Redis, retrying until it answers or shutdown.
+async fn connect_redis(url: &str, shutdown: &CancellationToken) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match fanout_presence::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) => tracing::warn!(error = %e, "Redis not reachable yet; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => anyhow::bail!("shut down before Redis answered"),
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+fn timing(config: &Config) -> fanout_presence::Timing {
+    fanout_presence::Timing {
+        heartbeat: config.presence_heartbeat,
+        ttl: config.presence_ttl,
+    }
+}
+
+async fn edge(config: Config) -> anyhow::Result<()> {
+    let bus = connect_nats(&config).await?;
     serve(config, Arc::new(bus), "edge").await
+}
+
+/// The presence role: sweeps crashed edges' presences, serves the admin
+/// endpoints.
+async fn presence(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let metrics = install_metrics(&shutdown)?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_token.cancel();
+    });
+    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
+    let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &shutdown).await?;
+    let sweeper = fanout_presence::Sweeper::new(redis, bus.clone(), config.presence_sweep);
+    tracing::info!(admin = %admin.local_addr()?, sweep = ?config.presence_sweep, "fanout presence running");
+    let ready_bus = bus.clone();
+    let admin_task = tokio::spawn(fanout_edge::http::serve_admin(
+        admin,
+        Some(metrics),
+        Arc::new(move || ready_bus.is_ready()),
+        shutdown.clone(),
+    ));
+    sweeper.run(shutdown.clone()).await;
+    let _ = admin_task.await;
+    tracing::info!("fanout presence stopped");
+    Ok(())
 }
 
 /// Binds the listeners and serves until SIGTERM/SIGINT.
@@ -357,13 +447,21 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
         channel_linger: config.channel_linger,
         drain_window: config.drain_window,
     };
-    let edge = Edge::new(
-        edge_config,
-        bus,
-        Arc::new(MemoryPresence::new(std::process::id().into())),
-        Some(metrics),
-        shutdown.clone(),
-    );
+    let node = Edge::random_node();
+    let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
+        (Some(url), "edge") => {
+            let conn = connect_redis(url, &shutdown).await?;
+            fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone())
+        }
+        (None, "edge") => {
+            tracing::warn!(
+                "no --redis-url: presence is kept per edge (users on other edges are not in presence_state)"
+            );
+            Arc::new(MemoryPresence::new(node))
+        }
+        _ => Arc::new(MemoryPresence::new(node)),
+    };
+    let edge = Edge::new(edge_config, node, bus, presence, Some(metrics), shutdown.clone());
     tracing::info!(
         public = %public.local_addr()?,
         admin = %admin.local_addr()?,

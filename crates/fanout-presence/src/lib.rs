@@ -1,0 +1,460 @@
+//! Presence for a fanout cluster, kept in Redis.
+//!
+//! Two pieces:
+//! - [`RedisPresence`], the edges' implementation of
+//!   [`fanout_edge::presence::PresenceStore`]. Each edge writes its own
+//!   presences to Redis, keeps a copy in memory (to re-write them all when
+//!   Redis comes back), and proves it is alive with **one** pipelined round
+//!   trip per heartbeat interval, whatever the number of users: a liveness key
+//!   with a TTL. Presences of a node whose liveness key expired are hidden
+//!   from `presence_state` at once, before any sweep.
+//! - [`Sweeper`], run by `fanout presence`: it finds nodes whose liveness key
+//!   expired (a crashed edge), removes their presences with one atomic Lua
+//!   script per node (so with several sweepers each entry is removed, and
+//!   announced, exactly once), and publishes the leave diffs on the bus.
+//!
+//! # Keys
+//! - `fanout:p:<channel>`: hash, field `<node>:<conn>` (hex), value
+//!   `{"key", "ref", "meta"}` JSON.
+//! - `fanout:node:<node>:ch`: set of the channels where `node` has entries.
+//! - `fanout:nodes`: set of the nodes that have written presences.
+//! - `fanout:alive:<node>`: liveness, expires after the TTL.
+//!
+//! The script touches keys it computes itself, so it needs a single Redis
+//! (or Sentinel) deployment, not Redis Cluster.
+//!
+//! This crate starts no listeners; the binary wires it to the edge and to
+//! the presence role.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_core::{ChannelName, Event, EventKind, Origin, PresenceDiff, PresenceSet};
+use fanout_edge::bus::{BoxFuture, Bus};
+use fanout_edge::presence::{PresenceError, PresenceStore};
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Heartbeat and expiry timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often an edge refreshes its liveness key (H).
+    pub heartbeat: Duration,
+    /// How long a liveness key lives without refresh (T > H).
+    pub ttl: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(5),
+            ttl: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Connecting to Redis failed.
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct RedisError(#[from] redis::RedisError);
+
+/// Opens a connection manager (it reconnects by itself) to `url`.
+pub async fn connect(url: &str) -> Result<ConnectionManager, RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+fn field(o: Origin) -> String {
+    format!("{:016x}:{:016x}", o.node, o.connection)
+}
+
+fn node_hex(node: u64) -> String {
+    format!("{node:016x}")
+}
+
+fn hash_key(channel: &str) -> String {
+    format!("fanout:p:{channel}")
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    phx_ref: String,
+    meta: Map<String, Value>,
+}
+
+impl Entry {
+    fn to_json(&self) -> String {
+        json!({"key": self.key, "ref": self.phx_ref, "meta": self.meta}).to_string()
+    }
+
+    fn from_json(s: &str) -> Option<Self> {
+        let v: Value = serde_json::from_str(s).ok()?;
+        Some(Self {
+            key: v["key"].as_str()?.to_owned(),
+            phx_ref: v["ref"].as_str()?.to_owned(),
+            meta: v["meta"].as_object().cloned().unwrap_or_default(),
+        })
+    }
+
+    /// The meta as clients see it: `{phx_ref, …meta}`.
+    fn client_meta(&self) -> Value {
+        let mut m = Map::with_capacity(self.meta.len() + 1);
+        m.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
+        for (k, v) in &self.meta {
+            if k != "phx_ref" {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// The edges' presence store in Redis. See the crate docs.
+pub struct RedisPresence {
+    conn: ConnectionManager,
+    node: u64,
+    timing: Timing,
+    /// This edge's live presences: the source for re-writing after an outage.
+    local: Mutex<HashMap<(ChannelName, Origin), Entry>>,
+    next_ref: AtomicU64,
+    healthy: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPresence")
+            .field("node", &self.node)
+            .field("timing", &self.timing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPresence {
+    /// A store for edge `node` (the edge's own node id), with its heartbeat
+    /// task running until `shutdown`.
+    pub fn start(conn: ConnectionManager, node: u64, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
+        let me = Arc::new(Self {
+            conn,
+            node,
+            timing,
+            local: Mutex::new(HashMap::new()),
+            next_ref: AtomicU64::new(1),
+            healthy: AtomicBool::new(true),
+        });
+        let hb = me.clone();
+        tokio::spawn(async move { hb.heartbeat_loop(shutdown).await });
+        me
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ChannelName, Origin), Entry>> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self, what: &str, e: &redis::RedisError) {
+        metrics::counter!("fanout_presence_store_errors_total").increment(1);
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = %e, "presence store unavailable ({what}); presence is degraded until Redis returns");
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.timing.heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let was_healthy = self.healthy.load(Ordering::Acquire);
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(format!("fanout:alive:{}", node_hex(self.node)))
+                .arg(1)
+                .arg("PX")
+                .arg(self.timing.ttl.as_millis() as u64)
+                .ignore()
+                .cmd("SADD")
+                .arg("fanout:nodes")
+                .arg(node_hex(self.node))
+                .ignore();
+            if !was_healthy {
+                // Redis came back (or lost our data): write every live
+                // presence again, in the same round trip.
+                for ((channel, origin), entry) in self.lock().iter() {
+                    pipe.cmd("HSET")
+                        .arg(hash_key(channel.as_str()))
+                        .arg(field(*origin))
+                        .arg(entry.to_json())
+                        .ignore();
+                    pipe.cmd("SADD")
+                        .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
+                        .arg(channel.as_str())
+                        .ignore();
+                }
+            }
+            let mut conn = self.conn.clone();
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => {
+                    metrics::counter!("fanout_presence_heartbeats_total").increment(1);
+                    if !was_healthy {
+                        self.healthy.store(true, Ordering::Release);
+                        tracing::info!("presence store recovered; live presences re-written");
+                    }
+                }
+                Err(e) => self.failed("heartbeat", &e),
+            }
+        }
+        // Leaving cleanly: our presences go now, not after the TTL.
+        let _ = redis::cmd("DEL")
+            .arg(format!("fanout:alive:{}", node_hex(self.node)))
+            .query_async::<()>(&mut self.conn.clone())
+            .await;
+    }
+
+    /// Whether the last Redis operation worked.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+}
+
+impl PresenceStore for RedisPresence {
+    fn track(
+        &self,
+        channel: &ChannelName,
+        conn: Origin,
+        key: &str,
+        meta: Map<String, Value>,
+    ) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
+        let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            key: key.to_owned(),
+            phx_ref: format!("F{:x}-{n:x}", self.node & 0xffff_ffff),
+            meta,
+        };
+        let old = self.lock().insert((channel.clone(), conn), entry.clone());
+        let mut diff = PresenceDiff::default();
+        let mut join = entry.client_meta();
+        if let Some(old) = &old {
+            if let Value::Object(m) = &mut join {
+                m.insert("phx_ref_prev".into(), Value::String(old.phx_ref.clone()));
+            }
+            diff.leaves.entry(old.key.clone()).or_default().push(old.client_meta());
+        }
+        diff.joins.entry(entry.key.clone()).or_default().push(join);
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HSET")
+                .arg(hash_key(channel.as_str()))
+                .arg(field(conn))
+                .arg(entry.to_json())
+                .ignore();
+            pipe.cmd("SADD")
+                .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
+                .arg(channel.as_str())
+                .ignore();
+            if let Err(e) = pipe.query_async::<()>(&mut self.conn.clone()).await {
+                // The diff still reaches every edge over the bus; the entry is
+                // written again when Redis returns.
+                self.failed("track", &e);
+            }
+            Ok(diff)
+        })
+    }
+
+    fn untrack(&self, channel: &ChannelName, conn: Origin) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
+        let old = self.lock().remove(&(channel.clone(), conn));
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut diff = PresenceDiff::default();
+            let Some(old) = old else { return Ok(diff) };
+            diff.leaves.entry(old.key.clone()).or_default().push(old.client_meta());
+            if let Err(e) = redis::cmd("HDEL")
+                .arg(hash_key(channel.as_str()))
+                .arg(field(conn))
+                .query_async::<()>(&mut self.conn.clone())
+                .await
+            {
+                self.failed("untrack", &e);
+            }
+            Ok(diff)
+        })
+    }
+
+    fn state(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Value, PresenceError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let all: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(hash_key(channel.as_str()))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| {
+                    self.failed("state", &e);
+                    PresenceError::Unavailable(format!("presence is degraded: {e}"))
+                })?;
+            // Hide the entries of nodes that stopped heartbeating, before any
+            // sweep removes them: no ghosts in a fresh presence_state.
+            let nodes: BTreeSet<&str> = all
+                .iter()
+                .filter_map(|(f, _)| f.split_once(':').map(|(n, _)| n))
+                .collect();
+            let mut alive: HashMap<&str, bool> = HashMap::new();
+            if !nodes.is_empty() {
+                let mut pipe = redis::pipe();
+                for n in &nodes {
+                    pipe.cmd("EXISTS").arg(format!("fanout:alive:{n}"));
+                }
+                let flags: Vec<bool> = pipe.query_async(&mut conn).await.map_err(|e| {
+                    self.failed("state", &e);
+                    PresenceError::Unavailable(format!("presence is degraded: {e}"))
+                })?;
+                alive = nodes.iter().copied().zip(flags).collect();
+            }
+            let own = node_hex(self.node);
+            let mut set = PresenceSet::default();
+            for (f, v) in &all {
+                let Some((n, c)) = f.split_once(':') else { continue };
+                if n != own && !alive.get(n).copied().unwrap_or(false) {
+                    continue;
+                }
+                let (Ok(node), Ok(connection)) = (u64::from_str_radix(n, 16), u64::from_str_radix(c, 16)) else {
+                    continue;
+                };
+                if let Some(e) = Entry::from_json(v) {
+                    set.track(Origin { node, connection }, &e.key, e.meta, e.phx_ref);
+                }
+            }
+            Ok(set.state_json())
+        })
+    }
+}
+
+/// Removes every presence of `ARGV[1]` (a node) if its liveness key is gone,
+/// atomically, and returns `[channel, [entry json, …], …]`.
+const SWEEP_SCRIPT: &str = r"
+local node = ARGV[1]
+if redis.call('EXISTS', 'fanout:alive:' .. node) == 1 then return {} end
+local chs = redis.call('SMEMBERS', 'fanout:node:' .. node .. ':ch')
+local prefix = node .. ':'
+local out = {}
+for _, ch in ipairs(chs) do
+  local h = 'fanout:p:' .. ch
+  local all = redis.call('HGETALL', h)
+  local removed = {}
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, #prefix) == prefix then
+      redis.call('HDEL', h, all[i])
+      table.insert(removed, all[i + 1])
+    end
+  end
+  if #removed > 0 then
+    table.insert(out, ch)
+    table.insert(out, removed)
+  end
+end
+redis.call('DEL', 'fanout:node:' .. node .. ':ch')
+redis.call('SREM', 'fanout:nodes', node)
+return out
+";
+
+/// The presence role's sweeper: expires crashed edges' presences and
+/// announces the leaves.
+pub struct Sweeper {
+    conn: ConnectionManager,
+    bus: Arc<dyn Bus>,
+    interval: Duration,
+    script: redis::Script,
+}
+
+impl std::fmt::Debug for Sweeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sweeper {
+    pub fn new(conn: ConnectionManager, bus: Arc<dyn Bus>, interval: Duration) -> Self {
+        Self {
+            conn,
+            bus,
+            interval,
+            script: redis::Script::new(SWEEP_SCRIPT),
+        }
+    }
+
+    /// Sweeps every `interval` until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            match self.sweep_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "expired presences of crashed edges"),
+                Err(e) => {
+                    metrics::counter!("fanout_presence_sweep_errors_total").increment(1);
+                    tracing::warn!(error = %e, "presence sweep failed");
+                }
+            }
+        }
+    }
+
+    /// One sweep; returns how many presences were removed (by this sweeper).
+    pub async fn sweep_once(&self) -> Result<usize, RedisError> {
+        let mut conn = self.conn.clone();
+        let nodes: Vec<String> = redis::cmd("SMEMBERS")
+            .arg("fanout:nodes")
+            .query_async(&mut conn)
+            .await?;
+        let mut removed = 0;
+        for node in nodes {
+            let out: Vec<redis::Value> = self.script.arg(&node).invoke_async(&mut conn).await?;
+            for pair in out.chunks(2) {
+                let [channel, entries] = pair else { continue };
+                let Ok(channel) = redis::from_redis_value::<String>(channel.clone()) else {
+                    continue;
+                };
+                let Ok(entries) = redis::from_redis_value::<Vec<String>>(entries.clone()) else {
+                    continue;
+                };
+                let Ok(channel) = ChannelName::new(&channel) else {
+                    continue;
+                };
+                let mut diff = PresenceDiff::default();
+                for e in entries.iter().filter_map(|s| Entry::from_json(s)) {
+                    diff.leaves.entry(e.key.clone()).or_default().push(e.client_meta());
+                    removed += 1;
+                }
+                let event = Event {
+                    channel,
+                    kind: EventKind::PresenceDiff,
+                    event: Arc::from(""),
+                    payload: Bytes::from(diff.to_json().to_string()),
+                    binary: false,
+                    origin: None,
+                    position: 0,
+                    published_at_ms: fanout_edge::now_ms(),
+                };
+                if let Err(e) = self.bus.publish(event).await {
+                    tracing::warn!(error = %e, "leave diff of a crashed edge not published");
+                }
+            }
+        }
+        metrics::counter!("fanout_presence_expired_total").increment(removed as u64);
+        Ok(removed)
+    }
+}
