@@ -1,16 +1,23 @@
-//! Generates the prost types from `proto/` with a pinned, vendored `protoc`
-//! (the `protoc-bin-vendored` crate), so a fresh machine needs no manual step.
+//! Generates the prost types and the tonic presence service from `proto/`
+//! with a pinned, vendored `protoc` (the `protoc-bin-vendored` crate), so a
+//! fresh machine needs no manual step.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [root.join("fanout/v1/envelope.proto")];
+    let files = [
+        root.join("fanout/v1/envelope.proto"),
+        root.join("fanout/v1/presence.proto"),
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
     config.bytes(["."]);
-    config.compile_protos(&files, &[root])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_with_config(config, &files, &[root])?;
     Ok(())
 }

@@ -73,9 +73,12 @@ impl Fanout {
         Ok(me)
     }
 
-    /// Starts `fanout presence` (the sweeper role) against `nats` and `redis`.
+    /// Starts `fanout presence` (the sweeper role) against `nats` and
+    /// `redis`. Its `port` is the gRPC port.
     pub async fn start_presence(nats: &Nats, redis: &Redis, args: &[&str]) -> Result<Self> {
         let (nurl, rurl) = (nats.url(), redis.url());
+        let grpc_port = free_port();
+        let grpc = format!("127.0.0.1:{grpc_port}");
         let mut all = vec![
             "--nats-url",
             nurl.as_str(),
@@ -85,10 +88,13 @@ impl Fanout {
             "2",
             "--redis-url",
             rurl.as_str(),
+            "--presence-grpc-listen",
+            grpc.as_str(),
         ];
         all.extend_from_slice(args);
-        // The presence role has no public listener; the harness port is unused.
-        let me = Self::start_role_admin_only("presence", &all).await?;
+        let mut me = Self::start_role_admin_only("presence", &all).await?;
+        // The presence role has no public listener: `port` is its gRPC port.
+        me.port = grpc_port;
         me.wait_ready(Duration::from_secs(15)).await?;
         Ok(me)
     }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use fanout_proto::v1::presence_client::PresenceClient;
+use fanout_proto::v1::{CountOnlineRequest, GetPresencesRequest, ListChannelsRequest};
 use fanout_tests::{Fanout, Nats, Redis, WsClient, join_v1, v1};
 use serde_json::{Value, json};
 
@@ -92,7 +94,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
     let mut edge_a = Fanout::start_edge(&nats, &[&presence_args[..], &["--joins-per-second", "0"]].concat()).await?;
     let edge_b = Fanout::start_edge(&nats, &presence_args).await?;
     // Two sweepers: each crashed user must still leave exactly once.
-    let _sweeper1 = Fanout::start_presence(&nats, &redis, &["--presence-sweep-secs", "1"]).await?;
+    let sweeper1 = Fanout::start_presence(&nats, &redis, &["--presence-sweep-secs", "1"]).await?;
     let _sweeper2 = Fanout::start_presence(&nats, &redis, &["--presence-sweep-secs", "1"]).await?;
     let topic = "realtime:workshop:presence";
 
@@ -115,6 +117,38 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
         users.push(tracked_client(&edge_a, topic, &format!("user-{i}")).await?);
     }
     watch(&mut observer, &mut view, T, |v| v.keys.len() == 201).await?;
+
+    // The gRPC API answers what the clients see.
+    let mut grpc = PresenceClient::connect(format!("http://127.0.0.1:{}", sweeper1.port)).await?;
+    let got = grpc
+        .get_presences(GetPresencesRequest {
+            channel: "workshop:presence".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(got.presences.len(), 201);
+    let u7 = got.presences.iter().find(|p| p.key == "user-7").expect("user-7 listed");
+    assert_eq!(serde_json::from_str::<Value>(&u7.meta_json)?, json!({"name": "user-7"}));
+    let counts = grpc
+        .count_online(CountOnlineRequest {
+            channels: vec!["workshop:presence".into(), "realtime:nobody-here".into()],
+        })
+        .await?
+        .into_inner()
+        .counts;
+    assert_eq!(
+        (counts[0].presences, counts[0].keys, counts[1].presences),
+        (201, 201, 0)
+    );
+    let busiest = grpc
+        .list_channels(ListChannelsRequest { limit: 5 })
+        .await?
+        .into_inner()
+        .channels;
+    assert_eq!(busiest[0].channel, "workshop:presence");
+    assert_eq!(busiest[0].presences, 201);
+    let bad = grpc.get_presences(GetPresencesRequest { channel: String::new() }).await;
+    assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     // A late joiner on edge B gets the merged state from Redis.
     let mut late = WsClient::connect(edge_b.port, &edge_b.ws_path("1.0.0", None)).await?;
@@ -158,6 +192,13 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
         view.apply(v);
     }
     assert_eq!(view.leaves - leaves_before, 198, "each crashed user left exactly once");
+    let after = grpc
+        .count_online(CountOnlineRequest {
+            channels: vec!["workshop:presence".into()],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(after.counts[0].presences, 1, "gRPC agrees after the crash");
     drop(users);
     Ok(())
 }

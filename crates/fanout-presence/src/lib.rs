@@ -1,6 +1,6 @@
 //! Presence for a fanout cluster, kept in Redis.
 //!
-//! Two pieces:
+//! Three pieces:
 //! - [`RedisPresence`], the edges' implementation of
 //!   [`fanout_edge::presence::PresenceStore`]. Each edge writes its own
 //!   presences to Redis, keeps a copy in memory (to re-write them all when
@@ -12,6 +12,9 @@
 //!   expired (a crashed edge), removes their presences with one atomic Lua
 //!   script per node (so with several sweepers each entry is removed, and
 //!   announced, exactly once), and publishes the leave diffs on the bus.
+//! - [`PresenceApi`], the gRPC service `fanout.v1.Presence` (get a channel's
+//!   presences, count online, list the busiest channels), answered from
+//!   Redis with the same liveness filter.
 //!
 //! # Keys
 //! - `fanout:p:<channel>`: hash, field `<node>:<conn>` (hex), value
@@ -23,8 +26,8 @@
 //! The script touches keys it computes itself, so it needs a single Redis
 //! (or Sentinel) deployment, not Redis Cluster.
 //!
-//! This crate starts no listeners; the binary wires it to the edge and to
-//! the presence role.
+//! This crate binds no sockets; the binary wires it to the edge and to the
+//! presence role.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -293,50 +296,57 @@ impl PresenceStore for RedisPresence {
     fn state(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Value, PresenceError>> {
         let channel = channel.clone();
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let all: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(hash_key(channel.as_str()))
-                .query_async(&mut conn)
+            let entries = read_channel(&mut self.conn.clone(), channel.as_str(), Some(self.node))
                 .await
                 .map_err(|e| {
                     self.failed("state", &e);
                     PresenceError::Unavailable(format!("presence is degraded: {e}"))
                 })?;
-            // Hide the entries of nodes that stopped heartbeating, before any
-            // sweep removes them: no ghosts in a fresh presence_state.
-            let nodes: BTreeSet<&str> = all
-                .iter()
-                .filter_map(|(f, _)| f.split_once(':').map(|(n, _)| n))
-                .collect();
-            let mut alive: HashMap<&str, bool> = HashMap::new();
-            if !nodes.is_empty() {
-                let mut pipe = redis::pipe();
-                for n in &nodes {
-                    pipe.cmd("EXISTS").arg(format!("fanout:alive:{n}"));
-                }
-                let flags: Vec<bool> = pipe.query_async(&mut conn).await.map_err(|e| {
-                    self.failed("state", &e);
-                    PresenceError::Unavailable(format!("presence is degraded: {e}"))
-                })?;
-                alive = nodes.iter().copied().zip(flags).collect();
-            }
-            let own = node_hex(self.node);
             let mut set = PresenceSet::default();
-            for (f, v) in &all {
-                let Some((n, c)) = f.split_once(':') else { continue };
-                if n != own && !alive.get(n).copied().unwrap_or(false) {
-                    continue;
-                }
-                let (Ok(node), Ok(connection)) = (u64::from_str_radix(n, 16), u64::from_str_radix(c, 16)) else {
-                    continue;
-                };
-                if let Some(e) = Entry::from_json(v) {
-                    set.track(Origin { node, connection }, &e.key, e.meta, e.phx_ref);
-                }
+            for (origin, e) in entries {
+                set.track(origin, &e.key, e.meta, e.phx_ref);
             }
             Ok(set.state_json())
         })
     }
+}
+
+/// The live presences of `channel`: entries of nodes whose liveness key
+/// expired are left out (no ghosts before a sweep); `own` is always live.
+async fn read_channel(
+    conn: &mut ConnectionManager,
+    channel: &str,
+    own: Option<u64>,
+) -> Result<Vec<(Origin, Entry)>, redis::RedisError> {
+    let all: Vec<(String, String)> = redis::cmd("HGETALL").arg(hash_key(channel)).query_async(conn).await?;
+    let nodes: BTreeSet<&str> = all
+        .iter()
+        .filter_map(|(f, _)| f.split_once(':').map(|(n, _)| n))
+        .collect();
+    let mut alive: HashMap<&str, bool> = HashMap::new();
+    if !nodes.is_empty() {
+        let mut pipe = redis::pipe();
+        for n in &nodes {
+            pipe.cmd("EXISTS").arg(format!("fanout:alive:{n}"));
+        }
+        let flags: Vec<bool> = pipe.query_async(conn).await?;
+        alive = nodes.iter().copied().zip(flags).collect();
+    }
+    let own = own.map(node_hex);
+    let mut out = Vec::with_capacity(all.len());
+    for (f, v) in &all {
+        let Some((n, c)) = f.split_once(':') else { continue };
+        if own.as_deref() != Some(n) && !alive.get(n).copied().unwrap_or(false) {
+            continue;
+        }
+        let (Ok(node), Ok(connection)) = (u64::from_str_radix(n, 16), u64::from_str_radix(c, 16)) else {
+            continue;
+        };
+        if let Some(e) = Entry::from_json(v) {
+            out.push((Origin { node, connection }, e));
+        }
+    }
+    Ok(out)
 }
 
 /// Removes every presence of `ARGV[1]` (a node) if its liveness key is gone,
@@ -456,5 +466,130 @@ impl Sweeper {
         }
         metrics::counter!("fanout_presence_expired_total").increment(removed as u64);
         Ok(removed)
+    }
+}
+
+/// The gRPC presence API (`fanout.v1.Presence`), answered from Redis with
+/// the same liveness filter as `presence_state`.
+#[derive(Clone)]
+pub struct PresenceApi {
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for PresenceApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceApi").finish_non_exhaustive()
+    }
+}
+
+impl PresenceApi {
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self { conn }
+    }
+
+    /// The tonic service, ready for `Server::add_service`.
+    pub fn into_service(self) -> fanout_proto::v1::presence_server::PresenceServer<Self> {
+        fanout_proto::v1::presence_server::PresenceServer::new(self)
+    }
+
+    async fn count(&self, channel: &str) -> Result<fanout_proto::v1::ChannelCount, tonic::Status> {
+        let entries = read_channel(&mut self.conn.clone(), channel, None)
+            .await
+            .map_err(unavailable)?;
+        let keys: BTreeSet<&str> = entries.iter().map(|(_, e)| e.key.as_str()).collect();
+        Ok(fanout_proto::v1::ChannelCount {
+            channel: channel.to_owned(),
+            presences: entries.len() as u32,
+            keys: keys.len() as u32,
+        })
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> tonic::Status {
+    tonic::Status::unavailable(format!("presence store unavailable: {e}"))
+}
+
+fn channel_arg(name: &str) -> Result<ChannelName, tonic::Status> {
+    ChannelName::from_name_or_topic(name).map_err(|e| tonic::Status::invalid_argument(format!("channel: {e}")))
+}
+
+#[tonic::async_trait]
+impl fanout_proto::v1::presence_server::Presence for PresenceApi {
+    async fn get_presences(
+        &self,
+        request: tonic::Request<fanout_proto::v1::GetPresencesRequest>,
+    ) -> Result<tonic::Response<fanout_proto::v1::GetPresencesResponse>, tonic::Status> {
+        let channel = channel_arg(&request.into_inner().channel)?;
+        let entries = read_channel(&mut self.conn.clone(), channel.as_str(), None)
+            .await
+            .map_err(unavailable)?;
+        let presences = entries
+            .into_iter()
+            .map(|(_, e)| fanout_proto::v1::PresenceEntry {
+                key: e.key,
+                phx_ref: e.phx_ref,
+                meta_json: Value::Object(e.meta).to_string(),
+            })
+            .collect();
+        Ok(tonic::Response::new(fanout_proto::v1::GetPresencesResponse {
+            presences,
+        }))
+    }
+
+    async fn count_online(
+        &self,
+        request: tonic::Request<fanout_proto::v1::CountOnlineRequest>,
+    ) -> Result<tonic::Response<fanout_proto::v1::CountOnlineResponse>, tonic::Status> {
+        let mut counts = Vec::new();
+        for name in request.into_inner().channels {
+            let channel = channel_arg(&name)?;
+            counts.push(self.count(channel.as_str()).await?);
+        }
+        Ok(tonic::Response::new(fanout_proto::v1::CountOnlineResponse { counts }))
+    }
+
+    async fn list_channels(
+        &self,
+        request: tonic::Request<fanout_proto::v1::ListChannelsRequest>,
+    ) -> Result<tonic::Response<fanout_proto::v1::ListChannelsResponse>, tonic::Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut names = BTreeSet::new();
+        // Bounded: at most 100 SCAN pages of 1,000 keys.
+        for _ in 0..100 {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("fanout:p:*")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            names.extend(
+                keys.into_iter()
+                    .filter_map(|k| k.strip_prefix("fanout:p:").map(str::to_owned)),
+            );
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut channels = Vec::with_capacity(names.len());
+        for name in names {
+            let c = self.count(&name).await?;
+            if c.presences > 0 {
+                channels.push(c);
+            }
+        }
+        channels.sort_by(|a, b| b.presences.cmp(&a.presences).then_with(|| a.channel.cmp(&b.channel)));
+        channels.truncate(limit);
+        Ok(tonic::Response::new(fanout_proto::v1::ListChannelsResponse {
+            channels,
+        }))
     }
 }

@@ -42,6 +42,8 @@ pub struct Config {
     pub presence_heartbeat: Duration,
     pub presence_ttl: Duration,
     pub presence_sweep: Duration,
+    /// Where `fanout presence` serves its gRPC API.
+    pub presence_grpc_listen: SocketAddr,
 }
 
 /// One setting: its key in the file (dotted for tables), its environment
@@ -85,6 +87,7 @@ settings! {
     "presence.heartbeat_secs", "FANOUT_PRESENCE_HEARTBEAT_SECS", "presence-heartbeat-secs";
     "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs";
     "presence.sweep_secs", "FANOUT_PRESENCE_SWEEP_SECS", "presence-sweep-secs";
+    "presence.grpc_listen", "FANOUT_PRESENCE_GRPC_LISTEN", "presence-grpc-listen";
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -247,6 +250,7 @@ impl Config {
             presence_heartbeat: Duration::from_secs(r.get("presence.heartbeat_secs", 5)),
             presence_ttl: Duration::from_secs(r.get("presence.ttl_secs", 15)),
             presence_sweep: Duration::from_secs(r.get("presence.sweep_secs", 5)),
+            presence_grpc_listen: r.get("presence.grpc_listen", SocketAddr::from(([127, 0, 0, 1], 50051))),
         };
         let mut errors = std::mem::take(&mut r.errors);
         for k in r.unknown_file_keys() {

@@ -138,6 +138,9 @@ struct ServerArgs {
     /// How often the presence role sweeps for crashed edges [env: FANOUT_PRESENCE_SWEEP_SECS] [default: 5].
     #[arg(long, global = true, value_name = "SECS")]
     presence_sweep_secs: Option<String>,
+    /// Where `fanout presence` serves its gRPC API [env: FANOUT_PRESENCE_GRPC_LISTEN] [default: 127.0.0.1:50051].
+    #[arg(long, global = true, value_name = "ADDR")]
+    presence_grpc_listen: Option<String>,
 }
 
 impl ServerArgs {
@@ -169,6 +172,7 @@ impl ServerArgs {
             ("presence-heartbeat-secs", &self.presence_heartbeat_secs),
             ("presence-ttl-secs", &self.presence_ttl_secs),
             ("presence-sweep-secs", &self.presence_sweep_secs),
+            ("presence-grpc-listen", &self.presence_grpc_listen),
         ];
         debug_assert_eq!(given.len(), SETTINGS.len());
         given
@@ -405,8 +409,25 @@ async fn presence(config: Config) -> anyhow::Result<()> {
     });
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
     let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &shutdown).await?;
-    let sweeper = fanout_presence::Sweeper::new(redis, bus.clone(), config.presence_sweep);
-    tracing::info!(admin = %admin.local_addr()?, sweep = ?config.presence_sweep, "fanout presence running");
+    let sweeper = fanout_presence::Sweeper::new(redis.clone(), bus.clone(), config.presence_sweep);
+    let grpc = tokio::net::TcpListener::bind(config.presence_grpc_listen)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", config.presence_grpc_listen))?;
+    tracing::info!(
+        admin = %admin.local_addr()?,
+        grpc = %grpc.local_addr()?,
+        sweep = ?config.presence_sweep,
+        "fanout presence running"
+    );
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(fanout_presence::PresenceApi::new(redis).into_service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                grpc_shutdown.cancelled_owned(),
+            ),
+    );
     let ready_bus = bus.clone();
     let admin_task = tokio::spawn(fanout_edge::http::serve_admin(
         admin,
@@ -416,6 +437,9 @@ async fn presence(config: Config) -> anyhow::Result<()> {
     ));
     sweeper.run(shutdown.clone()).await;
     let _ = admin_task.await;
+    if let Ok(Err(e)) = grpc_task.await {
+        tracing::warn!(error = %e, "gRPC server ended with an error");
+    }
     tracing::info!("fanout presence stopped");
     Ok(())
 }
