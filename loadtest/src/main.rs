@@ -69,6 +69,9 @@ struct Args {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Idle scenario: each user also tracks a presence after joining.
+    #[arg(long)]
+    track: bool,
     /// Server pid, to report its CPU time per delivered message and its memory.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -214,6 +217,39 @@ async fn join_from(
     }
 }
 
+/// Tracks a presence `{"user": i}` and waits for the ok reply.
+async fn track_presence(
+    r: &mut client::Reader,
+    w: &mut client::Writer,
+    topic: &str,
+    vsn: &str,
+    i: usize,
+) -> Result<()> {
+    let payload = format!(r#"{{"type":"presence","event":"track","payload":{{"user":{i}}}}}"#);
+    let msg = if vsn == "1.0.0" {
+        format!(r#"{{"topic":"{topic}","event":"presence","payload":{payload},"ref":"2","join_ref":"1"}}"#)
+    } else {
+        format!(r#"["1","2","{topic}","presence",{payload}]"#)
+    };
+    client::send_text(w, &msg).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), client::recv(r)).await {
+            Err(_) => bail!("track reply timed out"),
+            Ok(Incoming::Text(t)) => {
+                let s = String::from_utf8_lossy(&t);
+                if s.contains("phx_reply") {
+                    if s.contains(r#""status":"ok""#) {
+                        return Ok(());
+                    }
+                    bail!("track refused: {s}");
+                }
+            }
+            Ok(Incoming::Binary(_)) => {}
+            Ok(Incoming::Closed(why)) => bail!("closed while tracking: {why}"),
+        }
+    }
+}
+
 /// Connects and joins `users` clients (with bounded concurrency), spawning
 /// `on_joined` for each. Returns the writers (for heartbeats) and the
 /// number of failures.
@@ -237,10 +273,14 @@ where
         let src = source_ip(i, args.source_ips);
         let topic = topic_of(i);
         let on_joined = on_joined.clone();
+        let track = args.track;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let (mut r, mut w) = client::connect(&target, &vsn, apikey.as_deref(), src).await?;
             join(&mut r, &mut w, &topic, &vsn).await?;
+            if track {
+                track_presence(&mut r, &mut w, &topic, &vsn, i).await?;
+            }
             tokio::spawn(on_joined(i, r));
             anyhow::Ok(Arc::new(Mutex::new(w)))
         }));
