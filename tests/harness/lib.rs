@@ -320,7 +320,12 @@ pub struct Redis {
 impl Redis {
     pub async fn start() -> Result<Self> {
         let port = free_port();
-        let child = Command::new("redis-server")
+        let child = Self::spawn(port).await?;
+        Ok(Self { child, port })
+    }
+
+    async fn spawn(port: u16) -> Result<Child> {
+        let mut child = Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -335,15 +340,28 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning redis-server (tests/run.sh installs it)")?;
-        let me = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             if Instant::now() > deadline {
+                let _ = child.kill();
                 bail!("redis-server did not listen on {port}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(me)
+        Ok(child)
+    }
+
+    /// Kills the server (SIGKILL); it keeps nothing.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts an empty server again on the same port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = Self::spawn(self.port).await?;
+        Ok(())
     }
 
     pub fn url(&self) -> String {

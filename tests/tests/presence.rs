@@ -202,3 +202,83 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
     drop(users);
     Ok(())
 }
+
+/// Redis goes away: broadcasts go on, a joiner is told presence is degraded,
+/// errors are counted. Redis comes back empty: each edge re-writes its live
+/// presences, so a new joiner sees them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_degrades_presence_only_and_recovers() -> Result<()> {
+    let nats = Nats::start().await?;
+    let mut redis = Redis::start().await?;
+    let edge = Fanout::start_edge(
+        &nats,
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--presence-heartbeat-secs",
+            "1",
+            "--presence-ttl-secs",
+            "3",
+        ],
+    )
+    .await?;
+    let topic = "realtime:workshop:redis-outage";
+    let mut alice = tracked_client(&edge, topic, "alice").await?;
+
+    redis.kill();
+    // Broadcasts still flow.
+    alice
+        .send_json(&v1(
+            topic,
+            "broadcast",
+            json!({"type": "broadcast", "event": "e", "payload": {"n": 1}}),
+            "9",
+        ))
+        .await?;
+    let mut bob = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+    join_v1(&mut bob, topic, json!({"presence": {"key": "bob"}}), "1").await?;
+    let system = bob.recv_until(T, |v| v["event"] == "system").await?;
+    assert_eq!(system["payload"]["status"], "error", "{system}");
+    assert!(
+        system["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("presence is degraded"),
+        "{system}"
+    );
+    alice
+        .send_json(&v1(
+            topic,
+            "broadcast",
+            json!({"type": "broadcast", "event": "e", "payload": {"n": 2}}),
+            "10",
+        ))
+        .await?;
+    // (n = 1 may or may not reach bob: it was in flight when he joined.)
+    let got = bob
+        .recv_until(T, |v| v["event"] == "broadcast" && v["payload"]["payload"]["n"] == 2)
+        .await;
+    assert!(got.is_ok(), "broadcasts go on without Redis: {got:?}");
+    let m = edge.metrics().await?;
+    assert!(
+        fanout_tests::metric_value(&m, "fanout_presence_store_errors_total") >= 1.0,
+        "{m}"
+    );
+
+    // Redis returns empty; the next heartbeats re-write alice.
+    redis.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut carol = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+        join_v1(&mut carol, topic, json!({"presence": {"key": "carol"}}), "1").await?;
+        let first = carol
+            .recv_until(T, |v| v["event"] == "presence_state" || v["event"] == "system")
+            .await?;
+        if first["event"] == "presence_state" && first["payload"]["alice"]["metas"][0]["name"] == "alice" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice never re-written: {first}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}

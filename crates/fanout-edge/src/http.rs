@@ -348,10 +348,8 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
     if let Err(e) = authenticate(&edge, &req, &query) {
         return unauthorized(e);
     }
-    let max = edge.config.limits.max_frame_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {max} bytes")),
+    let Some(body) = read_body(&edge, req.into_body()).await else {
+        return too_large(&edge);
     };
     let parsed: RestBroadcast<'_> = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -394,17 +392,7 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
             published_at_ms: crate::now_ms(),
         });
     }
-    for ev in events {
-        if let Err(e) = edge.bus.publish(ev).await {
-            metrics::counter!("fanout_bus_publish_errors_total").increment(1);
-            return json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("broadcast not delivered: {e}"),
-            );
-        }
-    }
-    metrics::counter!("fanout_rest_broadcasts_total").increment(1);
-    response(StatusCode::ACCEPTED, "application/json", "{}")
+    publish_rest(&edge, events).await
 }
 
 /// `POST /realtime/v1/api/broadcast/<channel>/events/<event>` with the
@@ -442,10 +430,8 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/octet-stream"));
-    let max = edge.config.limits.max_frame_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {max} bytes")),
+    let Some(body) = read_body(&edge, req.into_body()).await else {
+        return too_large(&edge);
     };
     if !binary && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}"));
@@ -460,12 +446,34 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
         position: 0,
         published_at_ms: crate::now_ms(),
     };
-    if let Err(e) = edge.bus.publish(ev).await {
-        metrics::counter!("fanout_bus_publish_errors_total").increment(1);
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("broadcast not delivered: {e}"),
-        );
+    publish_rest(&edge, vec![ev]).await
+}
+
+/// A REST request body, or `None` when it is larger than the frame limit.
+async fn read_body(edge: &Edge, body: Incoming) -> Option<Bytes> {
+    Limited::new(body, edge.config.limits.max_frame_bytes)
+        .collect()
+        .await
+        .ok()
+        .map(|b| b.to_bytes())
+}
+
+fn too_large(edge: &Edge) -> Response<Body> {
+    let max = edge.config.limits.max_frame_bytes;
+    json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {max} bytes"))
+}
+
+/// Publishes REST broadcasts in order: 202 once all are on the bus, 503 at
+/// the first that is not.
+async fn publish_rest(edge: &Edge, events: Vec<Event>) -> Response<Body> {
+    for ev in events {
+        if let Err(e) = edge.bus.publish(ev).await {
+            metrics::counter!("fanout_bus_publish_errors_total").increment(1);
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("broadcast not delivered: {e}"),
+            );
+        }
     }
     metrics::counter!("fanout_rest_broadcasts_total").increment(1);
     response(StatusCode::ACCEPTED, "application/json", "{}")
