@@ -113,10 +113,10 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
 
     // Users on edge A appear on edge B, with their metas.
     let mut users = Vec::new();
-    for i in 0..200 {
+    for i in 0..202 {
         users.push(tracked_client(&edge_a, topic, &format!("user-{i}")).await?);
     }
-    watch(&mut observer, &mut view, T, |v| v.keys.len() == 201).await?;
+    watch(&mut observer, &mut view, T, |v| v.keys.len() == 203).await?;
 
     // The gRPC API answers what the clients see.
     let mut grpc = PresenceClient::connect(format!("http://127.0.0.1:{}", sweeper1.port)).await?;
@@ -126,7 +126,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
         })
         .await?
         .into_inner();
-    assert_eq!(got.presences.len(), 201);
+    assert_eq!(got.presences.len(), 203);
     let u7 = got.presences.iter().find(|p| p.key == "user-7").expect("user-7 listed");
     assert_eq!(serde_json::from_str::<Value>(&u7.meta_json)?, json!({"name": "user-7"}));
     let counts = grpc
@@ -138,7 +138,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
         .counts;
     assert_eq!(
         (counts[0].presences, counts[0].keys, counts[1].presences),
-        (201, 201, 0)
+        (203, 203, 0)
     );
     let busiest = grpc
         .list_channels(ListChannelsRequest { limit: 5 })
@@ -146,7 +146,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
         .into_inner()
         .channels;
     assert_eq!(busiest[0].channel, "workshop:presence");
-    assert_eq!(busiest[0].presences, 201);
+    assert_eq!(busiest[0].presences, 203);
     let bad = grpc.get_presences(GetPresencesRequest { channel: String::new() }).await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
 
@@ -156,7 +156,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
     let state = late.recv_until(T, |v| v["event"] == "presence_state").await?;
     assert_eq!(
         state["payload"].as_object().unwrap().len(),
-        201,
+        203,
         "state from Redis: {state}"
     );
     assert_eq!(state["payload"]["user-7"]["metas"][0]["name"], "user-7");
@@ -177,7 +177,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
     let took = watch(&mut observer, &mut view, T, |v| !v.keys.contains_key("user-1")).await?;
     assert!(took < Duration::from_secs(1), "close took {took:?}");
 
-    // Edge A dies with 198 tracked users: they all leave within TTL plus a
+    // Edge A dies with 200 tracked users: they all leave within TTL plus a
     // sweep (3 s + 1 s, with slack), each once, and nobody else does.
     let leaves_before = view.leaves;
     edge_a.kill9();
@@ -191,7 +191,7 @@ async fn presence_is_shared_and_crashed_edges_users_expire_once() -> Result<()> 
     if let Ok(v) = &extra {
         view.apply(v);
     }
-    assert_eq!(view.leaves - leaves_before, 198, "each crashed user left exactly once");
+    assert_eq!(view.leaves - leaves_before, 200, "each crashed user left exactly once");
     let after = grpc
         .count_online(CountOnlineRequest {
             channels: vec!["workshop:presence".into()],
