@@ -192,6 +192,8 @@ const SHARD_SIZE: usize = 256;
 /// first.
 struct Batch {
     topic: String,
+    /// When the channel task handed the batch to its shards.
+    created: std::time::Instant,
     events: Vec<Event>,
     encoded: Vec<[OnceLock<Option<Bytes>>; 2]>,
 }
@@ -403,6 +405,7 @@ impl ChannelTask {
         let encoded = events.iter().map(|_| [OnceLock::new(), OnceLock::new()]).collect();
         let batch = Arc::new(Batch {
             topic: self.topic.clone(),
+            created: std::time::Instant::now(),
             events,
             encoded,
         });
@@ -461,6 +464,9 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                 });
                 metrics::gauge!("fanout_channel_members").decrement((before - members.len()) as f64);
                 metrics::counter!("fanout_messages_delivered_total").increment(delivered);
+                // From dispatch to this shard's last write: the slowest shard
+                // of a batch is when its last member got the event.
+                metrics::histogram!("fanout_shard_write_seconds").record(batch.created.elapsed().as_secs_f64());
             }
         }
     }

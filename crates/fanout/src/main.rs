@@ -297,6 +297,10 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
         "fanout_publish_to_dispatch_seconds",
         "Time from publish to the start of local fan-out."
     );
+    metrics::describe_histogram!(
+        "fanout_shard_write_seconds",
+        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
+    );
     metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
     metrics::describe_counter!(
         "fanout_handshake_rejections_total",
