@@ -22,15 +22,21 @@ struct Entry {
 
 impl Entry {
     fn meta_json(&self) -> Value {
-        let mut m = Map::with_capacity(self.meta.len() + 1);
-        m.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
-        for (k, v) in &self.meta {
-            if k != "phx_ref" {
-                m.insert(k.clone(), v.clone());
-            }
-        }
-        Value::Object(m)
+        client_meta(&self.phx_ref, &self.meta)
     }
+}
+
+/// A meta as clients see it: `{"phx_ref": …, …meta}`. A `phx_ref` inside
+/// the user's meta is ignored, so a client cannot forge another's ref.
+pub fn client_meta(phx_ref: &str, meta: &Map<String, Value>) -> Value {
+    let mut m = Map::with_capacity(meta.len() + 1);
+    m.insert("phx_ref".into(), Value::String(phx_ref.to_owned()));
+    for (k, v) in meta {
+        if k != "phx_ref" {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(m)
 }
 
 /// Joins and leaves to announce, in `presence_diff` shape.

@@ -111,14 +111,7 @@ impl Entry {
 
     /// The meta as clients see it: `{phx_ref, …meta}`.
     fn client_meta(&self) -> Value {
-        let mut m = Map::with_capacity(self.meta.len() + 1);
-        m.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
-        for (k, v) in &self.meta {
-            if k != "phx_ref" {
-                m.insert(k.clone(), v.clone());
-            }
-        }
-        Value::Object(m)
+        fanout_core::presence::client_meta(&self.phx_ref, &self.meta)
     }
 }
 
