@@ -199,22 +199,7 @@ async fn join_from(
         format!(r#"["1","1","{topic}","phx_join",{{"config":{config}}}]"#)
     };
     client::send_text(w, &msg).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), client::recv(r)).await {
-            Err(_) => bail!("join reply timed out"),
-            Ok(Incoming::Text(t)) => {
-                let s = String::from_utf8_lossy(&t);
-                if s.contains("phx_reply") {
-                    if s.contains(r#""status":"ok""#) {
-                        return Ok(());
-                    }
-                    bail!("join refused: {s}");
-                }
-            }
-            Ok(Incoming::Binary(_)) => {}
-            Ok(Incoming::Closed(why)) => bail!("closed while joining: {why}"),
-        }
-    }
+    await_ok_reply(r, "join").await
 }
 
 /// Tracks a presence `{"user": i}` and waits for the ok reply.
@@ -232,20 +217,25 @@ async fn track_presence(
         format!(r#"["1","2","{topic}","presence",{payload}]"#)
     };
     client::send_text(w, &msg).await?;
+    await_ok_reply(r, "track").await
+}
+
+/// Waits up to 30 s for the next `phx_reply`; fails unless it is `ok`.
+async fn await_ok_reply(r: &mut client::Reader, what: &str) -> Result<()> {
     loop {
         match tokio::time::timeout(Duration::from_secs(30), client::recv(r)).await {
-            Err(_) => bail!("track reply timed out"),
+            Err(_) => bail!("{what} reply timed out"),
             Ok(Incoming::Text(t)) => {
                 let s = String::from_utf8_lossy(&t);
                 if s.contains("phx_reply") {
                     if s.contains(r#""status":"ok""#) {
                         return Ok(());
                     }
-                    bail!("track refused: {s}");
+                    bail!("{what} refused: {s}");
                 }
             }
             Ok(Incoming::Binary(_)) => {}
-            Ok(Incoming::Closed(why)) => bail!("closed while tracking: {why}"),
+            Ok(Incoming::Closed(why)) => bail!("connection closed during {what}: {why}"),
         }
     }
 }

@@ -26,6 +26,12 @@ impl Entry {
     }
 }
 
+/// A unique `phx_ref`: the tracking node's id (low 32 bits) and a counter
+/// of that node, e.g. `F3a9c-1f`.
+pub fn phx_ref(node: u64, n: u64) -> String {
+    format!("F{:x}-{n:x}", node & 0xffff_ffff)
+}
+
 /// A meta as clients see it: `{"phx_ref": …, …meta}`. A `phx_ref` inside
 /// the user's meta is ignored, so a client cannot forge another's ref.
 pub fn client_meta(phx_ref: &str, meta: &Map<String, Value>) -> Value {

@@ -58,8 +58,7 @@ impl MemoryPresence {
 
     /// A unique `phx_ref`: this node's id and a counter.
     fn make_ref(&self) -> String {
-        let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
-        format!("F{:x}-{n:x}", self.node & 0xffff_ffff)
+        fanout_core::presence::phx_ref(self.node, self.next_ref.fetch_add(1, Ordering::Relaxed))
     }
 }
 

@@ -186,15 +186,7 @@ impl RedisPresence {
                 // Redis came back (or lost our data): write every live
                 // presence again, in the same round trip.
                 for ((channel, origin), entry) in self.lock().iter() {
-                    pipe.cmd("HSET")
-                        .arg(hash_key(channel.as_str()))
-                        .arg(field(*origin))
-                        .arg(entry.to_json())
-                        .ignore();
-                    pipe.cmd("SADD")
-                        .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
-                        .arg(channel.as_str())
-                        .ignore();
+                    self.write_entry(&mut pipe, channel, *origin, entry);
                 }
             }
             let mut conn = self.conn.clone();
@@ -216,6 +208,20 @@ impl RedisPresence {
             .await;
     }
 
+    /// Adds the commands that store `entry` (and index its channel under this
+    /// node) to `pipe`.
+    fn write_entry(&self, pipe: &mut redis::Pipeline, channel: &ChannelName, origin: Origin, entry: &Entry) {
+        pipe.cmd("HSET")
+            .arg(hash_key(channel.as_str()))
+            .arg(field(origin))
+            .arg(entry.to_json())
+            .ignore();
+        pipe.cmd("SADD")
+            .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
+            .arg(channel.as_str())
+            .ignore();
+    }
+
     /// Whether the last Redis operation worked.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
@@ -233,7 +239,7 @@ impl PresenceStore for RedisPresence {
         let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
             key: key.to_owned(),
-            phx_ref: format!("F{:x}-{n:x}", self.node & 0xffff_ffff),
+            phx_ref: fanout_core::presence::phx_ref(self.node, n),
             meta,
         };
         let old = self.lock().insert((channel.clone(), conn), entry.clone());
@@ -249,15 +255,7 @@ impl PresenceStore for RedisPresence {
         let channel = channel.clone();
         Box::pin(async move {
             let mut pipe = redis::pipe();
-            pipe.cmd("HSET")
-                .arg(hash_key(channel.as_str()))
-                .arg(field(conn))
-                .arg(entry.to_json())
-                .ignore();
-            pipe.cmd("SADD")
-                .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
-                .arg(channel.as_str())
-                .ignore();
+            self.write_entry(&mut pipe, &channel, conn, &entry);
             if let Err(e) = pipe.query_async::<()>(&mut self.conn.clone()).await {
                 // The diff still reaches every edge over the bus; the entry is
                 // written again when Redis returns.
