@@ -422,9 +422,13 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
     while let Some(cmd) = commands.recv().await {
         match cmd {
             ShardCommand::Add { member, preface } => {
+                // Count the member before its join reply can reach it, so a
+                // client that saw SUBSCRIBED is already in the metric.
+                metrics::gauge!("fanout_channel_members").increment(1.0);
                 if member.writer.send_many(&preface).is_ok() {
                     members.push(member);
-                    metrics::gauge!("fanout_channel_members").increment(1.0);
+                } else {
+                    metrics::gauge!("fanout_channel_members").decrement(1.0);
                 }
             }
             ShardCommand::Remove { conn } => {
