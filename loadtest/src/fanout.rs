@@ -1,0 +1,246 @@
+//! The `fanout` scenario (one hot channel, `--users` subscribers, one
+//! publisher at `--rate`) and `reconnect-storm`, which is the same stream
+//! with a server killed (`--kill-pid`, SIGKILL) or drained (`--drain-pid`,
+//! SIGTERM) part way: its clients reconnect to another `--url` with the last
+//! position they saw (`config.resume.after`), and the run measures how long
+//! each took to be joined again and whether anything was lost or repeated.
+//!
+//! With `--workers`, every process holds its share of subscribers and
+//! process 0 also publishes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::client::{self, Incoming};
+use crate::run::Ctx;
+use crate::session::{self, ConnectOpts, JoinOpts, Plan, now_micros, position_of, source_ip};
+use crate::stats::{Partial, SeqCheck, Stats};
+use crate::{Args, Target};
+
+const TOPIC: &str = "realtime:bench:fanout";
+
+/// A server to take away part way through the run.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Kill(u32),
+    Drain(u32),
+}
+
+pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> {
+    let failure = match (args.kill_pid, args.drain_pid) {
+        (Some(p), _) => Some(Failure::Kill(p)),
+        (None, Some(p)) => Some(Failure::Drain(p)),
+        (None, None) => None,
+    };
+    let per_subscriber = u64::from(args.rate) * args.duration;
+    let plans: Vec<Plan> = (0..args.users)
+        .filter(|&u| ctx.owns(u))
+        .map(|u| Plan {
+            user: u,
+            topic: TOPIC.into(),
+            join: JoinOpts::default(),
+            track: None,
+        })
+        .collect();
+    let mut partial = Partial {
+        users: plans.len() as u64,
+        ..Partial::default()
+    };
+    let receiver = {
+        let stats = ctx.stats.clone();
+        let conn = conn.clone();
+        let worker = ctx.worker_index;
+        move |user: usize, r: client::Reader| {
+            receive(
+                user,
+                r,
+                stats.clone(),
+                conn.clone(),
+                worker,
+                failure.is_some(),
+                per_subscriber,
+            )
+        }
+    };
+    let started = Instant::now();
+    let writers = session::connect_all(ctx, conn, plans, receiver).await;
+    partial.connected = writers.len() as u64;
+    partial.connect_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "worker {}: {} subscribers joined in {:.1} s",
+        ctx.worker_index, partial.connected, partial.connect_seconds
+    );
+    let stop = Arc::new(tokio::sync::Notify::new());
+    session::spawn_heartbeats(
+        writers.into_iter().map(|(_, w)| w).collect(),
+        conn.vsn.clone(),
+        stop.clone(),
+    );
+
+    // Process 0 publishes, on its own connection (not a subscriber).
+    let publisher = if ctx.worker_index == 0 {
+        let target = conn.targets.last().context("at least one --url")?;
+        let (mut pr, mut pw) = client::connect(target, "2.0.0", conn.apikey.as_deref(), None).await?;
+        session::join(&mut pr, &mut pw, TOPIC, "2.0.0", &JoinOpts::default()).await?;
+        tokio::spawn(async move { while !matches!(client::recv(&mut pr).await, Incoming::Closed(_)) {} });
+        Some(pw)
+    } else {
+        None
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let go = ctx.ready().await?;
+    let cpu0 = crate::proc::cpu_seconds(None)?;
+    ctx.stats
+        .expected
+        .fetch_add(per_subscriber * partial.connected, Ordering::Relaxed);
+    let drain_limit = Duration::from_secs(if failure.is_some() { 30 } else { 10 });
+    if let Some(mut pw) = publisher {
+        publish(args, &mut pw, failure, &ctx.stats, per_subscriber).await?;
+        partial.publish_seconds = go.elapsed().as_secs_f64();
+        crate::workshop::drain(&ctx.stats, drain_limit).await;
+    } else {
+        partial.publish_seconds = args.duration as f64;
+        crate::workshop::drain(&ctx.stats, Duration::from_secs(args.duration) + drain_limit).await;
+    }
+    partial.run_seconds = go.elapsed().as_secs_f64();
+    partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
+    stop.notify_one();
+    partial.counts_from(&ctx.stats);
+    Ok(partial)
+}
+
+/// Sends `count` messages at `--rate`, each `{"seq", "ts"}` (plus padding),
+/// taking the `failure` server away after `--kill-after` seconds.
+async fn publish(
+    args: &Args,
+    pw: &mut client::Writer,
+    failure: Option<Failure>,
+    stats: &Stats,
+    count: u64,
+) -> Result<()> {
+    let pad = "x".repeat(args.payload_bytes);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let t0 = Instant::now();
+    let mut failed = false;
+    for seq in 0..count {
+        if let Some(f) = failure
+            && !failed
+            && t0.elapsed() >= Duration::from_secs(args.kill_after)
+        {
+            failed = true;
+            let (signal, pid) = match f {
+                Failure::Kill(p) => ("-KILL", p),
+                Failure::Drain(p) => ("-TERM", p),
+            };
+            eprintln!("[{:>5.1}s] kill {signal} {pid}", t0.elapsed().as_secs_f64());
+            let _ = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status();
+        }
+        tokio::time::sleep_until((t0 + interval.mul_f64(seq as f64)).into()).await;
+        let payload = if pad.is_empty() {
+            format!(r#"{{"seq":{seq},"ts":{}}}"#, now_micros())
+        } else {
+            format!(r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#, now_micros())
+        };
+        let frame = client::broadcast_push("1", "", TOPIC, "bench", payload.as_bytes());
+        client::send_binary(pw, &frame).await.context("publishing")?;
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// One subscriber: checks the sequence, records latency, and (when a
+/// server is to fail) resumes on the next `--url` after a disconnect.
+async fn receive(
+    user: usize,
+    mut r: client::Reader,
+    stats: Arc<Stats>,
+    conn: ConnectOpts,
+    worker: usize,
+    failover: bool,
+    expected: u64,
+) {
+    let mut check = SeqCheck::with_publishers(1);
+    let mut unique = 0u64;
+    let mut last_id = 0u64;
+    // Keeps the socket's write half open after a reconnect.
+    let mut _writer = None;
+    while unique < expected {
+        let (payload, id) = match client::recv(&mut r).await {
+            Incoming::Binary(b) => match client::parse_broadcast(&b) {
+                Some((_, meta, p)) => (p.to_vec(), position_of(meta)),
+                None => continue,
+            },
+            Incoming::Text(t) => match serde_json::from_slice::<serde_json::Value>(&t) {
+                // vsn 1.0.0 broadcasts are JSON objects.
+                Ok(v) if v["event"] == "broadcast" => (
+                    v["payload"]["payload"].to_string().into_bytes(),
+                    v["payload"]["meta"]["id"].as_str().and_then(|s| s.parse().ok()),
+                ),
+                _ => continue,
+            },
+            Incoming::Closed(_) => {
+                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                stats.connections.fetch_sub(1, Ordering::Relaxed);
+                if !failover {
+                    return;
+                }
+                let Some((nr, nw, took)) = resume(user, &conn, worker, last_id).await else {
+                    return;
+                };
+                r = nr;
+                _writer = Some(nw);
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                stats.record_reconnect(took.as_micros() as u64);
+                continue;
+            }
+        };
+        #[derive(serde::Deserialize)]
+        struct Msg {
+            seq: u64,
+            ts: u64,
+        }
+        let Ok(m) = serde_json::from_slice::<Msg>(&payload) else {
+            continue;
+        };
+        if let Some(id) = id {
+            last_id = last_id.max(id);
+        }
+        stats.record_latency(now_micros().saturating_sub(m.ts));
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        if SeqCheck::count(&check.observe(0, m.seq), &stats) {
+            unique += 1;
+        }
+    }
+}
+
+/// Reconnects `user` to the next `--url`s in turn (for up to ~60 tries)
+/// and joins after `last_id`. Returns the new socket and how long it took.
+async fn resume(
+    user: usize,
+    conn: &ConnectOpts,
+    worker: usize,
+    last_id: u64,
+) -> Option<(client::Reader, client::Writer, Duration)> {
+    let lost_at = Instant::now();
+    for attempt in 0..60 {
+        let target: &Target = &conn.targets[(user + 1 + attempt) % conn.targets.len()];
+        let src = source_ip(user, conn.source_ips, worker);
+        if let Ok((mut nr, mut nw)) = client::connect(target, &conn.vsn, conn.apikey.as_deref(), src).await {
+            let opts = JoinOpts {
+                resume: (last_id > 0).then_some(last_id),
+                ..JoinOpts::default()
+            };
+            if session::join(&mut nr, &mut nw, TOPIC, &conn.vsn, &opts).await.is_ok() {
+                return Some((nr, nw, lost_at.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}

@@ -1,0 +1,415 @@
+//! The `workshop` scenario (and `soak`, which is the same load held longer):
+//! users spread over workshops of realistic, varied sizes; each user joins
+//! `workshop:<n>` with presence (`{user, name, role}`), then sends chat and
+//! typing broadcasts at set rates. Every message carries its publisher, a
+//! per-publisher sequence and its origin time; every receiver checks each
+//! publisher's sequence for gaps, repeats and reordering and records
+//! publish-to-receive latency. Broadcasts are joined with `self: false`, so
+//! a message is owed to the other members joined when it was sent.
+//!
+//! Workshops are whole within one load process (`--workers` splits by
+//! workshop), so every count is exact locally.
+
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::Args;
+use crate::client::{self, Incoming};
+use crate::run::Ctx;
+use crate::session::{self, ConnectOpts, JoinOpts, Plan, Rng, now_micros};
+use crate::stats::{Partial, SeqCheck, Stats};
+
+/// Splits `users` over `workshops` rooms of varied size: each room gets a
+/// weight between 10 and 50 (deterministic), and the users are shared in
+/// proportion, so with the default of users/25 rooms sizes range about
+/// 10 to 50. Every room has at least 2 users.
+pub fn layout(users: usize, workshops: usize) -> Vec<Range<usize>> {
+    let rooms = workshops.clamp(1, (users / 2).max(1));
+    let mut rng = Rng::new(0x5EED);
+    let weights: Vec<u64> = (0..rooms).map(|_| 10 + rng.next_u64() % 41).collect();
+    let total: u64 = weights.iter().sum();
+    let mut sizes: Vec<usize> = weights
+        .iter()
+        .map(|w| ((users as u64 * w / total) as usize).max(2.min(users)))
+        .collect();
+    // Hand out (or take back) what rounding left over, one per room.
+    let mut sum: usize = sizes.iter().sum();
+    let mut i = 0;
+    while sum != users {
+        let r = i % rooms;
+        if sum < users {
+            sizes[r] += 1;
+            sum += 1;
+        } else if sizes[r] > 2 {
+            sizes[r] -= 1;
+            sum -= 1;
+        }
+        i += 1;
+    }
+    let mut start = 0;
+    sizes
+        .into_iter()
+        .map(|n| {
+            let r = start..start + n;
+            start += n;
+            r
+        })
+        .collect()
+}
+
+/// The origin stamp every workshop message carries.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct Stamp {
+    /// Publisher (global user number).
+    pub u: usize,
+    /// Per-publisher sequence, from 0.
+    pub s: u64,
+    /// Send time, µs since the Unix epoch.
+    pub ts: u64,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The seam for the database step of the workshop scenario (not built yet):
+/// facilitators will write rows to Postgres that come back to every member
+/// as `postgres_changes`, checked and timed like the broadcasts. An
+/// implementation subscribes the channel through [`join_config`], runs each
+/// facilitator's writes through [`facilitator`] (counting every row in
+/// `stats.sent` and the members it is owed to in `stats.expected`), and
+/// turns incoming change frames back into [`Stamp`]s with [`stamp_of`].
+///
+/// [`join_config`]: WorkshopDatabase::join_config
+/// [`facilitator`]: WorkshopDatabase::facilitator
+/// [`stamp_of`]: WorkshopDatabase::stamp_of
+pub trait WorkshopDatabase: Send + Sync + 'static {
+    /// More join `config` for workshop `n`'s channel, e.g. a
+    /// `"postgres_changes":[…]` member.
+    fn join_config(&self, _workshop: usize) -> Option<String> {
+        None
+    }
+
+    /// The writes of facilitator `user` of `workshop` (with `members` joined
+    /// users) until `until`.
+    fn facilitator(
+        &self,
+        _workshop: usize,
+        _user: usize,
+        _members: Arc<AtomicU64>,
+        _until: Instant,
+        _stats: Arc<Stats>,
+    ) -> Option<BoxFuture> {
+        None
+    }
+
+    /// The stamp of a `postgres_changes` frame, if `frame` is one.
+    fn stamp_of(&self, _frame: &Incoming) -> Option<Stamp> {
+        None
+    }
+}
+
+/// Broadcast only: the workshop load without a database.
+pub struct NoDatabase;
+
+impl WorkshopDatabase for NoDatabase {}
+
+/// One workshop as this process sees it.
+struct Room {
+    number: usize,
+    users: Range<usize>,
+    /// Members joined right now.
+    joined: Arc<AtomicU64>,
+}
+
+pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> {
+    run_with(args, conn, ctx, Arc::new(NoDatabase)).await
+}
+
+pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn WorkshopDatabase>) -> Result<Partial> {
+    let workshops = args.workshops.unwrap_or((args.users / 25).max(1));
+    let all = layout(args.users, workshops);
+    let rooms: Vec<Arc<Room>> = all
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| ctx.owns(*n))
+        .map(|(n, r)| {
+            Arc::new(Room {
+                number: n,
+                users: r.clone(),
+                joined: Arc::new(AtomicU64::new(0)),
+            })
+        })
+        .collect();
+    let mut room_of = std::collections::HashMap::new();
+    let mut plans = Vec::new();
+    for room in &rooms {
+        for u in room.users.clone() {
+            room_of.insert(u, room.clone());
+            let role = if u == room.users.start {
+                "facilitator"
+            } else {
+                "participant"
+            };
+            plans.push(Plan {
+                user: u,
+                topic: format!("realtime:workshop:{}", room.number),
+                join: JoinOpts {
+                    presence_key: Some(format!("user-{u}")),
+                    resume: None,
+                    extra_config: db.join_config(room.number),
+                },
+                track: Some(format!(
+                    r#"{{"user":"user-{u}","name":"Participant {u}","role":"{role}"}}"#
+                )),
+            });
+        }
+    }
+    let room_of = Arc::new(room_of);
+    let mut partial = Partial {
+        users: plans.len() as u64,
+        workshops: rooms.len() as u64,
+        workshop_min: rooms.iter().map(|r| r.users.len() as u64).min().unwrap_or(0),
+        workshop_max: rooms.iter().map(|r| r.users.len() as u64).max().unwrap_or(0),
+        ..Partial::default()
+    };
+    eprintln!(
+        "worker {}: {} users in {} workshops ({}..{} per workshop)",
+        ctx.worker_index, partial.users, partial.workshops, partial.workshop_min, partial.workshop_max
+    );
+
+    let receiver = {
+        let stats = ctx.stats.clone();
+        let room_of = room_of.clone();
+        let db = db.clone();
+        move |user: usize, r: client::Reader| {
+            let room = room_of[&user].clone();
+            receive(user, room, r, stats.clone(), db.clone())
+        }
+    };
+    let started = Instant::now();
+    let writers = session::connect_all(ctx, conn, plans, receiver).await;
+    for (u, _) in &writers {
+        room_of[u].joined.fetch_add(1, Ordering::Relaxed);
+    }
+    partial.connected = writers.len() as u64;
+    partial.connect_seconds = started.elapsed().as_secs_f64();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    session::spawn_heartbeats(
+        writers.iter().map(|(_, w)| w.clone()).collect(),
+        conn.vsn.clone(),
+        stop.clone(),
+    );
+
+    let go = ctx.ready().await?;
+    let cpu0 = crate::proc::cpu_seconds(None)?;
+    let until = go + Duration::from_secs(args.duration);
+    let rates = Rates {
+        chat_per_min: args.chat_rate,
+        typing_per_min: args.typing_rate,
+    };
+    let mut publishers = Vec::with_capacity(writers.len());
+    for (u, w) in writers {
+        let room = room_of[&u].clone();
+        if u == room.users.start
+            && let Some(f) = db.facilitator(room.number, u, room.joined.clone(), until, ctx.stats.clone())
+        {
+            publishers.push(tokio::spawn(f));
+        }
+        publishers.push(tokio::spawn(publish(
+            u,
+            room,
+            w,
+            conn.vsn.clone(),
+            rates,
+            go,
+            until,
+            ctx.stats.clone(),
+        )));
+    }
+    for p in publishers {
+        let _ = p.await;
+    }
+    partial.publish_seconds = go.elapsed().as_secs_f64();
+    drain(&ctx.stats, Duration::from_secs(10)).await;
+    partial.run_seconds = go.elapsed().as_secs_f64();
+    partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
+    stop.notify_one();
+    partial.counts_from(&ctx.stats);
+    Ok(partial)
+}
+
+/// Waits until every owed delivery arrived, at most `limit`.
+pub async fn drain(stats: &Stats, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while stats.unique_received() < stats.expected.load(Ordering::Relaxed) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    chat_per_min: f64,
+    typing_per_min: f64,
+}
+
+/// One user's chat and typing broadcasts from `go` until `until`, each at
+/// its rate with ±50 % jitter and a random phase.
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    user: usize,
+    room: Arc<Room>,
+    writer: session::SharedWriter,
+    vsn: String,
+    rates: Rates,
+    go: Instant,
+    until: Instant,
+    stats: Arc<Stats>,
+) {
+    let mut rng = Rng::new(user as u64 ^ 0xC0FFEE);
+    let interval = |per_min: f64| (per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / per_min));
+    let (chat_iv, typing_iv) = (interval(rates.chat_per_min), interval(rates.typing_per_min));
+    let mut next_chat = chat_iv.map(|iv| go + iv.mul_f64(rng.unit()));
+    let mut next_typing = typing_iv.map(|iv| go + iv.mul_f64(rng.unit()));
+    let topic = format!("realtime:workshop:{}", room.number);
+    let mut seq = 0u64;
+    loop {
+        let (at, chat) = match (next_chat, next_typing) {
+            (Some(c), Some(t)) if c <= t => (c, true),
+            (Some(_), Some(t)) => (t, false),
+            (Some(c), None) => (c, true),
+            (None, Some(t)) => (t, false),
+            (None, None) => return,
+        };
+        if at >= until {
+            return;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let ts = now_micros();
+        let (event, payload) = if chat {
+            (
+                "chat",
+                format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"text":"message {seq} from Participant {user}"}}"#),
+            )
+        } else {
+            ("typing", format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"typing":true}}"#))
+        };
+        let owed = room.joined.load(Ordering::Relaxed).saturating_sub(1);
+        let sent = {
+            let mut w = writer.lock().await;
+            if vsn == "1.0.0" {
+                let msg = format!(
+                    r#"{{"topic":"{topic}","event":"broadcast","payload":{{"type":"broadcast","event":"{event}","payload":{payload}}},"ref":null,"join_ref":"1"}}"#
+                );
+                client::send_text(&mut w, &msg).await
+            } else {
+                let frame = client::broadcast_push("1", "", &topic, event, payload.as_bytes());
+                client::send_binary(&mut w, &frame).await
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        stats.expected.fetch_add(owed, Ordering::Relaxed);
+        seq += 1;
+        let jitter = 0.5 + rng.unit();
+        if chat {
+            next_chat = chat_iv.map(|iv| at + iv.mul_f64(jitter));
+        } else {
+            next_typing = typing_iv.map(|iv| at + iv.mul_f64(jitter));
+        }
+    }
+}
+
+/// One member's receiving side: checks every publisher's sequence and
+/// records latency, until the connection closes.
+async fn receive(
+    user: usize,
+    room: Arc<Room>,
+    mut r: client::Reader,
+    stats: Arc<Stats>,
+    db: Arc<dyn WorkshopDatabase>,
+) {
+    let _ = user;
+    let first = room.users.start;
+    // Two streams per publisher: broadcasts (even) and database rows (odd).
+    let mut check = SeqCheck::with_publishers(room.users.len() * 2);
+    loop {
+        let frame = client::recv(&mut r).await;
+        let (stamp, stream) = match &frame {
+            Incoming::Closed(_) => {
+                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                stats.connections.fetch_sub(1, Ordering::Relaxed);
+                room.joined.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            Incoming::Binary(b) => match client::parse_broadcast(b) {
+                Some((b"chat" | b"typing", _, payload)) => match serde_json::from_slice::<Stamp>(payload) {
+                    Ok(s) => (s, 0),
+                    Err(_) => continue,
+                },
+                _ => continue,
+            },
+            Incoming::Text(t) => {
+                if let Some(s) = db.stamp_of(&frame) {
+                    (s, 1)
+                } else if let Some(s) = text_broadcast_stamp(t) {
+                    (s, 0)
+                } else {
+                    continue;
+                }
+            }
+        };
+        let now = now_micros();
+        stats.record_latency(now.saturating_sub(stamp.ts));
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        let Some(index) = stamp.u.checked_sub(first) else {
+            continue;
+        };
+        let seen = check.observe(index * 2 + stream, stamp.s);
+        SeqCheck::count(&seen, &stats);
+    }
+}
+
+/// The stamp of a vsn 1.0.0 (JSON) chat or typing broadcast.
+fn text_broadcast_stamp(t: &[u8]) -> Option<Stamp> {
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        event: String,
+        payload: Stamp,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        event: String,
+        payload: Inner,
+    }
+    let v: Outer = serde_json::from_slice(t).ok()?;
+    (v.event == "broadcast" && (v.payload.event == "chat" || v.payload.event == "typing")).then_some(v.payload.payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_covers_every_user_once_with_varied_sizes() {
+        for (users, rooms) in [(500, 20), (10_000, 400), (7, 3), (3, 10)] {
+            let l = layout(users, rooms);
+            assert_eq!(l.iter().map(|r| r.len()).sum::<usize>(), users);
+            assert_eq!(l.first().unwrap().start, 0);
+            assert!(l.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(l.iter().all(|r| r.len() >= 2.min(users)));
+        }
+        let l = layout(500, 20);
+        let (min, max) = (
+            l.iter().map(|r| r.len()).min().unwrap(),
+            l.iter().map(|r| r.len()).max().unwrap(),
+        );
+        assert!(min >= 8 && max <= 55 && max - min >= 10, "{min}..{max}");
+    }
+}
