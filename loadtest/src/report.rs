@@ -352,11 +352,11 @@ impl Report {
         write!(
             h,
             "<!doctype html><html><head><meta charset=utf-8><title>fanout-loadtest: {sc}</title><style>\
-             body{{font-family:sans-serif;margin:24px;color:#222}}h1{{font-size:22px}}\
-             table{{border-collapse:collapse;font-size:14px}}td{{padding:2px 12px 2px 0;vertical-align:top}}\
+             body{{font-family:sans-serif;margin:16px;color:#222}}h1{{font-size:22px;margin:0 0 8px}}\
+             table{{border-collapse:collapse;font-size:13px}}td{{padding:2px 12px 2px 0;vertical-align:top}}\
              td:first-child{{color:#555}}.ok{{color:#080;font-weight:bold}}.bad{{color:#b00;font-weight:bold}}\
-             .plots{{display:flex;flex-wrap:wrap;gap:12px}}</style></head><body>\
-             <h1>fanout-loadtest: {sc} {verdict}</h1><table>",
+             .grid{{display:grid;grid-template-columns:{W}px {W}px;gap:8px 16px}}</style></head><body>\
+             <h1>fanout-loadtest: {sc} {verdict}</h1><div class=grid><div><table>",
             sc = esc(&self.scenario)
         )?;
         for (k, v) in self.rows() {
@@ -364,10 +364,9 @@ impl Report {
         }
         write!(
             h,
-            "<tr><td>urls</td><td>{}</td></tr></table>",
+            "<tr><td>urls</td><td>{}</td></tr></table></div>",
             esc(&self.urls.join(", "))
         )?;
-        h.push_str("<div class=plots>");
         h.push_str(&latency_over_time(&self.timeline)?);
         h.push_str(&percentiles(latency)?);
         h.push_str(&throughput_over_time(&self.timeline)?);
@@ -416,7 +415,7 @@ fn soak_windows(seconds: &[Second], every: u64, duration: u64) -> Soak {
 }
 
 const W: u32 = 580;
-const H: u32 = 360;
+const H: u32 = 340;
 
 fn chart_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing the report: {e}")
@@ -460,6 +459,7 @@ fn latency_over_time(seconds: &[Second]) -> Result<String> {
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RED.stroke_width(2)));
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
@@ -561,6 +561,7 @@ fn throughput_over_time(seconds: &[Second]) -> Result<String> {
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], purple.stroke_width(2)));
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()

@@ -68,14 +68,15 @@ pub async fn connect_storm(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result
     let writers = session::connect_all(ctx, &conn, plans, watch_close(ctx.stats.clone())).await;
     partial.connected = writers.len() as u64;
     partial.connect_seconds = go.elapsed().as_secs_f64();
+    // The client's CPU during the storm itself.
+    partial.run_seconds = partial.connect_seconds;
+    partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
     eprintln!(
         "worker {}: {} connections joined in {:.2} s",
         ctx.worker_index, partial.connected, partial.connect_seconds
     );
     // Hold them a moment, so the server's memory can be sampled.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    partial.run_seconds = go.elapsed().as_secs_f64();
-    partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
     partial.counts_from(&ctx.stats);
     Ok(partial)
 }

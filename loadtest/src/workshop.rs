@@ -32,7 +32,7 @@ use crate::stats::{Partial, SeqCheck, Stats};
 pub fn layout(users: usize, workshops: usize) -> Vec<Range<usize>> {
     let rooms = workshops.clamp(1, (users / 2).max(1));
     let mut rng = Rng::new(0x5EED);
-    let weights: Vec<u64> = (0..rooms).map(|_| 10 + rng.next_u64() % 41).collect();
+    let weights: Vec<u64> = (0..rooms).map(|_| 15 + rng.next_u64() % 46).collect();
     let total: u64 = weights.iter().sum();
     let mut sizes: Vec<usize> = weights
         .iter()
