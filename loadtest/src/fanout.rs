@@ -108,8 +108,9 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
     }
     partial.run_seconds = go.elapsed().as_secs_f64();
     partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
-    stop.notify_one();
+    // Count before the sockets close: stopping the heartbeats drops the writers.
     partial.counts_from(&ctx.stats);
+    stop.notify_one();
     Ok(partial)
 }
 

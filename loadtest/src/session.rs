@@ -174,26 +174,29 @@ where
     writers
 }
 
-/// Sends a heartbeat on every writer every 25 s until `stop`.
+/// Sends a heartbeat on every writer every 25 s until `stop`, spread
+/// evenly over the 25 s (as independent clients would be) rather than all
+/// at once, which would be a burst no real population produces.
 pub fn spawn_heartbeats(writers: Vec<SharedWriter>, vsn: String, stop: Arc<Notify>) {
+    if writers.is_empty() {
+        return;
+    }
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(25));
-        tick.tick().await;
-        let mut n = 0u64;
-        loop {
+        let period = Duration::from_secs(25);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period / writers.len() as u32);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for n in 0u64.. {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.notified() => break,
             }
-            n += 1;
             let msg = if vsn == "1.0.0" {
                 format!(r#"{{"topic":"phoenix","event":"heartbeat","payload":{{}},"ref":"h{n}"}}"#)
             } else {
                 format!(r#"[null,"h{n}","phoenix","heartbeat",{{}}]"#)
             };
-            for w in &writers {
-                let _ = client::send_text(&mut *w.lock().await, &msg).await;
-            }
+            let w = &writers[n as usize % writers.len()];
+            let _ = client::send_text(&mut *w.lock().await, &msg).await;
         }
     });
 }

@@ -102,7 +102,8 @@ pub async fn idle(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial>
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     partial.run_seconds = go.elapsed().as_secs_f64();
     partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
-    stop.notify_one();
+    // Count before the sockets close: stopping the heartbeats drops the writers.
     partial.counts_from(&ctx.stats);
+    stop.notify_one();
     Ok(partial)
 }

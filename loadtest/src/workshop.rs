@@ -238,8 +238,9 @@ pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn Wo
     drain(&ctx.stats, Duration::from_secs(10)).await;
     partial.run_seconds = go.elapsed().as_secs_f64();
     partial.client_cpu_seconds = crate::proc::cpu_seconds(None)? - cpu0;
-    stop.notify_one();
+    // Count before the sockets close: stopping the heartbeats drops the writers.
     partial.counts_from(&ctx.stats);
+    stop.notify_one();
     Ok(partial)
 }
 
@@ -335,15 +336,16 @@ async fn receive(
     stats: Arc<Stats>,
     db: Arc<dyn WorkshopDatabase>,
 ) {
-    let _ = user;
     let first = room.users.start;
     // Two streams per publisher: broadcasts (even) and database rows (odd).
     let mut check = SeqCheck::with_publishers(room.users.len() * 2);
     loop {
         let frame = client::recv(&mut r).await;
         let (stamp, stream) = match &frame {
-            Incoming::Closed(_) => {
-                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+            Incoming::Closed(why) => {
+                if stats.disconnected.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("user {user}: connection closed: {why}");
+                }
                 stats.connections.fetch_sub(1, Ordering::Relaxed);
                 room.joined.fetch_sub(1, Ordering::Relaxed);
                 return;
