@@ -27,3 +27,19 @@ fn clock_ticks() -> f64 {
     // USER_HZ is 100 on every Linux architecture fanout targets.
     100.0
 }
+
+/// CPU time the whole machine spent busy (all cores, everything but idle
+/// and iowait), in seconds since boot: to tell how much of a run's CPU went
+/// to processes other than the server and the load tester.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    Ok((total - idle) / clock_ticks())
+}

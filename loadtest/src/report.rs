@@ -95,6 +95,8 @@ pub struct Report {
     pub users: u64,
     pub workers: usize,
     pub duration_seconds: u64,
+    /// From "go" until the last delivery (or the drain timeout), seconds.
+    pub run_seconds: f64,
     pub connected: u64,
     pub connect_errors: u64,
     pub connect_seconds: f64,
@@ -113,6 +115,11 @@ pub struct Report {
     /// Set when the load tester itself may have been the bottleneck.
     pub client_bound: Option<String>,
     pub server_cpu_seconds: Option<f64>,
+    /// Busy CPU of the whole machine over the run, % of one core.
+    pub machine_cpu_percent: Option<f64>,
+    /// Of that, what neither the load processes nor --server-pid used
+    /// (other programs on the machine), % of one core.
+    pub other_cpu_percent: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
     pub server_rss_start_bytes: Option<u64>,
     pub server_rss_end_bytes: Option<u64>,
@@ -143,6 +150,10 @@ impl Report {
         } else {
             None
         };
+        let run = p.run_seconds.max(1e-6);
+        let machine_cpu_percent = agg.machine_cpu_seconds.map(|m| m * 100.0 / run);
+        let other_cpu_percent = machine_cpu_percent
+            .map(|m| (m - client_cpu_percent - agg.server_cpu_seconds.map_or(0.0, |c| c * 100.0 / run)).max(0.0));
         let rss_end = agg.seconds.iter().rev().find_map(|s| s.server_rss_bytes);
         let per_conn = match (args.scenario, agg.server_rss_at_start, agg.server_rss_after_go) {
             (Scenario::Idle, Some(b), Some(a)) if p.connected > 0 => Some((a as f64 - b as f64) / p.connected as f64),
@@ -173,6 +184,7 @@ impl Report {
             users: p.users,
             workers: args.workers.max(1),
             duration_seconds: args.duration,
+            run_seconds: p.run_seconds,
             connected: p.connected,
             connect_errors: p.connect_errors,
             connect_seconds: p.connect_seconds,
@@ -189,6 +201,8 @@ impl Report {
             client_cpu_percent_per_worker: agg.client_cpu_percent_per_worker.clone(),
             client_bound,
             server_cpu_seconds: agg.server_cpu_seconds,
+            machine_cpu_percent,
+            other_cpu_percent,
             server_cpu_us_per_delivery: agg
                 .server_cpu_seconds
                 .filter(|_| p.messages_received > 0)
@@ -304,6 +318,12 @@ impl Report {
                 ),
             );
         }
+        if let Some(c) = self.server_cpu_seconds {
+            row(
+                "server CPU",
+                format!("{:.0} % of a core ({c:.1} s)", c * 100.0 / self.run_seconds.max(1e-6)),
+            );
+        }
         if let Some(c) = self.server_cpu_us_per_delivery {
             row("server CPU per delivery", format!("{c:.2} us"));
         }
@@ -325,6 +345,15 @@ impl Report {
                     .join(", ")
             ),
         );
+        if let Some(m) = self.machine_cpu_percent {
+            row(
+                "machine CPU (all processes)",
+                format!(
+                    "{m:.0} % of a core; not client or server: {:.0} %",
+                    self.other_cpu_percent.unwrap_or(0.0)
+                ),
+            );
+        }
         if let Some(b) = &self.client_bound {
             row("WARNING", b.clone());
         }

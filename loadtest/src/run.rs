@@ -253,6 +253,8 @@ pub struct Second {
     pub client_cpu_percent: f64,
     pub server_rss_bytes: Option<u64>,
     pub server_cpu_percent: Option<f64>,
+    /// CPU of the whole machine in this second, % of one core.
+    pub machine_cpu_percent: Option<f64>,
     #[serde(skip)]
     pub latency: Option<Histogram<u64>>,
 }
@@ -268,6 +270,8 @@ pub struct Aggregate {
     pub server_rss_at_start: Option<u64>,
     pub server_rss_after_go: Option<u64>,
     pub server_cpu_seconds: Option<f64>,
+    /// Busy CPU of the whole machine from "go" to the end, seconds.
+    pub machine_cpu_seconds: Option<f64>,
     pub errors: Vec<String>,
 }
 
@@ -290,6 +294,7 @@ pub async fn aggregate(
         server_rss_at_start: server_rss(opts.server_pid),
         server_rss_after_go: None,
         server_cpu_seconds: None,
+        machine_cpu_seconds: None,
         errors: Vec::new(),
     };
     let mut go = Some(go);
@@ -297,6 +302,9 @@ pub async fn aggregate(
     let mut go_t: Option<u32> = None;
     let mut go_instant = None;
     let mut server_cpu_at_go = None;
+    let mut machine_at_go = None;
+    let machine = || proc::machine_busy_seconds().ok();
+    let mut prev_machine = machine();
     let mut finished = vec![false; sources];
     // Ticks not yet merged, per source, by second.
     let mut pending: Vec<HashMap<u32, Tick>> = vec![HashMap::new(); sources];
@@ -317,6 +325,7 @@ pub async fn aggregate(
                     go_t = Some(started.elapsed().as_secs() as u32);
                     go_instant = Some(Instant::now());
                     server_cpu_at_go = server_cpu(opts.server_pid);
+                    machine_at_go = machine();
                     eprintln!("all {sources} load process(es) connected: go");
                     go();
                 }
@@ -375,6 +384,9 @@ pub async fn aggregate(
                 _ => None,
             };
             prev_server_cpu = cpu_now;
+            let machine_now = machine();
+            let machine_cpu_percent = machine_now.zip(prev_machine).map(|(a, b)| (a - b) * 100.0 / dt);
+            prev_machine = machine_now;
             let rss = server_rss(opts.server_pid);
             if out.server_rss_after_go.is_none()
                 && go_instant.is_some_and(|g: Instant| g.elapsed() >= Duration::from_secs(2))
@@ -393,6 +405,7 @@ pub async fn aggregate(
                 client_cpu_percent: (total.client_cpu_seconds - prev_total.client_cpu_seconds).max(0.0) * 100.0,
                 server_rss_bytes: rss,
                 server_cpu_percent,
+                machine_cpu_percent,
                 latency: hist,
             };
             if let Some(h) = &second.latency {
@@ -400,7 +413,7 @@ pub async fn aggregate(
             }
             if opts.progress {
                 eprintln!(
-                    "[{:>5}s] conns {:>6} | sent {:>6}/s | recv {:>8}/s | p99 {:>8} | lost {} dup {} | client CPU {:>3.0}%{}",
+                    "[{:>5}s] conns {:>6} | sent {:>6}/s | recv {:>8}/s | p99 {:>8} | lost {} dup {} | client CPU {:>3.0}%{}{}",
                     second.t,
                     second.connections,
                     second.sent_per_s,
@@ -412,6 +425,9 @@ pub async fn aggregate(
                     second
                         .server_cpu_percent
                         .map_or(String::new(), |c| format!(" | server CPU {c:.0}%")),
+                    second
+                        .machine_cpu_percent
+                        .map_or(String::new(), |c| format!(" | machine {c:.0}%")),
                 );
             }
             out.seconds.push(second);
@@ -424,6 +440,7 @@ pub async fn aggregate(
     for s in &mut out.seconds {
         s.t -= go_t;
     }
+    out.machine_cpu_seconds = machine().zip(machine_at_go).map(|(a, b)| a - b);
     if let (Some(a), Some(b)) = (server_cpu(opts.server_pid), server_cpu_at_go) {
         out.server_cpu_seconds = Some(a - b);
     }
