@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every fanout test on a fresh Debian/Ubuntu machine, installing what it
 # needs first (idempotently): Node.js for the realtime-js protocol suite,
-# Chromium for the browser test, nats-server and redis-server for cluster mode
-# (tests start private instances on free ports), and the npm packages the JS
-# suites use. Tests start
+# Chromium for the browser test, nats-server and redis-server for cluster mode,
+# the PostgreSQL server and client for the change stream (tests start private
+# instances on free ports; Postgres clusters with initdb/pg_ctl in temp dirs),
+# and the npm packages the JS suites use. Tests start
 # their own private servers on free loopback ports, so they never collide with
 # system services.
 #
@@ -20,6 +21,8 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 
 if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   if [ ${#need_apt[@]} -gt 0 ]; then

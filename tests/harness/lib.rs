@@ -99,6 +99,26 @@ impl Fanout {
         Ok(me)
     }
 
+    /// Starts `fanout cdc` streaming `pg` into `nats`, with the workshop
+    /// routes. Its `port` is unused (admin only).
+    pub async fn start_cdc(nats: &Nats, pg: &Postgres, args: &[&str]) -> Result<Self> {
+        let (nurl, purl) = (nats.url(), pg.url());
+        let mut all = vec![
+            "--nats-url",
+            nurl.as_str(),
+            "--nats-shards",
+            "8",
+            "--nats-streams",
+            "2",
+            "--database-url",
+            purl.as_str(),
+            "--cdc-routes",
+            WORKSHOP_ROUTES,
+        ];
+        all.extend_from_slice(args);
+        Self::start_role_admin_only("cdc", &all).await
+    }
+
     async fn start_role_admin_only(role: &str, args: &[&str]) -> Result<Self> {
         let admin_port = free_port();
         let mut cmd = Command::new(fanout_bin());
@@ -564,3 +584,174 @@ pub async fn join_v1(c: &mut WsClient, topic: &str, config: Value, r#ref: &str) 
     anyhow::ensure!(reply["payload"]["status"] == "ok", "join refused: {reply}");
     Ok(reply)
 }
+
+/// A private PostgreSQL cluster in a temp dir (initdb + pg_ctl, run as the
+/// `postgres` user when the tests run as root), listening on a free
+/// loopback port with `wal_level = logical`. Stopped (immediate) on drop.
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// A cluster set up for logical replication.
+    pub async fn start() -> Result<Self> {
+        Self::start_with("logical").await
+    }
+
+    /// A cluster with the given `wal_level` (to test setup errors).
+    pub async fn start_with(wal_level: &str) -> Result<Self> {
+        let bin = Self::bin_dir()?;
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("fanout-pg-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pg = Self { port, dir, bin };
+        pg.as_owner(&["chown", "-R", "postgres:postgres"], true)?;
+        let data = pg.dir.join("data");
+        pg.run(
+            &pg.bin.join("initdb"),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
+        )?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level={wal_level} -c max_replication_slots=20 \
+             -c max_wal_senders=20 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            pg.dir.display()
+        );
+        pg.run(
+            &pg.bin.join("pg_ctl"),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &opts,
+                "-l",
+                &pg.dir.join("log").to_string_lossy(),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+        )?;
+        Ok(pg)
+    }
+
+    /// The newest installed server's bin dir.
+    fn bin_dir() -> Result<PathBuf> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL server not installed (tests/run.sh installs it)")?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let v: u32 = e.file_name().to_str()?.parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").exists().then_some((v, bin))
+            })
+            .collect();
+        versions.sort();
+        versions
+            .pop()
+            .map(|(_, b)| b)
+            .ok_or_else(|| anyhow!("no initdb under /usr/lib/postgresql/*/bin"))
+    }
+
+    fn is_root() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    }
+
+    /// Runs `cmd dir` (root only: hands the dir to postgres).
+    fn as_owner(&self, cmd: &[&str], only_root: bool) -> Result<()> {
+        if only_root && !Self::is_root() {
+            return Ok(());
+        }
+        let status = Command::new(cmd[0]).args(&cmd[1..]).arg(&self.dir).status()?;
+        if !status.success() {
+            bail!("{cmd:?} failed");
+        }
+        Ok(())
+    }
+
+    /// Runs a server program, as `postgres` when we are root.
+    fn run(&self, program: &std::path::Path, args: &[&str]) -> Result<String> {
+        let mut cmd = if Self::is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        let out = cmd
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}{}",
+                program.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs SQL with psql (stop on error, unaligned tuples-only output).
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", &self.url(), "-c", sql])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Applies `deploy/sql/workshop.sql`.
+    pub fn apply_workshop_schema(&self) -> Result<()> {
+        let file = repo_root().join("deploy/sql/workshop.sql");
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-f"])
+            .arg(&file)
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!("workshop schema: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.run(
+            &self.bin.join("pg_ctl"),
+            &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The routes of the workshop schema (see deploy/sql/workshop.sql).
+pub const WORKSHOP_ROUTES: &str = "public.workshop_participants=workshop:{session_id},\
+public.workshop_activities=workshop:{session_id},public.workshop_stage_submissions=workshop:{session_id}";

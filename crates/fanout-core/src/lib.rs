@@ -10,6 +10,8 @@
 //!   [`shard_of`] mapping and NATS subject tokens.
 //! - [`event`]: [`Event`], the envelope of a broadcast, a presence diff or a
 //!   database change, and [`Position`], its place in a channel's history.
+//! - [`changes`]: `postgres_changes` bindings, row [`changes::Filter`]s and
+//!   the [`changes::Routes`] from a table's rows to channels.
 //! - [`auth`]: HS256 JWT verification and [`Claims`].
 //! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
 //!   `presence_state` / `presence_diff` semantics.
@@ -21,6 +23,7 @@
 //! transport share one definition of the rules.
 
 pub mod auth;
+pub mod changes;
 pub mod channel;
 pub mod event;
 pub mod limits;

@@ -57,6 +57,12 @@ pub trait Bus: Send + Sync + 'static {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>>;
     fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<Subscription, BusError>>;
     fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>>;
+    /// Publishes `events` in order, each with a deduplication id, and
+    /// returns once every one is stored. An event whose id the bus already
+    /// stored (within its deduplication window) is not stored or delivered
+    /// again, so a publisher that restarts and re-sends is harmless. The
+    /// change ingester publishes this way.
+    fn publish_deduplicated(&self, events: Vec<(String, Event)>) -> BoxFuture<'_, Result<(), BusError>>;
     /// Whether the bus can currently deliver (for `/readyz`).
     fn is_ready(&self) -> bool {
         true
@@ -102,10 +108,38 @@ impl Log {
     }
 }
 
+/// Deduplication ids the memory bus remembers.
+const DEDUPE_IDS: usize = 100_000;
+
+/// The most recent deduplication ids, oldest first.
+#[derive(Default)]
+struct SeenIds {
+    set: std::collections::HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl SeenIds {
+    /// Records `id`; false if it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == DEDUPE_IDS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.set.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        true
+    }
+}
+
 /// The in-process bus of standalone mode: per-channel history in memory,
-/// bounded by [`Retention`].
+/// bounded by [`Retention`]; deduplication remembers the last 100,000 ids.
 pub struct MemoryBus {
     logs: Mutex<HashMap<ChannelName, Log>>,
+    seen: Mutex<SeenIds>,
     retention: Retention,
 }
 
@@ -121,6 +155,7 @@ impl MemoryBus {
     pub fn new(retention: Retention) -> Self {
         Self {
             logs: Mutex::new(HashMap::new()),
+            seen: Mutex::new(SeenIds::default()),
             retention,
         }
     }
@@ -196,6 +231,16 @@ impl Bus for MemoryBus {
     fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>> {
         let r = self.replay_now(&channel, after, upto);
         Box::pin(async move { Ok(r) })
+    }
+
+    fn publish_deduplicated(&self, events: Vec<(String, Event)>) -> BoxFuture<'_, Result<(), BusError>> {
+        for (id, event) in events {
+            let fresh = self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(&id);
+            if fresh {
+                self.publish_now(event);
+            }
+        }
+        Box::pin(async { Ok(()) })
     }
 }
 

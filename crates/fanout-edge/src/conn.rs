@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fanout_core::changes::Binding;
 use fanout_core::{ChannelName, Claims, Event, EventKind, Origin, Position};
 use fastwebsockets::{OpCode, WebSocketError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::Edge;
@@ -29,6 +31,9 @@ use crate::writer::ConnWriter;
 #[derive(Debug)]
 struct Joined {
     channel: ChannelName,
+    /// Change feeds joined for this topic's `postgres_changes` bindings:
+    /// (source channel, membership id).
+    feeds: Vec<(ChannelName, u64)>,
     join_ref: Option<String>,
     ack: bool,
     presence_key: String,
@@ -353,13 +358,10 @@ impl Conn {
             Err(e) => return self.reply_err(m, "bad_payload", &format!("invalid phx_join payload: {e}")),
         };
         let config = payload.config;
-        if !config.postgres_changes.is_empty() {
-            return self.reply_err(
-                m,
-                "unsupported",
-                "postgres_changes is not available: this server has no database change stream configured",
-            );
-        }
+        let bindings = match self.parse_bindings(&channel, &config.postgres_changes) {
+            Ok(b) => b,
+            Err(reason) => return self.reply_err(m, "bad_binding", &reason),
+        };
         if config.private {
             return self.reply_err(
                 m,
@@ -411,23 +413,39 @@ impl Conn {
             Some(k) if !k.is_empty() => k,
             _ => uuid::Uuid::new_v4().to_string(),
         };
+        let topic: Arc<str> = Arc::from(m.topic.as_str());
+        let Some(feeds) = self.join_feeds(&topic, bindings.feeds).await else {
+            return self.reply_err(
+                m,
+                "unavailable",
+                "the database change stream is not available right now; retry the join",
+            );
+        };
         self.joined.insert(
             m.topic.clone(),
             Joined {
                 channel: channel.clone(),
+                feeds,
                 join_ref: m.join_ref.clone(),
                 ack: config.broadcast.ack,
                 presence_key,
                 tracked: false,
             },
         );
-        let reply = self.enc.reply(
-            m.join_ref.as_deref(),
-            m.r#ref.as_deref(),
-            &m.topic,
-            true,
-            r#"{"postgres_changes":[]}"#,
-        );
+        let response = serde_json::json!({ "postgres_changes": bindings.reply }).to_string();
+        let mut reply = vec![
+            self.enc
+                .reply(m.join_ref.as_deref(), m.r#ref.as_deref(), &m.topic, true, &response),
+        ];
+        if !bindings.reply.is_empty() {
+            reply.push(self.enc.system(
+                &m.topic,
+                "postgres_changes",
+                true,
+                "Subscribed to PostgreSQL",
+                channel.as_str(),
+            ));
+        }
         self.edge.hub.join(
             &channel,
             JoinRequest {
@@ -438,13 +456,106 @@ impl Conn {
                     receive_own: config.broadcast.self_,
                     presence: config.presence.enabled.unwrap_or(true),
                     skip_through: 0,
+                    feed_topic: None,
+                    changes: (!bindings.own.is_empty()).then(|| bindings.own.into()),
                     writer: self.writer.clone(),
                 },
                 reply,
                 resume_after,
+                ready: None,
             },
         );
         metrics::counter!("fanout_joins_total").increment(1);
+    }
+
+    /// Validates a join's `postgres_changes` bindings and sorts them by the
+    /// channel their changes are routed to. Errors are the reply's reason.
+    fn parse_bindings(&self, channel: &ChannelName, raw: &[serde_json::Value]) -> Result<JoinBindings, String> {
+        let mut out = JoinBindings::default();
+        if raw.is_empty() {
+            return Ok(out);
+        }
+        let Some(routes) = self.edge.config.changes.clone() else {
+            return Err(
+                "postgres_changes is not available: this server has no database change stream configured".into(),
+            );
+        };
+        let mut feeds: HashMap<ChannelName, Vec<Binding>> = HashMap::new();
+        for (i, value) in raw.iter().enumerate() {
+            let spec: BindingSpec = serde_json::from_value(value.clone())
+                .map_err(|e| format!("postgres_changes[{i}] is not a binding: {e}"))?;
+            let binding = Binding::new(&spec.event, &spec.schema, spec.table.as_deref(), spec.filter.as_deref())
+                .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
+            let source = routes
+                .channel_for_binding(&binding)
+                .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
+            // The reply echoes each binding as sent, plus its id: realtime-js
+            // compares them field by field.
+            let mut echo = value.clone();
+            if let Some(obj) = echo.as_object_mut() {
+                obj.insert("id".into(), binding.id.into());
+            }
+            out.reply.push(echo);
+            if &source == channel {
+                out.own.push(binding);
+            } else {
+                feeds.entry(source).or_default().push(binding);
+            }
+        }
+        out.feeds = feeds.into_iter().collect();
+        Ok(out)
+    }
+
+    /// Joins the change feeds of a topic's bindings and waits until each is
+    /// live, so every change committed after the join reply is delivered.
+    /// `None` if they did not go live within the feed timeout.
+    async fn join_feeds(
+        &mut self,
+        topic: &Arc<str>,
+        feeds: Vec<(ChannelName, Vec<Binding>)>,
+    ) -> Option<Vec<(ChannelName, u64)>> {
+        let mut joined = Vec::with_capacity(feeds.len());
+        let mut waits = Vec::with_capacity(feeds.len());
+        for (source, bindings) in feeds {
+            let id = self.edge.next_conn_id();
+            let (ready, wait) = oneshot::channel();
+            self.edge.hub.join(
+                &source,
+                JoinRequest {
+                    member: Member {
+                        conn: id,
+                        origin: self.origin,
+                        vsn: self.vsn,
+                        receive_own: false,
+                        presence: false,
+                        skip_through: 0,
+                        feed_topic: Some(topic.clone()),
+                        changes: Some(bindings.into()),
+                        writer: self.writer.clone(),
+                    },
+                    reply: Vec::new(),
+                    resume_after: None,
+                    ready: Some(ready),
+                },
+            );
+            joined.push((source, id));
+            waits.push(wait);
+        }
+        let all_live = async {
+            for wait in waits {
+                wait.await.ok()?;
+            }
+            Some(())
+        };
+        match tokio::time::timeout(self.edge.config.feed_timeout, all_live).await {
+            Ok(Some(())) => Some(joined),
+            _ => {
+                for (source, id) in &joined {
+                    self.edge.hub.leave(source, *id);
+                }
+                None
+            }
+        }
     }
 
     /// Leaves a channel: hub membership and presence.
@@ -453,6 +564,9 @@ impl Conn {
             return;
         };
         self.edge.hub.leave(&joined.channel, self.id);
+        for (source, id) in &joined.feeds {
+            self.edge.hub.leave(source, *id);
+        }
         if joined.tracked {
             self.untrack(&joined.channel).await;
         }
@@ -666,6 +780,28 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// A join's bindings, sorted by where their changes come from.
+#[derive(Default)]
+struct JoinBindings {
+    /// The `postgres_changes` list of the join reply.
+    reply: Vec<serde_json::Value>,
+    /// Bindings whose changes are routed to the joined channel itself.
+    own: Vec<Binding>,
+    /// Bindings served by other channels' change feeds.
+    feeds: Vec<(ChannelName, Vec<Binding>)>,
+}
+
+/// One `postgres_changes` binding as realtime-js sends it.
+#[derive(Deserialize)]
+struct BindingSpec {
+    event: String,
+    schema: String,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    filter: Option<String>,
 }
 
 #[derive(Deserialize)]

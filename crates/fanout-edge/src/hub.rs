@@ -17,8 +17,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fanout_core::changes::Binding;
 use fanout_core::{ChannelName, Event, EventKind, Origin, Position};
-use tokio::sync::mpsc;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,10 +30,13 @@ use crate::presence::PresenceStore;
 use crate::protocol::{Encoder, Vsn};
 use crate::writer::ConnWriter;
 
-/// One connection's membership in a channel.
+/// One connection's membership in a channel: either the channel's own
+/// topic, or a *change feed*, the database changes routed to this channel
+/// delivered under another topic the connection joined.
 #[derive(Debug)]
 pub struct Member {
-    /// Connection id, unique within this process.
+    /// Membership id, unique within this process: the connection id for a
+    /// channel's own topic, a fresh id for a change feed.
     pub conn: u64,
     pub origin: Origin,
     pub vsn: Vsn,
@@ -43,6 +48,11 @@ pub struct Member {
     /// from it, possibly coming from an edge that was ahead of this one.
     /// Set by the channel task from the join's `resume_after`.
     pub skip_through: Position,
+    /// `Some(topic)` for a change feed: only database changes are
+    /// delivered, addressed to `topic`.
+    pub feed_topic: Option<Arc<str>>,
+    /// The member's `postgres_changes` bindings served by this channel.
+    pub changes: Option<Arc<[Binding]>>,
     pub writer: Arc<ConnWriter>,
 }
 
@@ -50,11 +60,15 @@ pub struct Member {
 #[derive(Debug)]
 pub struct JoinRequest {
     pub member: Member,
-    /// The encoded `phx_reply` for the join, sent by the channel task so that
-    /// every event after it reaches the member.
-    pub reply: Bytes,
+    /// Frames sent before anything else: the encoded `phx_reply` for the
+    /// join and notices after it, sent by the channel task so that every
+    /// event after them reaches the member. Empty for a change feed.
+    pub reply: Vec<Bytes>,
     /// `config.resume.after`: replay history after this position first.
     pub resume_after: Option<Position>,
+    /// Told once the member is registered behind the channel's live bus
+    /// subscription: every event published from then on reaches it.
+    pub ready: Option<oneshot::Sender<()>>,
 }
 
 enum Command {
@@ -196,6 +210,11 @@ struct Batch {
     created: std::time::Instant,
     events: Vec<Event>,
     encoded: Vec<[OnceLock<Option<Bytes>>; 2]>,
+    /// Database changes, decoded once for filtering.
+    changes: Vec<OnceLock<Option<Change>>>,
+    /// Database change frames by (event, topic, matching binding ids, vsn):
+    /// members with the same topic and bindings share one encoding.
+    change_frames: Mutex<HashMap<ChangeFrameKey, Bytes>>,
 }
 
 impl Batch {
@@ -203,6 +222,95 @@ impl Batch {
         self.encoded[i][vsn as usize]
             .get_or_init(|| encode_event(Encoder(vsn), &self.topic, &self.events[i], false))
             .as_ref()
+    }
+
+    /// The frame of database change `i` for `m`, if any of its bindings
+    /// matches.
+    fn change_frame(&self, i: usize, m: &Member, channel_topic: &Arc<str>) -> Option<Bytes> {
+        let bindings = m.changes.as_deref()?;
+        let change = self.changes[i]
+            .get_or_init(|| Change::decode(&self.events[i].payload))
+            .as_ref()?;
+        let ids = change.matching(bindings);
+        if ids.is_empty() {
+            return None;
+        }
+        let topic = m.feed_topic.as_ref().unwrap_or(channel_topic).clone();
+        let mut frames = self.change_frames.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (i, topic, ids, m.vsn);
+        if let Some(f) = frames.get(&key) {
+            return Some(f.clone());
+        }
+        let f = encode_change(Encoder(m.vsn), &key.1, &self.events[i], &key.2, false);
+        frames.insert(key, f.clone());
+        Some(f)
+    }
+}
+
+/// (event index, topic, matching binding ids, protocol version).
+type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn);
+
+/// The parts of a database change record that bindings look at.
+struct Change {
+    schema: String,
+    table: String,
+    change_type: String,
+    /// `record`, or `old_record` for a delete.
+    row: Map<String, Value>,
+}
+
+impl Change {
+    fn decode(payload: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            schema: String,
+            table: String,
+            #[serde(rename = "type")]
+            change_type: String,
+            #[serde(default)]
+            record: Option<Map<String, Value>>,
+            #[serde(default)]
+            old_record: Option<Map<String, Value>>,
+        }
+        let r: Record = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable database change skipped");
+                return None;
+            }
+        };
+        let row = if r.change_type == "DELETE" {
+            r.old_record
+        } else {
+            r.record
+        };
+        Some(Self {
+            schema: r.schema,
+            table: r.table,
+            change_type: r.change_type,
+            row: row.unwrap_or_default(),
+        })
+    }
+
+    /// Ids of the bindings this change is for. A filter that cannot be
+    /// evaluated on the row only excludes its own binding.
+    fn matching(&self, bindings: &[Binding]) -> Vec<u32> {
+        let mut ids: Vec<u32> = bindings
+            .iter()
+            .filter(|b| b.wants(&self.schema, &self.table, &self.change_type))
+            .filter(|b| match &b.filter {
+                None => true,
+                Some(f) => f.matches(&self.row).unwrap_or_else(|e| {
+                    metrics::counter!("fanout_change_filter_errors_total").increment(1);
+                    tracing::debug!(error = %e, filter = %f, "change filter failed for one binding");
+                    false
+                }),
+            })
+            .map(|b| b.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -216,7 +324,10 @@ enum ShardCommand {
     Remove {
         conn: u64,
     },
-    Deliver(Arc<Batch>),
+    Deliver {
+        batch: Arc<Batch>,
+        channel_topic: Arc<str>,
+    },
 }
 
 struct ShardHandle {
@@ -322,11 +433,12 @@ impl ChannelTask {
             mut member,
             reply,
             resume_after,
+            ready,
         } = req;
         // A rejoin by the same connection replaces the old membership.
         self.remove(member.conn);
         let enc = Encoder(member.vsn);
-        let mut preface = vec![reply];
+        let mut preface = reply;
         if member.presence {
             preface.push(match self.hub.inner.presence.state(&self.channel).await {
                 Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
@@ -338,7 +450,14 @@ impl ChannelTask {
                 Ok(Replay::Events(events)) => {
                     member.skip_through = after;
                     metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
-                    preface.extend(events.iter().filter_map(|ev| encode_event(enc, &self.topic, ev, true)));
+                    preface.extend(events.iter().filter_map(|ev| match ev.kind {
+                        EventKind::PostgresChange => {
+                            let change = Change::decode(&ev.payload)?;
+                            let ids = change.matching(member.changes.as_deref()?);
+                            (!ids.is_empty()).then(|| encode_change(enc, &self.topic, ev, &ids, true))
+                        }
+                        _ => encode_event(enc, &self.topic, ev, true),
+                    }));
                 }
                 Ok(Replay::Expired) => {
                     metrics::counter!("fanout_resync_required_total").increment(1);
@@ -371,6 +490,9 @@ impl ChannelTask {
         self.shards[shard].len += 1;
         self.index.insert(member.conn, shard);
         let _ = self.shards[shard].tx.send(ShardCommand::Add { member, preface });
+        if let Some(ready) = ready {
+            let _ = ready.send(());
+        }
     }
 
     fn remove(&mut self, conn: u64) {
@@ -403,14 +525,21 @@ impl ChannelTask {
             }
         }
         let encoded = events.iter().map(|_| [OnceLock::new(), OnceLock::new()]).collect();
+        let changes = events.iter().map(|_| OnceLock::new()).collect();
         let batch = Arc::new(Batch {
             topic: self.topic.clone(),
             created: std::time::Instant::now(),
             events,
             encoded,
+            changes,
+            change_frames: Mutex::new(HashMap::new()),
         });
+        let channel_topic: Arc<str> = Arc::from(self.topic.as_str());
         for shard in self.shards.iter().filter(|s| s.len > 0) {
-            let _ = shard.tx.send(ShardCommand::Deliver(batch.clone()));
+            let _ = shard.tx.send(ShardCommand::Deliver {
+                batch: batch.clone(),
+                channel_topic: channel_topic.clone(),
+            });
         }
     }
 }
@@ -437,7 +566,7 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                     metrics::gauge!("fanout_channel_members").decrement(1.0);
                 }
             }
-            ShardCommand::Deliver(batch) => {
+            ShardCommand::Deliver { batch, channel_topic } => {
                 let mut delivered = 0u64;
                 let before = members.len();
                 members.retain(|m| {
@@ -447,6 +576,13 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                             continue;
                         }
                         match ev.kind {
+                            EventKind::PostgresChange => {
+                                if let Some(f) = batch.change_frame(i, m, &channel_topic) {
+                                    frames.push(f);
+                                }
+                                continue;
+                            }
+                            _ if m.feed_topic.is_some() => continue,
                             EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
                             EventKind::PresenceDiff if !m.presence => continue,
                             _ => {}
@@ -477,8 +613,21 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
     metrics::gauge!("fanout_channel_members").decrement(members.len() as f64);
 }
 
+/// Encodes a database change for one topic and set of matching bindings:
+/// `postgres_changes` with `{ids, data, meta}`.
+fn encode_change(enc: Encoder, topic: &str, ev: &Event, ids: &[u32], replayed: bool) -> Bytes {
+    let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let data = std::str::from_utf8(&ev.payload).unwrap_or("null");
+    let replayed = if replayed { r#","replayed":true"# } else { "" };
+    let payload = format!(
+        r#"{{"ids":[{ids}],"data":{data},"meta":{{"id":"{}"{replayed}}}}}"#,
+        ev.position
+    );
+    enc.push(topic, "postgres_changes", &payload)
+}
+
 /// Encodes an event for one protocol version. `None` for kinds this edge
-/// does not deliver.
+/// does not deliver this way (database changes depend on the member).
 fn encode_event(enc: Encoder, topic: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
     match ev.kind {
         EventKind::Broadcast => {

@@ -66,6 +66,11 @@ pub struct EdgeConfig {
     /// On shutdown, client sockets are closed at random moments spread over
     /// this window, so reconnections spread over the other edges.
     pub drain_window: Duration,
+    /// `postgres_changes` routing, `None` when no change stream runs (joins
+    /// with `postgres_changes` bindings are then refused).
+    pub changes: Option<Arc<fanout_core::changes::Routes>>,
+    /// How long a join waits for the change feeds it needs to go live.
+    pub feed_timeout: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -75,6 +80,8 @@ impl Default for EdgeConfig {
             limits: Limits::default(),
             channel_linger: Duration::from_secs(2),
             drain_window: Duration::ZERO,
+            changes: None,
+            feed_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,7 +154,7 @@ impl Edge {
         })
     }
 
-    fn next_conn_id(&self) -> u64 {
+    pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 

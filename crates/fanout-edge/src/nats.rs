@@ -391,6 +391,9 @@ async fn ordered(
     consumer.messages().await.map_err(unavailable)
 }
 
+/// Publishes in flight at once in [`Bus::publish_deduplicated`].
+const PUBLISH_CHUNK: usize = 1024;
+
 impl Bus for NatsBus {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>> {
         Box::pin(async move {
@@ -399,6 +402,30 @@ impl Bus for NatsBus {
             let ack = self.js.publish(subject, payload).await.map_err(unavailable)?;
             let ack = ack.await.map_err(unavailable)?;
             Ok(ack.sequence)
+        })
+    }
+
+    fn publish_deduplicated(&self, events: Vec<(String, Event)>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            // Pipelined: a chunk is sent in order over the one connection,
+            // then its acks are awaited together. The `Nats-Msg-Id` header
+            // makes JetStream drop a re-sent id within the stream's
+            // duplicate window.
+            let mut events = events.into_iter().peekable();
+            while events.peek().is_some() {
+                let mut acks = Vec::with_capacity(PUBLISH_CHUNK);
+                for (id, event) in events.by_ref().take(PUBLISH_CHUNK) {
+                    let subject = self.subject(&event.channel, event.kind);
+                    let publish = jetstream::message::PublishMessage::build()
+                        .message_id(id)
+                        .payload(fanout_proto::encode_event(&event));
+                    acks.push(self.js.send_publish(subject, publish).await.map_err(unavailable)?);
+                }
+                for ack in acks {
+                    ack.await.map_err(unavailable)?;
+                }
+            }
+            Ok(())
         })
     }
 

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use crate::frame::{self, Opcode};
 
 /// Protocol version, from the `vsn` query parameter. No `vsn` means 1.0.0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Vsn {
     V1 = 0,
     V2 = 1,

@@ -44,6 +44,17 @@ pub struct Config {
     pub presence_sweep: Duration,
     /// Where `fanout presence` serves its gRPC API.
     pub presence_grpc_listen: SocketAddr,
+    /// PostgreSQL for the change stream (`postgres://…`): `fanout cdc`
+    /// needs it; standalone runs the ingester in-process when it is set.
+    pub database_url: Option<String>,
+    pub cdc_publication: String,
+    pub cdc_slot: String,
+    /// Table → channel routing, shared by the ingester and the edges.
+    pub cdc_routes: fanout_core::changes::Routes,
+    pub cdc_max_record_bytes: usize,
+    /// Edges accept `postgres_changes` bindings (a `fanout cdc` feeds the
+    /// cluster). Standalone turns it on by itself with a database URL.
+    pub postgres_changes: bool,
 }
 
 /// One setting: its key in the file (dotted for tables), its environment
@@ -88,6 +99,12 @@ settings! {
     "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs";
     "presence.sweep_secs", "FANOUT_PRESENCE_SWEEP_SECS", "presence-sweep-secs";
     "presence.grpc_listen", "FANOUT_PRESENCE_GRPC_LISTEN", "presence-grpc-listen";
+    "database.url", "FANOUT_DATABASE_URL", "database-url";
+    "cdc.publication", "FANOUT_CDC_PUBLICATION", "cdc-publication";
+    "cdc.slot", "FANOUT_CDC_SLOT", "cdc-slot";
+    "cdc.routes", "FANOUT_CDC_ROUTES", "cdc-routes";
+    "cdc.max_record_bytes", "FANOUT_CDC_MAX_RECORD_BYTES", "cdc-max-record-bytes";
+    "postgres_changes", "FANOUT_POSTGRES_CHANGES", "postgres-changes";
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -251,7 +268,21 @@ impl Config {
             presence_ttl: Duration::from_secs(r.get("presence.ttl_secs", 15)),
             presence_sweep: Duration::from_secs(r.get("presence.sweep_secs", 5)),
             presence_grpc_listen: r.get("presence.grpc_listen", SocketAddr::from(([127, 0, 0, 1], 50051))),
+            database_url: r.opt::<String>("database.url").filter(|s| !s.is_empty()),
+            cdc_publication: r.get("cdc.publication", "fanout".to_owned()),
+            cdc_slot: r.get("cdc.slot", "fanout".to_owned()),
+            cdc_routes: Default::default(),
+            cdc_max_record_bytes: r.get("cdc.max_record_bytes", 1024 * 1024),
+            postgres_changes: r.get("postgres_changes", false),
         };
+        let mut config = config;
+        match fanout_core::changes::Routes::parse(&r.get("cdc.routes", String::new())) {
+            Ok(routes) => config.cdc_routes = routes,
+            Err(e) => r.errors.push(e.to_string()),
+        }
+        if config.database_url.is_some() {
+            config.postgres_changes = true;
+        }
         let mut errors = std::mem::take(&mut r.errors);
         for k in r.unknown_file_keys() {
             errors.push(format!("unknown config key {k:?}"));
@@ -270,6 +301,14 @@ impl Config {
         }
         if config.presence_heartbeat.is_zero() || config.presence_ttl <= config.presence_heartbeat {
             errors.push("presence.ttl_secs must be larger than presence.heartbeat_secs (and both above 0)".into());
+        }
+        if config.cdc_slot.is_empty()
+            || !config
+                .cdc_slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            errors.push("cdc.slot must be lower-case letters, digits and underscores".into());
         }
         if config.presence_sweep.is_zero() {
             errors.push("presence.sweep_secs must be at least 1".into());
@@ -355,5 +394,20 @@ mod tests {
         assert!(err.0[0].contains("without a JWT secret"), "{err}");
         let ok = load("", &[("FANOUT_JWT_SECRET", "s3cret")], &[("listen", "0.0.0.0:4000")]).unwrap();
         assert_eq!(ok.jwt_secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn change_stream_settings() {
+        let c = load(
+            "[cdc]\nroutes = \"public.workshop_activities=workshop:{session_id}\"\n",
+            &[("FANOUT_DATABASE_URL", "postgres://127.0.0.1/app")],
+            &[],
+        )
+        .unwrap();
+        assert!(c.postgres_changes, "a database URL turns postgres_changes on");
+        assert!(!c.cdc_routes.is_empty());
+        assert_eq!((c.cdc_slot.as_str(), c.cdc_publication.as_str()), ("fanout", "fanout"));
+        let err = load("", &[("FANOUT_CDC_ROUTES", "nodot=x:{y}")], &[("cdc-slot", "Bad-Slot")]).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
     }
 }

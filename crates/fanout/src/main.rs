@@ -56,6 +56,9 @@ enum Command {
     /// The presence role: expires crashed edges' users from Redis and announces their
     /// leaves (needs --nats-url and --redis-url; run one or more).
     Presence,
+    /// The change-data-capture ingester: PostgreSQL changes into JetStream (needs
+    /// --database-url and --nats-url; run two for failover: one streams, the other waits).
+    Cdc,
 }
 
 #[derive(Args, Debug, Default)]
@@ -141,6 +144,26 @@ struct ServerArgs {
     /// Where `fanout presence` serves its gRPC API [env: FANOUT_PRESENCE_GRPC_LISTEN] [default: 127.0.0.1:50051].
     #[arg(long, global = true, value_name = "ADDR")]
     presence_grpc_listen: Option<String>,
+    /// PostgreSQL URL for the change stream, postgres://user:pass@host:port/db[?sslmode=require];
+    /// required by `cdc`, runs the ingester in-process in `standalone` [env: FANOUT_DATABASE_URL].
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Publication the ingester streams [env: FANOUT_CDC_PUBLICATION] [default: fanout].
+    #[arg(long, global = true, value_name = "NAME")]
+    cdc_publication: Option<String>,
+    /// Logical replication slot, created if missing [env: FANOUT_CDC_SLOT] [default: fanout].
+    #[arg(long, global = true, value_name = "NAME")]
+    cdc_slot: Option<String>,
+    /// Tables routed to per-row channels, e.g. public.workshop_activities=workshop:{session_id}
+    /// (comma-separated); other tables go to db:<schema>.<table>. Edges and cdc must agree [env: FANOUT_CDC_ROUTES].
+    #[arg(long, global = true, value_name = "ROUTES")]
+    cdc_routes: Option<String>,
+    /// Change records above this size keep only small values and carry a 413 error [env: FANOUT_CDC_MAX_RECORD_BYTES] [default: 1048576].
+    #[arg(long, global = true, value_name = "BYTES")]
+    cdc_max_record_bytes: Option<String>,
+    /// Accept postgres_changes bindings (an edge fed by `fanout cdc`); on by itself with --database-url [env: FANOUT_POSTGRES_CHANGES] [default: false].
+    #[arg(long, global = true, value_name = "BOOL")]
+    postgres_changes: Option<String>,
 }
 
 impl ServerArgs {
@@ -173,6 +196,12 @@ impl ServerArgs {
             ("presence-ttl-secs", &self.presence_ttl_secs),
             ("presence-sweep-secs", &self.presence_sweep_secs),
             ("presence-grpc-listen", &self.presence_grpc_listen),
+            ("database-url", &self.database_url),
+            ("cdc-publication", &self.cdc_publication),
+            ("cdc-slot", &self.cdc_slot),
+            ("cdc-routes", &self.cdc_routes),
+            ("cdc-max-record-bytes", &self.cdc_max_record_bytes),
+            ("postgres-changes", &self.postgres_changes),
         ];
         debug_assert_eq!(given.len(), SETTINGS.len());
         given
@@ -235,6 +264,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_USAGE);
             }
             runtime.block_on(presence(config))
+        }
+        Command::Cdc => {
+            if config.nats_urls.is_empty() || config.database_url.is_none() {
+                eprintln!(
+                    "fanout: invalid configuration:\n  - `fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)"
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+            runtime.block_on(cdc(config))
         }
     };
     match result {
@@ -302,6 +340,28 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
         "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
     );
     metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
+    metrics::describe_gauge!(
+        "fanout_cdc_active",
+        "1 while this process streams the replication slot, 0 on standby."
+    );
+    metrics::describe_counter!(
+        "fanout_cdc_changes_published_total",
+        "Row changes published to the bus and acknowledged."
+    );
+    metrics::describe_counter!("fanout_cdc_transactions_total", "Transactions published.");
+    metrics::describe_histogram!(
+        "fanout_cdc_commit_to_ack_seconds",
+        "From a transaction's commit in PostgreSQL to the bus acknowledging its changes."
+    );
+    metrics::describe_histogram!("fanout_cdc_publish_seconds", "Time to publish one group of changes.");
+    metrics::describe_gauge!(
+        "fanout_cdc_confirmed_lsn",
+        "The WAL position confirmed to the replication slot."
+    );
+    metrics::describe_counter!(
+        "fanout_change_filter_errors_total",
+        "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
+    );
     metrics::describe_counter!(
         "fanout_handshake_rejections_total",
         "WebSocket handshakes refused, by reason."
@@ -448,6 +508,45 @@ async fn presence(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cdc_config(config: &Config) -> Option<fanout_cdc::CdcConfig> {
+    let mut c = fanout_cdc::CdcConfig::new(config.database_url.clone()?);
+    c.publication = config.cdc_publication.clone();
+    c.slot = config.cdc_slot.clone();
+    c.routes = Arc::new(config.cdc_routes.clone());
+    c.max_record_bytes = config.cdc_max_record_bytes;
+    Some(c)
+}
+
+/// The change-data-capture role: one streams the slot, others stand by.
+async fn cdc(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let metrics = install_metrics(&shutdown)?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_token.cancel();
+    });
+    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
+    let ready_bus = bus.clone();
+    let admin_task = tokio::spawn(fanout_edge::http::serve_admin(
+        admin,
+        Some(metrics),
+        Arc::new(move || ready_bus.is_ready()),
+        shutdown.clone(),
+    ));
+    let cdc = cdc_config(&config).context("database URL")?;
+    tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
+    let result = fanout_cdc::run(cdc, bus, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = admin_task.await;
+    result.context("change stream")?;
+    tracing::info!("fanout cdc stopped");
+    Ok(())
+}
+
 /// Binds the listeners and serves until SIGTERM/SIGINT.
 async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow::Result<()> {
     raise_nofile_limit();
@@ -474,6 +573,8 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
         limits: config.limits.clone(),
         channel_linger: config.channel_linger,
         drain_window: config.drain_window,
+        changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
+        ..EdgeConfig::default()
     };
     let node = Edge::random_node();
     let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
@@ -489,6 +590,18 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
         }
         _ => Arc::new(MemoryPresence::new(node)),
     };
+    if role == "standalone"
+        && let Some(cdc) = cdc_config(&config)
+    {
+        // The in-process ingester: a setup problem is logged and leaves the
+        // rest of the server running.
+        let (bus, shutdown) = (bus.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fanout_cdc::run(cdc, bus, shutdown).await {
+                tracing::error!("change stream stopped: {e}");
+            }
+        });
+    }
     let edge = Edge::new(edge_config, node, bus, presence, Some(metrics), shutdown.clone());
     tracing::info!(
         public = %public.local_addr()?,
