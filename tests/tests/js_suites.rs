@@ -54,3 +54,16 @@ async fn realtime_js_protocol_suite_against_a_cluster_edge() {
 fn demo_page_in_headless_chromium() {
     run_node_suite("browser/");
 }
+
+/// realtime-js `postgres_changes` against standalone with its in-process
+/// ingester on a private PostgreSQL (wal_level = logical).
+#[tokio::test]
+async fn realtime_js_postgres_changes_suite() {
+    let pg = fanout_tests::Postgres::start().await.expect("PostgreSQL starts");
+    pg.apply_workshop_schema().expect("workshop schema");
+    let url = pg.url();
+    tokio::task::spawn_blocking(move || run_node_suite_with("changes/", &[("FANOUT_TEST_DATABASE_URL", url)]))
+        .await
+        .expect("suite ran");
+    drop(pg);
+}

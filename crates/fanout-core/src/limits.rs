@@ -13,7 +13,9 @@ pub struct Limits {
     /// Channels one connection may have joined at once.
     pub max_channels_per_connection: usize,
     /// Frames queued for one connection before it counts as a slow consumer
-    /// and is disconnected.
+    /// and is disconnected. Large enough for a burst of database changes
+    /// (a 10,000-row UPDATE is 10,000 frames); frames are shared between
+    /// connections, so a queue mostly holds references.
     pub outbound_queue_frames: usize,
     /// Messages (any event) a connection may send per second, sustained;
     /// bursts up to twice this are allowed.
@@ -33,7 +35,7 @@ impl Default for Limits {
         Self {
             max_frame_bytes: 1 << 20,
             max_channels_per_connection: 100,
-            outbound_queue_frames: 1024,
+            outbound_queue_frames: 16_384,
             messages_per_second: 1000,
             joins_per_second: 50,
             max_connections: 100_000,

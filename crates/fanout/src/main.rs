@@ -81,7 +81,7 @@ struct ServerArgs {
     /// Channels one connection may join [env: FANOUT_MAX_CHANNELS_PER_CONNECTION] [default: 100].
     #[arg(long, global = true, value_name = "N")]
     max_channels_per_connection: Option<String>,
-    /// Frames queued per connection before it is dropped as a slow consumer [env: FANOUT_OUTBOUND_QUEUE_FRAMES] [default: 1024].
+    /// Frames queued per connection before it is dropped as a slow consumer [env: FANOUT_OUTBOUND_QUEUE_FRAMES] [default: 16384].
     #[arg(long, global = true, value_name = "N")]
     outbound_queue_frames: Option<String>,
     /// Messages per second per connection (bursts of twice that; 0 = unlimited) [env: FANOUT_MESSAGES_PER_SECOND] [default: 1000].

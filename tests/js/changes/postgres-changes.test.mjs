@@ -1,0 +1,186 @@
+// postgres_changes with the real @supabase/realtime-js client against
+// standalone fanout running its in-process ingester on a private PostgreSQL
+// (started by tests/tests/js_suites.rs, which passes its URL in
+// FANOUT_TEST_DATABASE_URL with deploy/sql/workshop.sql applied).
+import { test, before, after, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { startServer, makeClient, subscribe, subscribeOutcome, disconnectAll, waitFor, sleep } from '../protocol/helpers.mjs';
+
+const DB = process.env.FANOUT_TEST_DATABASE_URL;
+const ROUTES =
+  'public.workshop_participants=workshop:{session_id},public.workshop_activities=workshop:{session_id},' +
+  'public.workshop_stage_submissions=workshop:{session_id}';
+
+/** Runs SQL with psql; returns its unaligned output. */
+function sql(text) {
+  return execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-At', '-d', DB, '-c', text], {
+    encoding: 'utf8',
+  }).trim();
+}
+
+let nextSession = 100;
+/** A fresh workshop session row; returns its id. */
+function newSession() {
+  const id = nextSession++;
+  sql(`INSERT INTO workshop_sessions (id, title) VALUES (${id}, 'Workshop ${id}')`);
+  return id;
+}
+
+let server;
+before(async () => {
+  assert.ok(DB, 'FANOUT_TEST_DATABASE_URL must point at a PostgreSQL with wal_level=logical (tests/js_suites.rs sets it)');
+  server = await startServer({ args: ['--database-url', DB, '--cdc-routes', ROUTES] });
+  // The in-process ingester is live once a change makes it through.
+  await waitFor(
+    async () => {
+      const text = await (await fetch(`http://127.0.0.1:${server.adminPort}/metrics`)).text();
+      return /^fanout_cdc_active 1$/m.test(text);
+    },
+    15000,
+    'the change stream to start',
+  );
+});
+afterEach(async () => {
+  await disconnectAll();
+});
+after(async () => {
+  await server?.stop();
+});
+
+for (const vsn of ['1.0.0', '2.0.0']) {
+  test(`vsn ${vsn}: INSERT, UPDATE and DELETE arrive typed, filtered, with old rows`, async () => {
+    const s = newSession();
+    const other = newSession();
+    const client = makeClient(server, { vsn });
+    const got = [];
+    const sessions = [];
+    const ch = client
+      .channel(`workshop:${s}`)
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'workshop_activities', filter: `session_id=eq.${s}` }, (p) =>
+        got.push(p),
+      )
+      .on('postgres_changes', { event: 'UPDATE', schema: 'public', table: 'workshop_sessions', filter: `id=eq.${s}` }, (p) =>
+        sessions.push(p),
+      );
+    const systems = [];
+    ch.on('system', {}, (m) => systems.push(m));
+    await subscribe(ch);
+
+    sql(`INSERT INTO workshop_activities (session_id, kind, seq) VALUES (${other}, 'elsewhere', 0)`);
+    sql(`INSERT INTO workshop_activities (session_id, kind, seq, body) VALUES (${s}, 'chat', 1, '{"text":"hello","n":[1,2]}')`);
+    sql(`UPDATE workshop_activities SET kind = 'edited' WHERE session_id = ${s} AND seq = 1`);
+    sql(`DELETE FROM workshop_activities WHERE session_id = ${s} AND seq = 1`);
+    sql(`UPDATE workshop_sessions SET stage = 'vote' WHERE id = ${other}`);
+    sql(`UPDATE workshop_sessions SET stage = 'vote', settings = '{"timer":90}' WHERE id = ${s}`);
+
+    await waitFor(() => got.length >= 3 && sessions.length >= 1, 10000, 'three activity changes and one session update');
+    await sleep(300);
+    assert.deepEqual(
+      got.map((p) => p.eventType),
+      ['INSERT', 'UPDATE', 'DELETE'],
+    );
+    assert.equal(sessions.length, 1, 'the other session\'s update is filtered out');
+    const [ins, upd, del] = got;
+    assert.equal(ins.schema, 'public');
+    assert.equal(ins.table, 'workshop_activities');
+    assert.match(ins.commit_timestamp, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    assert.equal(ins.errors, null);
+    assert.equal(ins.new.session_id, s, 'bigint arrives as a number');
+    assert.equal(ins.new.kind, 'chat');
+    assert.deepEqual(ins.new.body, { text: 'hello', n: [1, 2] }, 'jsonb arrives as an object');
+    assert.match(ins.new.created_at, /^\d{4}-\d\d-\d\dT/, 'timestamptz arrives as an ISO string');
+    assert.deepEqual(ins.old, {});
+    assert.equal(upd.new.kind, 'edited');
+    assert.equal(upd.old.kind, 'chat', 'REPLICA IDENTITY FULL gives the old row');
+    assert.deepEqual(del.new, {});
+    assert.equal(del.old.id, ins.new.id);
+    assert.equal(sessions[0].new.stage, 'vote');
+    assert.deepEqual(sessions[0].new.settings, { timer: 90 });
+    assert.equal(sessions[0].old.stage, 'lobby');
+    assert.ok(
+      systems.some((m) => m.extension === 'postgres_changes' && m.status === 'ok' && /Subscribed to PostgreSQL/.test(m.message)),
+      `system message: ${JSON.stringify(systems)}`,
+    );
+  });
+}
+
+test('a change committed right after SUBSCRIBED is delivered (20 fresh joins)', async () => {
+  const client = makeClient(server);
+  for (let i = 0; i < 20; i++) {
+    const s = newSession();
+    const got = [];
+    const ch = client
+      .channel(`workshop:${s}`)
+      .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_activities', filter: `session_id=eq.${s}` }, (p) =>
+        got.push(p),
+      );
+    await new Promise((resolve, reject) => {
+      ch.subscribe((status, err) => {
+        if (status !== 'SUBSCRIBED') return reject(new Error(`${status}: ${err?.message}`));
+        // Committed synchronously, before anything else can run.
+        sql(`INSERT INTO workshop_activities (session_id, kind, seq) VALUES (${s}, 'first', ${i})`);
+        resolve();
+      });
+    });
+    await waitFor(() => got.length === 1, 5000, `join ${i}: the change committed right after SUBSCRIBED`);
+    await client.removeChannel(ch);
+  }
+});
+
+test('a 10,000-row UPDATE in one statement arrives complete and in commit order', async () => {
+  const s = newSession();
+  sql(
+    `INSERT INTO workshop_activities (session_id, kind, seq) SELECT ${s}, 'bulk', g FROM generate_series(0, 9999) g`,
+  );
+  const client = makeClient(server);
+  const got = [];
+  const ch = client
+    .channel(`workshop:${s}`)
+    .on('postgres_changes', { event: 'UPDATE', schema: 'public', table: 'workshop_activities', filter: `session_id=eq.${s}` }, (p) =>
+      got.push(p.new.seq),
+    );
+  await subscribe(ch);
+  sql(`UPDATE workshop_activities SET kind = 'bulk-updated' WHERE session_id = ${s}`);
+  await waitFor(() => got.length >= 10000, 60000, '10,000 updates');
+  await sleep(300);
+  assert.equal(got.length, 10000, 'no duplicates');
+  assert.equal(new Set(got).size, 10000, 'every row once');
+  // The statement updated the rows in the order they were inserted, so
+  // the WAL (commit) order is ascending seq.
+  assert.ok(
+    got.every((v, i) => i === 0 || got[i - 1] < v),
+    'in commit order',
+  );
+});
+
+test('a filter that fails on a row only silences its own binding', async () => {
+  const s = newSession();
+  const client = makeClient(server);
+  const good = [];
+  const bad = [];
+  // `kind` is text, so lt.5 compares strings: fine. `seq=eq.abc` cannot be
+  // compared with a number: that binding gets nothing, the other still does.
+  const ch = client
+    .channel('room-filters')
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_sessions', filter: 'title=eq.abc' }, (p) => bad.push(p))
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_sessions', filter: 'id=eq.abc' }, (p) => bad.push(p))
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_sessions', filter: `id=gt.${s}` }, (p) => good.push(p));
+  await subscribe(ch);
+  const next = newSession();
+  await waitFor(() => good.length === 1, 5000, 'the working binding');
+  assert.equal(good[0].new.id, next);
+  await sleep(300);
+  assert.equal(bad.length, 0);
+});
+
+test('an invalid binding fails the join with the reason', async () => {
+  const client = makeClient(server);
+  const ch = client
+    .channel('room-bad-binding')
+    .on('postgres_changes', { event: '*', schema: 'public', table: 'workshop_sessions', filter: 'id=like.1%' }, () => {});
+  const outcome = await subscribeOutcome(ch);
+  const err = outcome.find((o) => o.status === 'CHANNEL_ERROR');
+  assert.ok(err, `statuses: ${JSON.stringify(outcome)}`);
+  assert.match(JSON.stringify(outcome), /filter/);
+});
