@@ -45,17 +45,28 @@ pub async fn connect(
     apikey: Option<&str>,
     source: Option<IpAddr>,
 ) -> Result<(Reader, Writer)> {
-    let sock = TcpSocket::new_v4()?;
-    if let Some(ip) = source {
-        sock.bind(SocketAddr::new(ip, 0))?;
-    }
-    let mut stream = sock.connect(target.addr).await?;
-    stream.set_nodelay(true)?;
     let mut path = format!("{}/websocket?vsn={vsn}", target.base_path);
     if let Some(k) = apikey {
         path.push_str("&apikey=");
         path.push_str(k);
     }
+    connect_path(target, &path, source).await
+}
+
+/// Opens a TCP connection to `target` from `source` (when given).
+async fn tcp(target: &Target, source: Option<IpAddr>) -> Result<tokio::net::TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = sock.connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Opens a WebSocket to `path` (with query) on `target`'s host.
+pub async fn connect_path(target: &Target, path: &str, source: Option<IpAddr>) -> Result<(Reader, Writer)> {
+    let mut stream = tcp(target, source).await?;
     let key = fastwebsockets::handshake::generate_key();
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -170,4 +181,62 @@ pub fn parse_broadcast(b: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let meta = b.get(5 + tl + el..5 + tl + el + ml)?;
     let payload = b.get(5 + tl + el + ml..)?;
     Some((ev, meta, payload))
+}
+
+/// An HTTP/1.1 keep-alive connection that POSTs messages (the nchan
+/// publisher endpoint). Requests are pipelined; a task reads and discards
+/// the responses, counting them.
+pub struct HttpPublisher {
+    stream: OwnedWriteHalf,
+    host: String,
+    path: String,
+    /// Responses that were not 2xx.
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HttpPublisher {
+    pub async fn connect(target: &Target, path: &str) -> Result<Self> {
+        let (mut r, w) = tcp(target, None).await?.into_split();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = refused.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut carry = Vec::new();
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                carry.extend_from_slice(&buf[..n]);
+                // Count status lines that are not 2xx; keep a tail for split lines.
+                let text = String::from_utf8_lossy(&carry).into_owned();
+                for line in text.split("\r\n").filter(|l| l.starts_with("HTTP/1.1 ")) {
+                    if !line[9..].starts_with('2') {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                let keep = carry.len().saturating_sub(16);
+                carry.drain(..keep);
+            }
+        });
+        Ok(Self {
+            stream: w,
+            host: target.host.clone(),
+            path: path.to_owned(),
+            refused,
+        })
+    }
+
+    /// Sends one POST with `body`.
+    pub async fn post(&mut self, body: &[u8]) -> Result<()> {
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.path,
+            self.host,
+            body.len()
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        self.stream.write_all(body).await?;
+        Ok(())
+    }
 }

@@ -83,10 +83,16 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
     // Process 0 publishes, on its own connection (not a subscriber).
     let publisher = if ctx.worker_index == 0 {
         let target = conn.targets.last().context("at least one --url")?;
-        let (mut pr, mut pw) = client::connect(target, "2.0.0", conn.apikey.as_deref(), None).await?;
-        session::join(&mut pr, &mut pw, TOPIC, "2.0.0", &JoinOpts::default()).await?;
-        tokio::spawn(async move { while !matches!(client::recv(&mut pr).await, Incoming::Closed(_)) {} });
-        Some(pw)
+        if conn.nchan {
+            Some(Publisher::Nchan(
+                client::HttpPublisher::connect(target, &session::nchan_path("pub", TOPIC)).await?,
+            ))
+        } else {
+            let (mut pr, mut pw) = client::connect(target, "2.0.0", conn.apikey.as_deref(), None).await?;
+            session::join(&mut pr, &mut pw, TOPIC, "2.0.0", &JoinOpts::default()).await?;
+            tokio::spawn(async move { while !matches!(client::recv(&mut pr).await, Incoming::Closed(_)) {} });
+            Some(Publisher::Realtime(pw))
+        }
     } else {
         None
     };
@@ -114,15 +120,17 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
     Ok(partial)
 }
 
+/// How the publisher sends.
+enum Publisher {
+    /// A Realtime client sending binary broadcast pushes.
+    Realtime(client::Writer),
+    /// POSTs to nchan's publisher location.
+    Nchan(client::HttpPublisher),
+}
+
 /// Sends `count` messages at `--rate`, each `{"seq", "ts"}` (plus padding),
 /// taking the `failure` server away after `--kill-after` seconds.
-async fn publish(
-    args: &Args,
-    pw: &mut client::Writer,
-    failure: Option<Failure>,
-    stats: &Stats,
-    count: u64,
-) -> Result<()> {
+async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stats: &Stats, count: u64) -> Result<()> {
     let pad = "x".repeat(args.payload_bytes);
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let t0 = Instant::now();
@@ -148,9 +156,21 @@ async fn publish(
         } else {
             format!(r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#, now_micros())
         };
-        let frame = client::broadcast_push("1", "", TOPIC, "bench", payload.as_bytes());
-        client::send_binary(pw, &frame).await.context("publishing")?;
+        match pw {
+            Publisher::Realtime(w) => {
+                let frame = client::broadcast_push("1", "", TOPIC, "bench", payload.as_bytes());
+                client::send_binary(w, &frame).await.context("publishing")?;
+            }
+            Publisher::Nchan(p) => p.post(payload.as_bytes()).await.context("publishing to nchan")?,
+        }
         stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Publisher::Nchan(p) = pw {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = p.refused.load(Ordering::Relaxed);
+        if refused > 0 {
+            eprintln!("nchan refused {refused} of {count} publishes");
+        }
     }
     Ok(())
 }
@@ -178,6 +198,8 @@ async fn receive(
                 None => continue,
             },
             Incoming::Text(t) => match serde_json::from_slice::<serde_json::Value>(&t) {
+                // nchan delivers the published body as it was.
+                Ok(v) if v.get("seq").is_some() => (t, None),
                 // vsn 1.0.0 broadcasts are JSON objects.
                 Ok(v) if v["event"] == "broadcast" => (
                     v["payload"]["payload"].to_string().into_bytes(),
@@ -185,8 +207,10 @@ async fn receive(
                 ),
                 _ => continue,
             },
-            Incoming::Closed(_) => {
-                stats.disconnected.fetch_add(1, Ordering::Relaxed);
+            Incoming::Closed(why) => {
+                if stats.disconnected.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("user {user}: connection closed: {why}");
+                }
                 stats.connections.fetch_sub(1, Ordering::Relaxed);
                 if !failover {
                     return;

@@ -61,6 +61,10 @@ enum Scenario {
 enum ServerKind {
     /// fanout (or any Supabase Realtime server).
     Fanout,
+    /// nginx + nchan (fanout scenario only), for comparison: --url is the
+    /// nginx address (ws://host:port); subscribers use /sub/<channel>, the
+    /// publisher POSTs to /pub/<channel>.
+    Nchan,
 }
 
 #[derive(Parser, Debug)]
@@ -123,9 +127,10 @@ struct Args {
     /// Idle / connect-storm: each user also tracks a presence after joining.
     #[arg(long)]
     track: bool,
-    /// Server pid: its CPU per delivered message and its memory (/proc).
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Server pid(s), comma-separated: CPU per delivered message and memory
+    /// (/proc), summed over them (e.g. nginx's workers).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Fanout / reconnect-storm: kill -9 this pid (a server in --url) after
     /// --kill-after seconds; its clients resume on another --url.
     #[arg(long)]
@@ -177,11 +182,20 @@ fn mint_jwt(secret: &str, seconds: u64) -> Result<String> {
 async fn scenario(args: Arc<Args>, ctx: Arc<Ctx>) -> Result<Partial> {
     let conn = ConnectOpts {
         targets: args.url.iter().map(|u| Target::parse(u)).collect::<Result<_>>()?,
-        vsn: args.vsn.clone(),
+        // nchan has no protocol version and no heartbeats.
+        vsn: if args.target == ServerKind::Nchan {
+            "nchan".into()
+        } else {
+            args.vsn.clone()
+        },
         apikey: args.apikey.clone(),
         source_ips: args.source_ips,
         concurrency: args.connect_concurrency,
+        nchan: args.target == ServerKind::Nchan,
     };
+    if conn.nchan && args.scenario != Scenario::Fanout {
+        anyhow::bail!("--target nchan supports the fanout scenario only");
+    }
     match args.scenario {
         Scenario::Workshop | Scenario::Soak => workshop::run(&args, &conn, &ctx).await,
         Scenario::Fanout | Scenario::ReconnectStorm => fanout::run(&args, &conn, &ctx).await,
@@ -215,7 +229,7 @@ async fn main() -> Result<()> {
         eprintln!("warning: open-file limit {limit} is below {per_process} users per process; use more --workers");
     }
     let opts = AggregateOptions {
-        server_pid: args.server_pid,
+        server_pids: args.server_pid.clone(),
         progress: !args.quiet,
     };
     let agg = if workers > 1 {

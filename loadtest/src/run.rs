@@ -233,7 +233,8 @@ pub async fn run_parent(count: usize, opts: AggregateOptions) -> Result<Aggregat
 /// What the aggregator needs besides the messages.
 #[derive(Debug, Clone)]
 pub struct AggregateOptions {
-    pub server_pid: Option<u32>,
+    /// Server process(es) to sample; CPU and RSS are summed over them.
+    pub server_pids: Vec<u32>,
     /// Print a progress line per second.
     pub progress: bool,
 }
@@ -284,14 +285,21 @@ pub async fn aggregate(
     go: impl FnOnce(),
 ) -> Result<Aggregate> {
     let started = Instant::now();
-    let server_rss = |pid: Option<u32>| pid.and_then(|p| proc::rss_bytes(p).ok());
-    let server_cpu = |pid: Option<u32>| pid.and_then(|p| proc::cpu_seconds(Some(p)).ok());
+    let server_rss =
+        |pids: &[u32]| (!pids.is_empty()).then(|| pids.iter().filter_map(|&p| proc::rss_bytes(p).ok()).sum::<u64>());
+    let server_cpu = |pids: &[u32]| {
+        (!pids.is_empty()).then(|| {
+            pids.iter()
+                .filter_map(|&p| proc::cpu_seconds(Some(p)).ok())
+                .sum::<f64>()
+        })
+    };
     let mut out = Aggregate {
         partial: Partial::default(),
         client_cpu_percent_per_worker: vec![0.0; sources],
         seconds: Vec::new(),
         latency: stats::new_histogram(),
-        server_rss_at_start: server_rss(opts.server_pid),
+        server_rss_at_start: server_rss(&opts.server_pids),
         server_rss_after_go: None,
         server_cpu_seconds: None,
         machine_cpu_seconds: None,
@@ -311,7 +319,7 @@ pub async fn aggregate(
     let mut latest: Vec<Tick> = vec![Tick::default(); sources];
     let mut next_t = 1u32;
     let mut prev_total = Tick::default();
-    let mut prev_server_cpu = server_cpu(opts.server_pid);
+    let mut prev_server_cpu = server_cpu(&opts.server_pids);
     let mut prev_at = Instant::now();
     let mut results = 0;
     while results < sources {
@@ -324,7 +332,7 @@ pub async fn aggregate(
                 {
                     go_t = Some(started.elapsed().as_secs() as u32);
                     go_instant = Some(Instant::now());
-                    server_cpu_at_go = server_cpu(opts.server_pid);
+                    server_cpu_at_go = server_cpu(&opts.server_pids);
                     machine_at_go = machine();
                     eprintln!("all {sources} load process(es) connected: go");
                     go();
@@ -378,7 +386,7 @@ pub async fn aggregate(
             let now = Instant::now();
             let dt = now.duration_since(prev_at).as_secs_f64().max(0.001);
             prev_at = now;
-            let cpu_now = server_cpu(opts.server_pid);
+            let cpu_now = server_cpu(&opts.server_pids);
             let server_cpu_percent = match (cpu_now, prev_server_cpu) {
                 (Some(a), Some(b)) => Some((a - b) * 100.0 / dt),
                 _ => None,
@@ -387,7 +395,7 @@ pub async fn aggregate(
             let machine_now = machine();
             let machine_cpu_percent = machine_now.zip(prev_machine).map(|(a, b)| (a - b) * 100.0 / dt);
             prev_machine = machine_now;
-            let rss = server_rss(opts.server_pid);
+            let rss = server_rss(&opts.server_pids);
             if out.server_rss_after_go.is_none()
                 && go_instant.is_some_and(|g: Instant| g.elapsed() >= Duration::from_secs(2))
             {
@@ -441,7 +449,7 @@ pub async fn aggregate(
         s.t -= go_t;
     }
     out.machine_cpu_seconds = machine().zip(machine_at_go).map(|(a, b)| a - b);
-    if let (Some(a), Some(b)) = (server_cpu(opts.server_pid), server_cpu_at_go) {
+    if let (Some(a), Some(b)) = (server_cpu(&opts.server_pids), server_cpu_at_go) {
         out.server_cpu_seconds = Some(a - b);
     }
     Ok(out)

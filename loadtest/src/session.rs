@@ -110,6 +110,9 @@ pub struct ConnectOpts {
     pub apikey: Option<String>,
     pub source_ips: u8,
     pub concurrency: usize,
+    /// Talk to nginx + nchan instead: subscribe with a WebSocket to
+    /// `/sub/<topic>` (no join, no presence), publish with POST `/pub/<topic>`.
+    pub nchan: bool,
 }
 
 pub type SharedWriter = Arc<Mutex<client::Writer>>;
@@ -137,14 +140,20 @@ where
         let src = source_ip(plan.user, opts.source_ips, ctx.worker_index);
         let on_joined = on_joined.clone();
         let stats = ctx.stats.clone();
+        let nchan = opts.nchan;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let t0 = Instant::now();
-            let (mut r, mut w) = client::connect(&target, &vsn, apikey.as_deref(), src).await?;
-            join(&mut r, &mut w, &plan.topic, &vsn, &plan.join).await?;
-            if let Some(meta) = &plan.track {
-                track(&mut r, &mut w, &plan.topic, &vsn, meta).await?;
-            }
+            let (r, w) = if nchan {
+                client::connect_path(&target, &nchan_path("sub", &plan.topic), src).await?
+            } else {
+                let (mut r, mut w) = client::connect(&target, &vsn, apikey.as_deref(), src).await?;
+                join(&mut r, &mut w, &plan.topic, &vsn, &plan.join).await?;
+                if let Some(meta) = &plan.track {
+                    track(&mut r, &mut w, &plan.topic, &vsn, meta).await?;
+                }
+                (r, w)
+            };
             stats.record_connect(t0.elapsed().as_micros() as u64);
             stats.connections.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(on_joined(plan.user, r));
@@ -174,11 +183,26 @@ where
     writers
 }
 
+/// The nchan location for `topic` (`realtime:bench:fanout` → `/sub/bench-fanout`).
+pub fn nchan_path(kind: &str, topic: &str) -> String {
+    let name = topic.strip_prefix("realtime:").unwrap_or(topic).replace(':', "-");
+    format!("/{kind}/{name}")
+}
+
 /// Sends a heartbeat on every writer every 25 s until `stop`, spread
 /// evenly over the 25 s (as independent clients would be) rather than all
 /// at once, which would be a burst no real population produces.
 pub fn spawn_heartbeats(writers: Vec<SharedWriter>, vsn: String, stop: Arc<Notify>) {
     if writers.is_empty() {
+        return;
+    }
+    if vsn == "nchan" {
+        // No heartbeats there, but the writers must live on: dropping one
+        // half-closes its socket, and the server then ends the subscription.
+        tokio::spawn(async move {
+            stop.notified().await;
+            drop(writers);
+        });
         return;
     }
     tokio::spawn(async move {
