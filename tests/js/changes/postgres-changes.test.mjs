@@ -159,8 +159,9 @@ test('a filter that fails on a row only silences its own binding', async () => {
   const client = makeClient(server);
   const good = [];
   const bad = [];
-  // `kind` is text, so lt.5 compares strings: fine. `seq=eq.abc` cannot be
-  // compared with a number: that binding gets nothing, the other still does.
+  // `id=eq.abc` cannot be compared with a number: that binding gets nothing
+  // (and `title=eq.abc` simply does not match), while the third binding, on
+  // the same channel and table, still gets its row.
   const ch = client
     .channel('room-filters')
     .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_sessions', filter: 'title=eq.abc' }, (p) => bad.push(p))
