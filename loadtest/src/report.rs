@@ -520,6 +520,7 @@ fn percentiles(h: &Histogram<u64>) -> Result<String> {
         let mut chart = ChartBuilder::on(&root)
             .caption("Latency by percentile (whole run)", ("sans-serif", 18))
             .margin(10)
+            .margin_right(30)
             .x_label_area_size(36)
             .y_label_area_size(52)
             .build_cartesian_2d(0f64..4f64, 0f64..y_max)
@@ -598,4 +599,45 @@ fn throughput_over_time(seconds: &[Second]) -> Result<String> {
         root.present().map_err(chart_error)?;
     }
     Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(t: i64, p99_us: u64, rss: u64) -> Second {
+        let mut h = stats::new_histogram();
+        h.record(p99_us).unwrap();
+        Second {
+            t,
+            connections: 10,
+            sent_per_s: 1,
+            received_per_s: 9,
+            p50_ms: None,
+            p99_ms: None,
+            max_ms: None,
+            client_cpu_percent: 0.0,
+            server_rss_bytes: Some(rss),
+            server_cpu_percent: None,
+            machine_cpu_percent: None,
+            latency: Some(h),
+        }
+    }
+
+    #[test]
+    fn soak_drift_compares_the_first_and_last_full_windows() {
+        // Connecting (t <= 0) and draining (t > duration) seconds are left out.
+        let mut seconds = vec![second(-1, 900_000, 1)];
+        for t in 1..=10 {
+            seconds.push(second(t, if t <= 5 { 2_000 } else { 5_000 }, 1000 + t as u64));
+        }
+        seconds.push(second(11, 900_000, 1));
+        let soak = soak_windows(&seconds, 5, 10);
+        assert_eq!(soak.windows.len(), 2);
+        assert_eq!(soak.windows[0].start_s, 0);
+        assert_eq!(soak.windows[1].start_s, 5);
+        let drift = soak.p99_drift_ms.unwrap();
+        assert!((drift - 3.0).abs() < 0.01, "{drift}");
+        assert_eq!(soak.rss_drift_bytes, Some(5));
+    }
 }

@@ -454,3 +454,96 @@ pub async fn aggregate(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_messages_survive_the_json_line_protocol() {
+        let mut h = stats::new_histogram();
+        h.record(1234).unwrap();
+        let tick = Msg::Tick(Tick {
+            t: 3,
+            received: 7,
+            latency: stats::to_raw(&h),
+            ..Tick::default()
+        });
+        let line = serde_json::to_string(&tick).unwrap();
+        assert!(!line.contains('\n'));
+        match serde_json::from_str::<Msg>(&line).unwrap() {
+            Msg::Tick(t) => {
+                assert_eq!((t.t, t.received), (3, 7));
+                assert_eq!(stats::from_raw(&t.latency).max(), h.max());
+            }
+            other => panic!("{other:?}"),
+        }
+        let result = Msg::Result(Partial {
+            users: 5,
+            lost: 1,
+            ..Partial::default()
+        });
+        match serde_json::from_str::<Msg>(&serde_json::to_string(&result).unwrap()).unwrap() {
+            Msg::Result(p) => assert_eq!((p.users, p.lost), (5, 1)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            serde_json::from_str::<Msg>(r#"{"type":"ready"}"#).unwrap(),
+            Msg::Ready
+        ));
+    }
+
+    #[tokio::test]
+    async fn aggregate_merges_seconds_across_processes() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tick = |t: u32, received: u64, us: u64| {
+            let mut h = stats::new_histogram();
+            h.record(us).unwrap();
+            Msg::Tick(Tick {
+                t,
+                received,
+                connections: 1,
+                latency: stats::to_raw(&h),
+                ..Tick::default()
+            })
+        };
+        for (i, m) in [
+            (0, Msg::Ready),
+            (1, Msg::Ready),
+            (0, tick(1, 10, 1_000)),
+            (1, tick(1, 20, 3_000)),
+            (0, tick(2, 15, 1_000)),
+            (
+                0,
+                Msg::Result(Partial {
+                    users: 1,
+                    ..Partial::default()
+                }),
+            ),
+            (1, tick(2, 40, 1_000)),
+            (1, tick(3, 41, 1_000)),
+            (
+                1,
+                Msg::Result(Partial {
+                    users: 2,
+                    ..Partial::default()
+                }),
+            ),
+        ] {
+            tx.send((i, m)).unwrap();
+        }
+        let mut went = false;
+        let opts = AggregateOptions {
+            server_pids: Vec::new(),
+            progress: false,
+        };
+        let agg = aggregate(rx, 2, opts, || went = true).await.unwrap();
+        assert!(went);
+        assert_eq!(agg.partial.users, 3);
+        let per_s: Vec<u64> = agg.seconds.iter().map(|s| s.received_per_s).collect();
+        // Process 0 finished after second 2; its last count stays in the total.
+        assert_eq!(per_s, vec![30, 25, 1]);
+        assert_eq!(agg.seconds[0].connections, 2);
+        assert_eq!(agg.latency.len(), 5);
+    }
+}

@@ -26,9 +26,9 @@ use crate::session::{self, ConnectOpts, JoinOpts, Plan, Rng, now_micros};
 use crate::stats::{Partial, SeqCheck, Stats};
 
 /// Splits `users` over `workshops` rooms of varied size: each room gets a
-/// weight between 10 and 50 (deterministic), and the users are shared in
+/// weight between 15 and 60 (deterministic), and the users are shared in
 /// proportion, so with the default of users/25 rooms sizes range about
-/// 10 to 50. Every room has at least 2 users.
+/// 10 to 40. Every room has at least 2 users.
 pub fn layout(users: usize, workshops: usize) -> Vec<Range<usize>> {
     let rooms = workshops.clamp(1, (users / 2).max(1));
     let mut rng = Rng::new(0x5EED);
