@@ -299,16 +299,27 @@ async fn wait_active(ingesters: &[&Fanout], timeout: Duration) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_problems_are_explained() -> Result<()> {
     let nats = Nats::start().await?;
-    let run = |db: String| {
-        let out = Command::new(fanout_bin())
-            .args(["cdc", "--nats-url", &nats.url(), "--database-url", &db])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", fanout_tests::free_port())])
-            .env("RUST_LOG", "warn")
-            .output()?;
-        anyhow::Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    // Runs `fanout cdc` until it exits (at most 30 s: it must not retry).
+    let nats_url = nats.url();
+    let run = move |db: String| {
+        let nats_url = nats_url.clone();
+        async move {
+            let child = tokio::process::Command::new(fanout_bin())
+                .args(["cdc", "--nats-url", &nats_url, "--database-url", &db])
+                .args(["--admin-listen", &format!("127.0.0.1:{}", fanout_tests::free_port())])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+                .await
+                .context("fanout cdc kept running instead of reporting the setup problem")??;
+            anyhow::Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+        }
     };
     let replica = Postgres::start_with("replica").await?;
-    let (code, err) = run(replica.url())?;
+    let (code, err) = run(replica.url()).await?;
     ensure!(code == Some(1), "exit {code:?}: {err}");
     ensure!(
         err.contains("wal_level") && err.contains("ALTER SYSTEM SET wal_level = logical"),
@@ -317,12 +328,19 @@ async fn setup_problems_are_explained() -> Result<()> {
     drop(replica);
 
     let logical = Postgres::start().await?;
-    let (code, err) = run(logical.url())?;
+    let (code, err) = run(logical.url()).await?;
     ensure!(code == Some(1), "exit {code:?}: {err}");
     ensure!(
         err.contains("publication \"fanout\" does not exist") && err.contains("CREATE PUBLICATION"),
         "{err}"
     );
+
+    // A role without the REPLICATION attribute.
+    logical.apply_workshop_schema()?;
+    logical.psql("CREATE ROLE reader LOGIN")?;
+    let (code, err) = run(format!("postgres://reader@127.0.0.1:{}/postgres", logical.port)).await?;
+    ensure!(code == Some(1), "exit {code:?}: {err}");
+    ensure!(err.contains("ALTER ROLE <user> WITH REPLICATION"), "{err}");
     Ok(())
 }
 

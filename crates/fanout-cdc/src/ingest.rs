@@ -309,7 +309,12 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), CdcError> {
     let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
-    prepare(&mut client, config).await?;
+    // The session authenticates in the background: a refused login or a
+    // missing privilege surfaces on the first query.
+    prepare(&mut client, config).await.map_err(|e| match e {
+        CdcError::Replication(e) => classify(e),
+        other => other,
+    })?;
     client.start().await.map_err(classify)?;
     client.wait_started().await.map_err(classify)?;
     tracing::info!(slot = %config.slot, publication = %config.publication, "streaming changes");
@@ -374,6 +379,20 @@ async fn session(
                     let channel = config
                         .routes
                         .channel_for_change(&record.schema, &record.table, &record.routing_row);
+                    if let Some(column) = config.routes.routed_by(&record.schema, &record.table)
+                        && !record.routing_row.get(column).is_some_and(|v| !v.is_null())
+                    {
+                        // Typically a delete under REPLICA IDENTITY DEFAULT: the
+                        // old row has only the key. It goes to the table
+                        // channel, which routed bindings do not watch.
+                        metrics::counter!("fanout_cdc_unroutable_changes_total").increment(1);
+                        tracing::warn!(
+                            table = %format!("{}.{}", record.schema, record.table),
+                            column,
+                            "a {} has no {column} to route by; set REPLICA IDENTITY FULL on the table",
+                            record.change_type
+                        );
+                    }
                     let id = format!("{}:{:X}:{}", config.slot, t.commit_lsn, t.changes.len());
                     t.changes.push((
                         id,

@@ -380,6 +380,13 @@ impl Routes {
         }
     }
 
+    /// The column a table's rows are routed by, if it is routed.
+    pub fn routed_by(&self, schema: &str, table: &str) -> Option<&str> {
+        self.tables
+            .get(&(schema.to_owned(), table.to_owned()))
+            .map(|r| r.column.as_str())
+    }
+
     /// Whether no table is routed by a column.
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()

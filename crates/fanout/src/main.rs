@@ -359,6 +359,10 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
         "The WAL position confirmed to the replication slot."
     );
     metrics::describe_counter!(
+        "fanout_cdc_unroutable_changes_total",
+        "Changes of a routed table without the routing column (e.g. deletes without REPLICA IDENTITY FULL)."
+    );
+    metrics::describe_counter!(
         "fanout_change_filter_errors_total",
         "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
     );
