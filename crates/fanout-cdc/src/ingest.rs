@@ -380,7 +380,7 @@ async fn session(
                         .routes
                         .channel_for_change(&record.schema, &record.table, &record.routing_row);
                     if let Some(column) = config.routes.routed_by(&record.schema, &record.table)
-                        && !record.routing_row.get(column).is_some_and(|v| !v.is_null())
+                        && record.routing_row.get(column).is_none_or(|v| v.is_null())
                     {
                         // Typically a delete under REPLICA IDENTITY DEFAULT: the
                         // old row has only the key. It goes to the table
