@@ -67,3 +67,24 @@ async fn realtime_js_postgres_changes_suite() {
         .expect("suite ran");
     drop(pg);
 }
+
+/// The same `postgres_changes` suite against a cluster: a `fanout edge` per
+/// test file on a private NATS, fed by one `fanout cdc` process.
+#[tokio::test]
+async fn realtime_js_postgres_changes_suite_against_a_cluster() {
+    let pg = fanout_tests::Postgres::start().await.expect("PostgreSQL starts");
+    pg.apply_workshop_schema().expect("workshop schema");
+    let nats = fanout_tests::Nats::start().await.expect("nats-server starts");
+    let cdc = fanout_tests::Fanout::start_cdc(&nats, &pg, &[])
+        .await
+        .expect("fanout cdc starts");
+    let env = [
+        ("FANOUT_TEST_DATABASE_URL", pg.url()),
+        ("FANOUT_TEST_NATS_URL", nats.url()),
+        ("FANOUT_TEST_CDC_ADMIN_PORT", cdc.admin_port.to_string()),
+    ];
+    tokio::task::spawn_blocking(move || run_node_suite_with("changes/", &env))
+        .await
+        .expect("suite ran");
+    drop((cdc, nats, pg));
+}

@@ -1,7 +1,8 @@
 // postgres_changes with the real @supabase/realtime-js client against
 // standalone fanout running its in-process ingester on a private PostgreSQL
 // (started by tests/tests/js_suites.rs, which passes its URL in
-// FANOUT_TEST_DATABASE_URL with deploy/sql/workshop.sql applied).
+// FANOUT_TEST_DATABASE_URL with deploy/sql/workshop.sql applied), and again
+// against a cluster edge fed by a separate `fanout cdc` over NATS.
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -31,10 +32,13 @@ let server;
 before(async () => {
   assert.ok(DB, 'FANOUT_TEST_DATABASE_URL must point at a PostgreSQL with wal_level=logical (tests/js_suites.rs sets it)');
   server = await startServer({ args: ['--database-url', DB, '--cdc-routes', ROUTES] });
-  // The in-process ingester is live once a change makes it through.
+  // Standalone runs the ingester in-process; against a cluster edge
+  // (FANOUT_TEST_NATS_URL), the test harness runs `fanout cdc` and passes
+  // its admin port.
+  const ingesterAdmin = process.env.FANOUT_TEST_CDC_ADMIN_PORT ?? server.adminPort;
   await waitFor(
     async () => {
-      const text = await (await fetch(`http://127.0.0.1:${server.adminPort}/metrics`)).text();
+      const text = await (await fetch(`http://127.0.0.1:${ingesterAdmin}/metrics`)).text();
       return /^fanout_cdc_active 1$/m.test(text);
     },
     15000,
