@@ -181,7 +181,7 @@ impl Report {
             scenario: scenario_name.to_owned(),
             target: format!("{:?}", args.target).to_lowercase(),
             urls: args.url.clone(),
-            users: p.users,
+            users: args.users as u64,
             workers: args.workers.max(1),
             duration_seconds: args.duration,
             run_seconds: p.run_seconds,

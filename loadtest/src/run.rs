@@ -306,7 +306,8 @@ pub async fn aggregate(
         errors: Vec::new(),
     };
     let mut go = Some(go);
-    let mut ready = 0;
+    // Sources that said ready, or failed before they could: "go" waits for all.
+    let mut ready = vec![false; sources];
     let mut go_t: Option<u32> = None;
     let mut go_instant = None;
     let mut server_cpu_at_go = None;
@@ -324,20 +325,9 @@ pub async fn aggregate(
     let mut results = 0;
     while results < sources {
         let Some((i, msg)) = rx.recv().await else { break };
+        let failed = matches!(msg, Msg::Failed { .. });
         match msg {
-            Msg::Ready => {
-                ready += 1;
-                if ready == sources
-                    && let Some(go) = go.take()
-                {
-                    go_t = Some(started.elapsed().as_secs() as u32);
-                    go_instant = Some(Instant::now());
-                    server_cpu_at_go = server_cpu(&opts.server_pids);
-                    machine_at_go = machine();
-                    eprintln!("all {sources} load process(es) connected: go");
-                    go();
-                }
-            }
+            Msg::Ready => ready[i] = true,
             Msg::Tick(t) => {
                 pending[i].insert(t.t, t);
             }
@@ -355,6 +345,18 @@ pub async fn aggregate(
                 finished[i] = true;
                 results += 1;
             }
+        }
+        // A process that failed before it was ready must not hold the others.
+        ready[i] |= failed;
+        if ready.iter().all(|r| *r)
+            && let Some(go) = go.take()
+        {
+            go_t = Some(started.elapsed().as_secs() as u32);
+            go_instant = Some(Instant::now());
+            server_cpu_at_go = server_cpu(&opts.server_pids);
+            machine_at_go = machine();
+            eprintln!("all {sources} load process(es) connected: go");
+            go();
         }
         // Merge every second that all sources have reported (or are done with).
         loop {
@@ -491,6 +493,28 @@ mod tests {
             serde_json::from_str::<Msg>(r#"{"type":"ready"}"#).unwrap(),
             Msg::Ready
         ));
+    }
+
+    #[tokio::test]
+    async fn a_process_failing_before_ready_does_not_hold_the_others() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send((0, Msg::Ready)).unwrap();
+        tx.send((
+            1,
+            Msg::Failed {
+                error: "no server".into(),
+            },
+        ))
+        .unwrap();
+        tx.send((0, Msg::Result(Partial::default()))).unwrap();
+        let mut went = false;
+        let opts = AggregateOptions {
+            server_pids: Vec::new(),
+            progress: false,
+        };
+        let agg = aggregate(rx, 2, opts, || went = true).await.unwrap();
+        assert!(went);
+        assert_eq!(agg.errors.len(), 1);
     }
 
     #[tokio::test]
