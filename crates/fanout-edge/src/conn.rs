@@ -68,14 +68,11 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
         let writer = writer.clone();
         edge.tasks.spawn(async move { writer.run().await })
     };
-    // `leftover` may be a view into hyper's whole read buffer: copy the few
-    // bytes (usually none) so that buffer is freed now, not when the
-    // connection ends.
-    let leftover = if leftover.is_empty() {
-        Bytes::new()
-    } else {
-        Bytes::copy_from_slice(&leftover)
-    };
+    // `leftover` may be a view into hyper's whole 8 KiB read buffer: copy
+    // the few bytes (usually none) and drop it, so that buffer is freed now,
+    // not when the connection ends. (Shadowing alone would keep the
+    // original alive in this future until the end.)
+    let leftover = own_small(leftover);
     let mut reader = FrameReader::new(read, leftover, limits.max_frame_bytes);
     let id = edge.next_conn_id();
     let mut conn = Conn {
@@ -105,6 +102,15 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
     edge.connection_closed();
     metrics::gauge!("fanout_connections").decrement(1.0);
     metrics::counter!("fanout_connections_closed_total", "reason" => reason.label).increment(1);
+}
+
+/// A copy of `b` that does not keep `b`'s allocation alive; `b` is dropped.
+fn own_small(b: Bytes) -> Bytes {
+    if b.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&b)
+    }
 }
 
 /// How and why the read loop ended.

@@ -131,10 +131,28 @@ impl FrameReader {
         }
     }
 
-    /// Waits until bytes can be read. Cancel-safe: nothing is consumed.
-    pub async fn readable(&self) -> io::Result<()> {
-        if self.src.pending.is_empty() {
+    /// Waits until bytes have arrived (or the peer closed). Cancel-safe: a
+    /// byte taken from the socket is kept in `pending` within the same poll.
+    ///
+    /// tokio's readiness flag stays set until a read sees `WouldBlock`, and
+    /// a frame read ends exactly at the frame's last byte, so `readable()`
+    /// alone would report a drained socket as readable and the caller would
+    /// then wait *inside* `read_frame`, holding fastwebsockets' 8 KiB read
+    /// buffer for as long as the connection stays idle. Reading a few bytes
+    /// here clears a stale flag instead.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        while self.src.pending.is_empty() {
             self.src.read.readable().await?;
+            let mut first = [0u8; 64];
+            match self.src.read.try_read(&mut first) {
+                Ok(n) => {
+                    // n == 0 is end of stream: let read_frame report it.
+                    self.src.pending = Bytes::copy_from_slice(&first[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors, SETTINGS, Sources};
 
-/// jemalloc keeps memory per idle connection low: it places each
-/// connection's 8 KiB read buffer on its own pages, so the untouched part of
-/// an idle buffer is never resident (glibc's chunk headers touch them).
+/// jemalloc keeps memory per connection low: large buffers sit on their own
+/// pages, so their untouched parts are never resident, and its size classes
+/// waste less than glibc's on the many small per-connection objects.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
