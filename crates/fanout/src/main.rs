@@ -551,13 +551,30 @@ async fn cdc(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pending connections the public listener's accept queue holds: a burst of
+/// reconnecting clients (an edge drained or crashed) must not overflow it,
+/// or their SYNs are dropped and retried a second later. The kernel caps it
+/// at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`ACCEPT_BACKLOG`] (tokio's `bind` uses a smaller one).
+fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Binds the listeners and serves until SIGTERM/SIGINT.
 async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let metrics = install_metrics(&shutdown)?;
-    let public = TcpListener::bind(config.listen)
-        .await
+    let public = bind_with_backlog(config.listen)
         .with_context(|| format!("binding the public listener on {}", config.listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
