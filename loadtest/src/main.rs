@@ -27,6 +27,7 @@
 //! was lost, repeated or reordered.
 
 mod client;
+mod database;
 mod fanout;
 mod proc;
 mod report;
@@ -98,6 +99,14 @@ struct Args {
     /// Typing notifications per user per minute (workshop, soak).
     #[arg(long, default_value_t = 6.0)]
     typing_rate: f64,
+    /// Workshop, soak: PostgreSQL URL (schema deploy/sql/workshop.sql). Each
+    /// workshop's facilitator then writes activity rows that every member
+    /// receives back as postgres_changes through fanout's change stream.
+    #[arg(long, env = "FANOUT_LOADTEST_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Activity rows per facilitator per minute (with --database-url).
+    #[arg(long, default_value_t = 6.0)]
+    activity_rate: f64,
     /// Messages per second from the publisher (fanout, reconnect-storm).
     #[arg(long, default_value_t = 10)]
     rate: u32,

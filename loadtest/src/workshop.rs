@@ -64,7 +64,7 @@ pub fn layout(users: usize, workshops: usize) -> Vec<Range<usize>> {
 }
 
 /// The origin stamp every workshop message carries.
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
 pub struct Stamp {
     /// Publisher (global user number).
     pub u: usize,
@@ -127,7 +127,13 @@ struct Room {
 }
 
 pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> {
-    run_with(args, conn, ctx, Arc::new(NoDatabase)).await
+    let Some(url) = &args.database_url else {
+        return run_with(args, conn, ctx, Arc::new(NoDatabase)).await;
+    };
+    let workshops = args.workshops.unwrap_or((args.users / 25).max(1));
+    let db =
+        crate::database::Postgres::connect(url, (0..workshops).filter(|n| ctx.owns(*n)), args.activity_rate).await?;
+    run_with(args, conn, ctx, Arc::new(db)).await
 }
 
 pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn WorkshopDatabase>) -> Result<Partial> {
