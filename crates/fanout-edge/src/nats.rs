@@ -190,26 +190,46 @@ impl NatsBus {
     async fn ensure_streams(&self) -> Result<(), BusError> {
         for i in 0..self.config.streams {
             let cfg = self.stream_config(i);
-            match self.js.get_stream(&cfg.name).await {
-                Ok(_) => {
-                    self.js
-                        .update_stream(cfg.clone())
-                        .await
-                        .map_err(|e| BusError::Rejected(format!("updating stream {}: {e}", cfg.name)))?;
+            // Edges starting together race to create the same stream: the
+            // loser's create fails ("subjects overlap"), and its next look-up
+            // finds the stream and updates it instead.
+            let mut attempt = 1;
+            loop {
+                match self.ensure_stream(&cfg).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 5 => {
+                        tracing::debug!(error = %e, stream = %cfg.name, "stream set-up raced; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
-                    ) =>
-                {
-                    self.js
-                        .create_stream(cfg.clone())
-                        .await
-                        .map_err(|e| BusError::Rejected(format!("creating stream {}: {e}", cfg.name)))?;
-                }
-                Err(e) => return Err(unavailable(format!("looking up stream {}: {e}", cfg.name))),
             }
+        }
+        Ok(())
+    }
+
+    /// Creates one stream, or updates it to `cfg`.
+    async fn ensure_stream(&self, cfg: &stream::Config) -> Result<(), BusError> {
+        match self.js.get_stream(&cfg.name).await {
+            Ok(_) => {
+                self.js
+                    .update_stream(cfg.clone())
+                    .await
+                    .map_err(|e| BusError::Rejected(format!("updating stream {}: {e}", cfg.name)))?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+                ) =>
+            {
+                self.js
+                    .create_stream(cfg.clone())
+                    .await
+                    .map_err(|e| BusError::Rejected(format!("creating stream {}: {e}", cfg.name)))?;
+            }
+            Err(e) => return Err(unavailable(format!("looking up stream {}: {e}", cfg.name))),
         }
         Ok(())
     }
