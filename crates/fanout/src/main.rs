@@ -462,9 +462,16 @@ async fn edge(config: Config) -> anyhow::Result<()> {
     serve(config, Arc::new(bus), "edge").await
 }
 
-/// The presence role: sweeps crashed edges' presences, serves the admin
-/// endpoints.
-async fn presence(config: Config) -> anyhow::Result<()> {
+/// The start shared by the roles without a public listener (`presence`,
+/// `cdc`): the root shutdown token (cancelled on SIGTERM/SIGINT), the
+/// metrics recorder and the bound admin listener.
+async fn start_admin_only(
+    config: &Config,
+) -> anyhow::Result<(
+    CancellationToken,
+    metrics_exporter_prometheus::PrometheusHandle,
+    TcpListener,
+)> {
     let shutdown = CancellationToken::new();
     let metrics = install_metrics(&shutdown)?;
     let admin = TcpListener::bind(config.admin_listen)
@@ -475,6 +482,28 @@ async fn presence(config: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         signal_token.cancel();
     });
+    Ok((shutdown, metrics, admin))
+}
+
+/// Serves the admin endpoints of an admin-only role, ready while `bus` is.
+fn spawn_admin(
+    admin: TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    bus: Arc<dyn Bus>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(fanout_edge::http::serve_admin(
+        admin,
+        Some(metrics),
+        Arc::new(move || bus.is_ready()),
+        shutdown.clone(),
+    ))
+}
+
+/// The presence role: sweeps crashed edges' presences, serves the admin
+/// endpoints.
+async fn presence(config: Config) -> anyhow::Result<()> {
+    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
     let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &shutdown).await?;
     let sweeper = fanout_presence::Sweeper::new(redis.clone(), bus.clone(), config.presence_sweep);
@@ -496,13 +525,7 @@ async fn presence(config: Config) -> anyhow::Result<()> {
                 grpc_shutdown.cancelled_owned(),
             ),
     );
-    let ready_bus = bus.clone();
-    let admin_task = tokio::spawn(fanout_edge::http::serve_admin(
-        admin,
-        Some(metrics),
-        Arc::new(move || ready_bus.is_ready()),
-        shutdown.clone(),
-    ));
+    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
     sweeper.run(shutdown.clone()).await;
     let _ = admin_task.await;
     if let Ok(Err(e)) = grpc_task.await {
@@ -523,24 +546,9 @@ fn cdc_config(config: &Config) -> Option<fanout_cdc::CdcConfig> {
 
 /// The change-data-capture role: one streams the slot, others stand by.
 async fn cdc(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let metrics = install_metrics(&shutdown)?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal_token.cancel();
-    });
+    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let ready_bus = bus.clone();
-    let admin_task = tokio::spawn(fanout_edge::http::serve_admin(
-        admin,
-        Some(metrics),
-        Arc::new(move || ready_bus.is_ready()),
-        shutdown.clone(),
-    ));
+    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
     let cdc = cdc_config(&config).context("database URL")?;
     tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
     let result = fanout_cdc::run(cdc, bus, shutdown.clone()).await;
