@@ -194,6 +194,40 @@ async fn nats_restart_is_survived() -> Result<()> {
     Ok(())
 }
 
+/// Live events travel over core NATS, which delivers at most once: here the
+/// subscriber's edge lets its NATS client buffer a single event per
+/// subscription, so a burst makes the client drop most of them. Every
+/// dropped event is refilled from the stream, in order, before the next
+/// live one: the subscriber still gets all of them exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_dropped_by_core_nats_are_refilled_from_the_stream() -> Result<()> {
+    let nats = Nats::start().await?;
+    let a = Fanout::start_edge(&nats, &["--nats-subscription-capacity", "1"]).await?;
+    let b = Fanout::start_edge(&nats, &["--messages-per-second", "0"]).await?;
+    let topic = "realtime:workshop:drops";
+    let mut sub = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
+    join_v1(&mut publisher, topic, json!({}), "1").await?;
+
+    let n = 3_000;
+    let reader = tokio::spawn(async move { collect(&mut sub, n).await });
+    for seq in 0..n as u64 {
+        publisher.send_json(&publish(topic, seq)).await?;
+    }
+    let got = reader.await??;
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..n as u64).collect::<Vec<_>>(), "complete and in order");
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "positions increase");
+    let m = a.metrics().await?;
+    assert!(
+        metric_value(&m, "fanout_bus_slow_consumer_events_total") >= 1.0,
+        "no drop happened: {m}"
+    );
+    assert!(metric_value(&m, "fanout_bus_caught_up_events_total") >= 1.0, "{m}");
+    Ok(())
+}
+
 /// Edges started at the same moment (a rolling deploy, a scale-up) race to
 /// create the same JetStream streams; all of them must come up. (The race
 /// was seen with two release edges started together; this test does not

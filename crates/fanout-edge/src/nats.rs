@@ -15,12 +15,28 @@
 //! within a channel (a channel lives in exactly one stream), which is all the
 //! resume contract needs.
 //!
-//! # Subscriptions
-//! Each channel with local members holds one ordered pull consumer filtered
-//! on `fanout.<shard>.*.<token>`, started just after the stream's last
-//! sequence at subscribe time (the subscription's `head`). Ordered consumers
-//! recreate themselves after a NATS reconnect, from the last sequence they
-//! delivered, so nothing published meanwhile is skipped.
+//! # Live delivery
+//! Every stream republishes each message it stores (JetStream `RePublish`,
+//! at most once) to `fanout-live.<original subject>`, with the stream
+//! sequence in `Nats-Sequence` and the sequence of the previous message on
+//! the same subject in `Nats-Last-Sequence`. Each channel with local members
+//! holds one plain NATS subscription on
+//! `fanout-live.fanout.<shard>.*.<token>`, on a connection kept for live
+//! events (so a flood of them never delays a publish ack on the JetStream
+//! connection): no JetStream consumer, no pull
+//! requests, no per-consumer heartbeats, so the server's cost is a subject
+//! match per message and an edge's cost one message per channel.
+//!
+//! The subscription is registered (and flushed) before the stream's last
+//! sequence is read as its `head`, so every event after `head` reaches it
+//! unless core NATS drops it. Drops are caught two ways, and a caught drop is
+//! filled from the stream by a short-lived ordered consumer (a catch-up)
+//! before the next live event is handed on, so delivery stays gapless and in
+//! order:
+//! * a live event whose `Nats-Last-Sequence` is above the last position
+//!   delivered shows that its subject's previous event never arrived;
+//! * a reconnect to NATS or a slow-consumer report from the client makes
+//!   every subscription catch up from its last position.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +67,9 @@ pub struct NatsConfig {
     pub streams: u32,
     /// Replicas of each stream (1 for a single server).
     pub replicas: usize,
+    /// Live events the client buffers per subscription; beyond it, it drops
+    /// them and reports a slow consumer (then refilled from the stream).
+    pub subscription_capacity: usize,
     pub retention: Retention,
 }
 
@@ -64,6 +83,7 @@ impl Default for NatsConfig {
             shards: 64,
             streams: 4,
             replicas: 1,
+            subscription_capacity: 65_536,
             retention: Retention::default(),
         }
     }
@@ -71,14 +91,25 @@ impl Default for NatsConfig {
 
 /// The NATS/JetStream implementation of [`Bus`].
 pub struct NatsBus {
+    /// JetStream: publishes, stream look-ups, replays and catch-ups.
     client: async_nats::Client,
+    /// Live subscriptions only, on a connection of their own: a flood of
+    /// live events never queues in front of a publish ack, and the
+    /// subscription buffer (`subscription_capacity`) applies to them alone.
+    live: async_nats::Client,
     js: jetstream::Context,
     config: NatsConfig,
-    connected: Arc<AtomicBool>,
-    /// Bumped on every (re)connect: subscriptions then recreate their
-    /// consumers from the last sequence they delivered, at once, instead of
-    /// waiting for missed heartbeats.
-    reconnects: watch::Sender<u64>,
+    link: Arc<Link>,
+}
+
+/// What the two connections' event callbacks report.
+struct Link {
+    js_up: AtomicBool,
+    live_up: AtomicBool,
+    /// Bumped on every reconnect and slow-consumer report of the live
+    /// connection: live subscriptions then catch up from the last position
+    /// they delivered.
+    resyncs: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -93,6 +124,60 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
+/// One client connection; `live` marks the live-subscription connection.
+async fn connect_client(config: &NatsConfig, link: &Arc<Link>, live: bool) -> Result<async_nats::Client, BusError> {
+    let events = link.clone();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(if live { "fanout-live" } else { "fanout" })
+        .retry_on_initial_connect()
+        .require_tls(config.tls_required)
+        .event_callback(move |event| {
+            let link = events.clone();
+            async move {
+                let up = if live { &link.live_up } else { &link.js_up };
+                let role = if live { "live" } else { "jetstream" };
+                match event {
+                    async_nats::Event::Connected => {
+                        up.store(true, Ordering::Release);
+                        if live {
+                            link.resyncs.send_modify(|n| *n += 1);
+                        }
+                        tracing::info!(connection = role, "connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        up.store(false, Ordering::Release);
+                        metrics::counter!("fanout_bus_disconnects_total").increment(1);
+                        tracing::warn!(connection = role, "disconnected from NATS; reconnecting");
+                    }
+                    async_nats::Event::SlowConsumer(sid) if live => {
+                        // The client dropped live events of a subscription:
+                        // every subscription refills from the stream.
+                        link.resyncs.send_modify(|n| *n += 1);
+                        metrics::counter!("fanout_bus_slow_consumer_events_total").increment(1);
+                        tracing::debug!(sid, "live NATS subscription fell behind; catching up from JetStream");
+                    }
+                    other => tracing::debug!(connection = role, event = %other, "NATS event"),
+                }
+            }
+        });
+    if live {
+        opts = opts.subscription_capacity(config.subscription_capacity.max(1));
+    }
+    if let Some(path) = &config.credentials_file {
+        opts = opts.credentials_file(path).await.map_err(unavailable)?;
+    }
+    if let Some((user, pass)) = &config.user {
+        opts = opts.user_and_password(user.clone(), pass.clone());
+    }
+    let addrs: Vec<async_nats::ServerAddr> = config
+        .urls
+        .iter()
+        .map(|u| u.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| BusError::Rejected(format!("bad NATS URL: {e}")))?;
+    opts.connect(addrs).await.map_err(unavailable)
+}
+
 impl NatsBus {
     /// Connects (retrying until NATS answers) and creates or updates the
     /// streams.
@@ -103,53 +188,20 @@ impl NatsBus {
                 config.streams, config.shards
             )));
         }
-        let connected = Arc::new(AtomicBool::new(false));
-        let flag = connected.clone();
-        let (reconnects, _) = watch::channel(0u64);
-        let bump = reconnects.clone();
-        let mut opts = async_nats::ConnectOptions::new()
-            .name("fanout")
-            .retry_on_initial_connect()
-            .require_tls(config.tls_required)
-            .event_callback(move |event| {
-                let flag = flag.clone();
-                let bump = bump.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            flag.store(true, Ordering::Release);
-                            bump.send_modify(|n| *n += 1);
-                            tracing::info!("connected to NATS");
-                        }
-                        async_nats::Event::Disconnected => {
-                            flag.store(false, Ordering::Release);
-                            metrics::counter!("fanout_bus_disconnects_total").increment(1);
-                            tracing::warn!("disconnected from NATS; reconnecting");
-                        }
-                        other => tracing::debug!(event = %other, "NATS event"),
-                    }
-                }
-            });
-        if let Some(path) = &config.credentials_file {
-            opts = opts.credentials_file(path).await.map_err(unavailable)?;
-        }
-        if let Some((user, pass)) = &config.user {
-            opts = opts.user_and_password(user.clone(), pass.clone());
-        }
-        let addrs: Vec<async_nats::ServerAddr> = config
-            .urls
-            .iter()
-            .map(|u| u.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| BusError::Rejected(format!("bad NATS URL: {e}")))?;
-        let client = opts.connect(addrs).await.map_err(unavailable)?;
+        let link = Arc::new(Link {
+            js_up: AtomicBool::new(false),
+            live_up: AtomicBool::new(false),
+            resyncs: watch::channel(0u64).0,
+        });
+        let client = connect_client(&config, &link, false).await?;
+        let live = connect_client(&config, &link, true).await?;
         let js = jetstream::new(client.clone());
         let bus = Self {
             client,
+            live,
             js,
             config,
-            connected,
-            reconnects,
+            link,
         };
         // NATS may still be starting (or briefly away): keep trying, saying
         // why, rather than exiting into a restart loop.
@@ -165,7 +217,11 @@ impl NatsBus {
                 Err(e) => return Err(e),
             }
         }
-        bus.connected.store(true, Ordering::Release);
+        // The first connect may come before the callbacks are in place;
+        // from here on they track the links (and `is_ready` also asks the
+        // clients themselves).
+        bus.link.js_up.store(true, Ordering::Release);
+        bus.link.live_up.store(true, Ordering::Release);
         Ok(bus)
     }
 
@@ -182,6 +238,11 @@ impl NatsBus {
             num_replicas: self.config.replicas,
             duplicate_window: Duration::from_secs(120).min(self.config.retention.max_age),
             storage: stream::StorageType::File,
+            republish: Some(stream::Republish {
+                source: ">".into(),
+                destination: format!("{LIVE_PREFIX}.>"),
+                headers_only: false,
+            }),
             ..Default::default()
         }
     }
@@ -213,10 +274,24 @@ impl NatsBus {
     async fn ensure_stream(&self, cfg: &stream::Config) -> Result<(), BusError> {
         match self.js.get_stream(&cfg.name).await {
             Ok(_) => {
-                self.js
-                    .update_stream(cfg.clone())
-                    .await
-                    .map_err(|e| BusError::Rejected(format!("updating stream {}: {e}", cfg.name)))?;
+                self.js.update_stream(cfg.clone()).await.map_err(|e| {
+                    let republish_fixed = matches!(
+                        e.kind(),
+                        async_nats::jetstream::context::CreateStreamErrorKind::JetStream(ref js)
+                            if js.error_code() == REPUBLISH_IMMUTABLE
+                    );
+                    BusError::Rejected(if republish_fixed {
+                        format!(
+                            "stream {} exists without the live republish this fanout needs, and this NATS \
+                             server (before 2.10) cannot add it to an existing stream: upgrade NATS, or delete \
+                             the FANOUT_* streams (`nats stream rm {}`; their history is lost and resuming \
+                             clients get `resync required`) and start the edges again",
+                            cfg.name, cfg.name
+                        )
+                    } else {
+                        format!("updating stream {}: {e}", cfg.name)
+                    })
+                })?;
             }
             Err(e)
                 if matches!(
@@ -264,76 +339,90 @@ impl NatsBus {
         format!("fanout.{}.*.{}", self.shard(channel), subject_token(channel.as_str()))
     }
 
+    /// The live (republished) subject filter of a channel.
+    fn live_filter(&self, channel: &ChannelName) -> String {
+        format!("{LIVE_PREFIX}.{}", self.filter(channel))
+    }
+
     async fn stream(&self, channel: &ChannelName) -> Result<stream::Stream, BusError> {
         self.js.get_stream(self.stream_name(channel)).await.map_err(unavailable)
     }
 
     async fn subscribe_now(&self, channel: ChannelName) -> Result<Subscription, BusError> {
+        let mut live = self
+            .live
+            .subscribe(self.live_filter(&channel))
+            .await
+            .map_err(unavailable)?;
+        // The server must know the subscription before `head` is read (on
+        // the other connection): then every event stored after `head` is
+        // republished to it.
+        self.live.flush().await.map_err(unavailable)?;
         let mut stream = self.stream(&channel).await?;
         let head = stream.info().await.map_err(unavailable)?.state.last_sequence;
-        let stream_name = self.stream_name(&channel);
-        let filter = self.filter(&channel);
-        let mut messages = ordered(&self.js, &stream_name, &filter, head + 1).await?;
+        let source = CatchUp {
+            js: self.js.clone(),
+            stream: self.stream_name(&channel),
+            filter: self.filter(&channel),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let js = self.js.clone();
-        let mut reconnects = self.reconnects.subscribe();
-        reconnects.mark_unchanged();
+        let mut resyncs = self.link.resyncs.subscribe();
+        resyncs.mark_unchanged();
         metrics::gauge!("fanout_bus_subscriptions").increment(1.0);
         tokio::spawn(async move {
             let mut last = head;
-            'run: loop {
-                tokio::select! {
+            loop {
+                let msg = tokio::select! {
+                    biased;
                     () = tx.closed() => break,
-                    changed = reconnects.changed() => {
+                    changed = resyncs.changed() => {
                         if changed.is_err() {
                             break;
                         }
-                        // Recreate from the last delivered sequence: nothing
-                        // is skipped and nothing repeats.
-                        let mut delay = Duration::from_millis(100);
-                        loop {
-                            match ordered(&js, &stream_name, &filter, last + 1).await {
-                                Ok(m) => {
-                                    messages = m;
-                                    break;
-                                }
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "recreating consumer failed; retrying");
-                                    if tx.is_closed() {
-                                        break 'run;
-                                    }
-                                    tokio::time::sleep(delay).await;
-                                    delay = (delay * 2).min(Duration::from_secs(2));
-                                }
-                            }
+                        resyncs.mark_unchanged();
+                        match source.fill(&tx, &mut last, None, "resync").await {
+                            Some(()) => continue,
+                            None => break,
                         }
                     }
-                    next = messages.next() => match next {
-                        Some(Ok(msg)) => {
-                            let Ok(info) = msg.info() else { continue };
-                            let seq = info.stream_sequence;
-                            if seq <= last {
-                                continue;
-                            }
-                            last = seq;
-                            match fanout_proto::decode_event(&msg.payload, seq) {
-                                Ok(ev) => {
-                                    if tx.send(ev).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) => {
-                                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
-                                    tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
-                                }
-                            }
-                        }
-                        Some(Err(e)) => {
-                            // The ordered consumer recreates itself; keep reading.
-                            tracing::debug!(error = %e, "ordered consumer error");
-                        }
+                    msg = live.next() => match msg {
+                        Some(msg) => msg,
                         None => break,
                     },
+                };
+                let Some((seq, previous)) = republished_positions(&msg) else {
+                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+                    tracing::warn!(subject = %msg.subject, "live event without stream positions skipped");
+                    continue;
+                };
+                // A reconnect reported meanwhile: the stream first, so this
+                // event cannot overtake the ones missed before it.
+                if resyncs.has_changed().unwrap_or(false) {
+                    resyncs.mark_unchanged();
+                    if source.fill(&tx, &mut last, Some(seq - 1), "resync").await.is_none() {
+                        break;
+                    }
+                }
+                if seq <= last {
+                    continue;
+                }
+                if previous > last {
+                    // This subject's previous event was never delivered.
+                    if source.fill(&tx, &mut last, Some(seq - 1), "gap").await.is_none() {
+                        break;
+                    }
+                }
+                last = seq;
+                match fanout_proto::decode_event(&msg.payload, seq) {
+                    Ok(ev) => {
+                        if tx.send(ev).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+                        tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
+                    }
                 }
             }
             metrics::gauge!("fanout_bus_subscriptions").decrement(1.0);
@@ -362,53 +451,121 @@ impl NatsBus {
             // it came from a faster one; the hub skips what it already saw).
             return Ok(Replay::Events(Vec::new()));
         }
-        let mut messages = ordered(&self.js, &self.stream_name(&channel), &self.filter(&channel), after + 1).await?;
-        let mut events = Vec::new();
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
-                .await
-                .map_err(|_| unavailable("replay timed out"))?;
-            let Some(msg) = next else { break };
-            let msg = msg.map_err(unavailable)?;
-            let info = msg.info().map_err(unavailable)?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > upto {
-                break;
-            }
-            if let Ok(ev) = fanout_proto::decode_event(&msg.payload, seq) {
-                events.push(ev);
-            }
-            if seq == upto || pending == 0 {
-                break;
-            }
-        }
-        Ok(Replay::Events(events))
+        let source = CatchUp {
+            js: self.js.clone(),
+            stream: self.stream_name(&channel),
+            filter: self.filter(&channel),
+        };
+        Ok(Replay::Events(source.read(after, Some(upto)).await?))
     }
 }
 
-/// An ordered pull consumer of `filter` in `stream` from sequence `start`.
-async fn ordered(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-    start: Position,
-) -> Result<consumer::pull::Ordered, BusError> {
-    let stream = js.get_stream(stream).await.map_err(unavailable)?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.to_owned(),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start.max(1),
-            },
-            // Pull requests expire (and heartbeats are checked) every few
-            // seconds, so a consumer lost without a reconnect event is
-            // recreated within about ten seconds.
-            max_expires: Duration::from_secs(10),
-            ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
-    consumer.messages().await.map_err(unavailable)
+/// JetStream's "stream configuration update can not change RePublish"
+/// (servers before 2.10).
+const REPUBLISH_IMMUTABLE: async_nats::jetstream::ErrorCode = async_nats::jetstream::ErrorCode(10052);
+
+/// Prefix of the subjects streams republish stored events to.
+const LIVE_PREFIX: &str = "fanout-live";
+
+/// `Nats-Sequence` and `Nats-Last-Sequence` of a republished message.
+fn republished_positions(msg: &async_nats::Message) -> Option<(Position, Position)> {
+    let headers = msg.headers.as_ref()?;
+    let number = |name: &str| headers.get(name)?.as_str().parse::<u64>().ok();
+    Some((number("Nats-Sequence")?, number("Nats-Last-Sequence").unwrap_or(0)))
+}
+
+/// Reads a channel's stored events from its stream: for replays and to fill
+/// what the live subscription missed.
+struct CatchUp {
+    js: jetstream::Context,
+    stream: String,
+    filter: String,
+}
+
+impl CatchUp {
+    /// The channel's events after `after`, up to `upto` (or all there are).
+    async fn read(&self, after: Position, upto: Option<Position>) -> Result<Vec<Event>, BusError> {
+        let stream = self.js.get_stream(&self.stream).await.map_err(unavailable)?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.filter.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        // The consumer knows how many of the channel's events it starts
+        // with, so an empty range ends here instead of in a wait.
+        let mut pending = consumer.cached_info().num_pending;
+        let mut events = Vec::new();
+        if pending == 0 {
+            return Ok(events);
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        while pending > 0 {
+            let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .map_err(|_| unavailable("reading the stream timed out"))?;
+            let Some(msg) = next else { break };
+            let msg = msg.map_err(unavailable)?;
+            let info = msg.info().map_err(unavailable)?;
+            let seq = info.stream_sequence;
+            pending = info.pending;
+            if upto.is_some_and(|upto| seq > upto) {
+                break;
+            }
+            match fanout_proto::decode_event(&msg.payload, seq) {
+                Ok(ev) => events.push(ev),
+                Err(e) => {
+                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+                    tracing::warn!(error = %e, seq, "undecodable stored event skipped");
+                }
+            }
+            if upto == Some(seq) {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Hands on the events after `*last` (up to `upto`) and advances
+    /// `*last`; retries while NATS is away. `None` once nobody listens.
+    async fn fill(
+        &self,
+        tx: &mpsc::UnboundedSender<Event>,
+        last: &mut Position,
+        upto: Option<Position>,
+        reason: &'static str,
+    ) -> Option<()> {
+        if upto.is_some_and(|upto| upto <= *last) {
+            return Some(());
+        }
+        metrics::counter!("fanout_bus_catch_ups_total", "reason" => reason).increment(1);
+        let mut delay = Duration::from_millis(100);
+        let events = loop {
+            match self.read(*last, upto).await {
+                Ok(events) => break events,
+                Err(e) => {
+                    tracing::debug!(error = %e, "catching up from the stream failed; retrying");
+                    if tx.is_closed() {
+                        return None;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        metrics::counter!("fanout_bus_caught_up_events_total").increment(events.len() as u64);
+        for ev in events {
+            if ev.position > *last {
+                *last = ev.position;
+                tx.send(ev).ok()?;
+            }
+        }
+        Some(())
+    }
 }
 
 /// Publishes in flight at once in [`Bus::publish_deduplicated`].
@@ -458,7 +615,10 @@ impl Bus for NatsBus {
     }
 
     fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-            && self.client.connection_state() == async_nats::connection::State::Connected
+        use async_nats::connection::State;
+        self.link.js_up.load(Ordering::Acquire)
+            && self.link.live_up.load(Ordering::Acquire)
+            && self.client.connection_state() == State::Connected
+            && self.live.connection_state() == State::Connected
     }
 }

@@ -36,6 +36,7 @@ pub struct Config {
     pub nats_shards: u32,
     pub nats_streams: u32,
     pub nats_replicas: usize,
+    pub nats_subscription_capacity: usize,
     /// Redis for cluster presence (`redis://…`); without it edges keep
     /// presence per edge.
     pub redis_url: Option<String>,
@@ -94,6 +95,7 @@ settings! {
     "nats.shards", "FANOUT_NATS_SHARDS", "nats-shards";
     "nats.streams", "FANOUT_NATS_STREAMS", "nats-streams";
     "nats.replicas", "FANOUT_NATS_REPLICAS", "nats-replicas";
+    "nats.subscription_capacity", "FANOUT_NATS_SUBSCRIPTION_CAPACITY", "nats-subscription-capacity";
     "redis.url", "FANOUT_REDIS_URL", "redis-url";
     "presence.heartbeat_secs", "FANOUT_PRESENCE_HEARTBEAT_SECS", "presence-heartbeat-secs";
     "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs";
@@ -263,6 +265,7 @@ impl Config {
             nats_shards: r.get("nats.shards", 64),
             nats_streams: r.get("nats.streams", 4),
             nats_replicas: r.get("nats.replicas", 1),
+            nats_subscription_capacity: r.get("nats.subscription_capacity", 65_536),
             redis_url: r.opt::<String>("redis.url").filter(|s| !s.is_empty()),
             presence_heartbeat: Duration::from_secs(r.get("presence.heartbeat_secs", 5)),
             presence_ttl: Duration::from_secs(r.get("presence.ttl_secs", 15)),

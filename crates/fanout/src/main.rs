@@ -129,6 +129,11 @@ struct ServerArgs {
     /// Replicas per JetStream stream [env: FANOUT_NATS_REPLICAS] [default: 1].
     #[arg(long, global = true, value_name = "N")]
     nats_replicas: Option<String>,
+    /// Live events buffered per NATS subscription before the client drops
+    /// them (dropped ones are then refilled from JetStream)
+    /// [env: FANOUT_NATS_SUBSCRIPTION_CAPACITY] [default: 65536].
+    #[arg(long, global = true, value_name = "N")]
+    nats_subscription_capacity: Option<String>,
     /// Redis URL for cluster presence, e.g. redis://127.0.0.1:6379 [env: FANOUT_REDIS_URL].
     #[arg(long, global = true, value_name = "URL")]
     redis_url: Option<String>,
@@ -191,6 +196,7 @@ impl ServerArgs {
             ("nats-shards", &self.nats_shards),
             ("nats-streams", &self.nats_streams),
             ("nats-replicas", &self.nats_replicas),
+            ("nats-subscription-capacity", &self.nats_subscription_capacity),
             ("redis-url", &self.redis_url),
             ("presence-heartbeat-secs", &self.presence_heartbeat_secs),
             ("presence-ttl-secs", &self.presence_ttl_secs),
@@ -424,6 +430,7 @@ fn nats_config(config: &Config) -> NatsConfig {
         shards: config.nats_shards,
         streams: config.nats_streams,
         replicas: config.nats_replicas,
+        subscription_capacity: config.nats_subscription_capacity,
         retention: retention(config),
     }
 }
