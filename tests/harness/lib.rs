@@ -37,6 +37,13 @@ pub fn fanout_bin() -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
+/// The NATS settings every cluster process of a test shares: the server,
+/// and a small shard layout (8 shards over 2 streams, `FANOUT_0` owning
+/// shards 0-3 and `FANOUT_1` shards 4-7).
+pub fn nats_args(url: &str) -> [&str; 6] {
+    ["--nats-url", url, "--nats-shards", "8", "--nats-streams", "2"]
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -66,7 +73,7 @@ impl Fanout {
     /// Starts `fanout edge` on a given public port.
     pub async fn start_edge_on(nats: &Nats, port: u16, args: &[&str]) -> Result<Self> {
         let url = nats.url();
-        let mut all = vec!["--nats-url", url.as_str(), "--nats-shards", "8", "--nats-streams", "2"];
+        let mut all = nats_args(&url).to_vec();
         all.extend_from_slice(args);
         let me = Self::start_role("edge", port, &all, &[]).await?;
         me.wait_ready(Duration::from_secs(15)).await?;
@@ -79,18 +86,8 @@ impl Fanout {
         let (nurl, rurl) = (nats.url(), redis.url());
         let grpc_port = free_port();
         let grpc = format!("127.0.0.1:{grpc_port}");
-        let mut all = vec![
-            "--nats-url",
-            nurl.as_str(),
-            "--nats-shards",
-            "8",
-            "--nats-streams",
-            "2",
-            "--redis-url",
-            rurl.as_str(),
-            "--presence-grpc-listen",
-            grpc.as_str(),
-        ];
+        let mut all = nats_args(&nurl).to_vec();
+        all.extend(["--redis-url", rurl.as_str(), "--presence-grpc-listen", grpc.as_str()]);
         all.extend_from_slice(args);
         let mut me = Self::start_role_admin_only("presence", &all).await?;
         // The presence role has no public listener: `port` is its gRPC port.
@@ -103,18 +100,8 @@ impl Fanout {
     /// routes. Its `port` is unused (admin only).
     pub async fn start_cdc(nats: &Nats, pg: &Postgres, args: &[&str]) -> Result<Self> {
         let (nurl, purl) = (nats.url(), pg.url());
-        let mut all = vec![
-            "--nats-url",
-            nurl.as_str(),
-            "--nats-shards",
-            "8",
-            "--nats-streams",
-            "2",
-            "--database-url",
-            purl.as_str(),
-            "--cdc-routes",
-            WORKSHOP_ROUTES,
-        ];
+        let mut all = nats_args(&nurl).to_vec();
+        all.extend(["--database-url", purl.as_str(), "--cdc-routes", WORKSHOP_ROUTES]);
         all.extend_from_slice(args);
         Self::start_role_admin_only("cdc", &all).await
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use fanout_tests::{Fanout, Nats, Received, WsClient, join_v1, metric_value, v1};
+use fanout_tests::{Fanout, Nats, Received, WsClient, fanout_bin, free_port, join_v1, metric_value, nats_args, v1};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
@@ -225,6 +225,63 @@ async fn events_dropped_by_core_nats_are_refilled_from_the_stream() -> Result<()
         "no drop happened: {m}"
     );
     assert!(metric_value(&m, "fanout_bus_caught_up_events_total") >= 1.0, "{m}");
+    Ok(())
+}
+
+/// Streams made without live republishing (by an earlier fanout) need it
+/// added. NATS 2.9 cannot change that on an existing stream: the edge must
+/// then exit and say how to fix it, rather than run without live events.
+/// A later NATS can, and the edge must have added it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_live_republish_are_fixed_or_refused_clearly() -> Result<()> {
+    use async_nats::jetstream::stream;
+    let nats = Nats::start().await?;
+    let client = async_nats::connect(nats.url()).await?;
+    client.flush().await?;
+    let old_server = client.server_info().version.starts_with("2.9.");
+    let js = async_nats::jetstream::new(client);
+    for (i, shards) in [(0, 0..4), (1, 4..8)] {
+        js.create_stream(stream::Config {
+            name: format!("FANOUT_{i}"),
+            subjects: shards.map(|s| format!("fanout.{s}.>")).collect(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let url = nats.url();
+    let (listen, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let mut edge = tokio::process::Command::new(fanout_bin())
+        .arg("edge")
+        .args(nats_args(&url))
+        .args(["--listen", &listen, "--admin-listen", &admin])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if old_server {
+        let out = tokio::time::timeout(Duration::from_secs(30), edge.wait_with_output()).await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the edge ran without live republish: {stderr}");
+        assert!(
+            stderr.contains("FANOUT_0") && stderr.contains("republish") && stderr.contains("nats stream rm"),
+            "no clear reason and fix: {stderr}"
+        );
+    } else {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let info = js.get_stream("FANOUT_0").await?.info().await?.config.republish.clone();
+            if info.is_some_and(|r| r.destination == "fanout-live.>") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "republish never added");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        edge.kill().await?;
+    }
     Ok(())
 }
 
