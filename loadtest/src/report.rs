@@ -109,6 +109,10 @@ pub struct Report {
     pub disconnected: u64,
     pub deliveries_per_second: f64,
     pub latency_ms: Option<Latency>,
+    /// Workshop with `--database-url`: the database changes alone, from the
+    /// facilitator's INSERT to receipt (send → commit → WAL → ingester →
+    /// JetStream → edge → client). They are also in `latency_ms`.
+    pub database_change_latency_ms: Option<Latency>,
     /// CPU of all load processes over the run, % of one core.
     pub client_cpu_percent: f64,
     pub client_cpu_percent_per_worker: Vec<f64>,
@@ -197,6 +201,7 @@ impl Report {
             disconnected: p.disconnected,
             deliveries_per_second: p.messages_received as f64 / p.run_seconds.max(1e-6),
             latency_ms: Latency::of(&agg.latency),
+            database_change_latency_ms: Latency::of_raw(&p.change_us),
             client_cpu_percent,
             client_cpu_percent_per_worker: agg.client_cpu_percent_per_worker.clone(),
             client_bound,
@@ -283,6 +288,12 @@ impl Report {
                     "{:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
                     l.p50, l.p90, l.p99, l.p999, l.max
                 ),
+            );
+        }
+        if let Some(l) = &self.database_change_latency_ms {
+            row(
+                "of which database changes ms p50/p99/max",
+                format!("{:.2} / {:.2} / {:.2}", l.p50, l.p99, l.max),
             );
         }
         if let Some(r) = &self.reconnect {

@@ -61,6 +61,9 @@ pub struct Stats {
     pub reconnect_us: Mutex<Option<Histogram<u64>>>,
     /// Connect + join times (µs).
     pub connect_us: Mutex<Option<Histogram<u64>>>,
+    /// Commit-to-receive latency (µs) of database changes alone (they are
+    /// also in the per-second latency with the broadcasts).
+    pub change_us: Mutex<Option<Histogram<u64>>>,
 }
 
 fn record_into(slot: &Mutex<Option<Histogram<u64>>>, us: u64) {
@@ -79,6 +82,12 @@ fn take_raw(slot: &Mutex<Option<Histogram<u64>>>) -> RawHistogram {
 impl Stats {
     pub fn record_latency(&self, us: u64) {
         record_into(&self.second, us);
+    }
+
+    /// A database change's latency: in the overall figures and on its own.
+    pub fn record_change_latency(&self, us: u64) {
+        record_into(&self.second, us);
+        record_into(&self.change_us, us);
     }
 
     pub fn record_reconnect(&self, us: u64) {
@@ -159,6 +168,8 @@ pub struct Partial {
     pub client_cpu_seconds: f64,
     pub reconnect_us: RawHistogram,
     pub connect_us: RawHistogram,
+    #[serde(default)]
+    pub change_us: RawHistogram,
     /// Workshop scenario: number of workshops this process ran.
     pub workshops: u64,
     /// Workshop scenario: smallest and largest workshop.
@@ -183,6 +194,7 @@ impl Partial {
         self.connect_errors = load(&stats.connect_errors);
         self.reconnect_us = stats.take_reconnect_raw();
         self.connect_us = stats.take_connect_raw();
+        self.change_us = take_raw(&stats.change_us);
     }
 
     /// Adds another process's share.
@@ -204,6 +216,7 @@ impl Partial {
         self.client_cpu_seconds += o.client_cpu_seconds;
         self.reconnect_us.extend_from_slice(&o.reconnect_us);
         self.connect_us.extend_from_slice(&o.connect_us);
+        self.change_us.extend_from_slice(&o.change_us);
         self.workshops += o.workshops;
         self.workshop_min = match (self.workshop_min, o.workshop_min) {
             (0, b) => b,
@@ -305,6 +318,26 @@ mod tests {
         assert_eq!(c.observe(0, 2), Seen::Duplicate);
         assert_eq!(c.observe(1, 0), Seen::InOrder);
         assert_eq!(c.observe(5, 0), Seen::InOrder);
+    }
+
+    #[test]
+    fn database_changes_count_overall_and_on_their_own_across_workers() {
+        let (one, two) = (Stats::default(), Stats::default());
+        one.record_latency(1_000);
+        one.record_change_latency(40_000);
+        two.record_change_latency(60_000);
+        // The per-second histogram holds both kinds.
+        assert_eq!(from_raw(&one.tick(1, 0.0).latency).len(), 2);
+        let (mut merged, mut other) = (Partial::default(), Partial::default());
+        merged.counts_from(&one);
+        other.counts_from(&two);
+        // Through JSON, as a worker's share reaches the parent.
+        let other: Partial = serde_json::from_str(&serde_json::to_string(&other).unwrap()).unwrap();
+        merged.merge(&other);
+        let changes = from_raw(&merged.change_us);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes.min(), 40_000);
+        assert!(changes.max() >= 60_000);
     }
 
     #[test]

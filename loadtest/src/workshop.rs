@@ -374,7 +374,11 @@ async fn receive(
             }
         };
         let now = now_micros();
-        stats.record_latency(now.saturating_sub(stamp.ts));
+        if stream == 1 {
+            stats.record_change_latency(now.saturating_sub(stamp.ts));
+        } else {
+            stats.record_latency(now.saturating_sub(stamp.ts));
+        }
         stats.received.fetch_add(1, Ordering::Relaxed);
         let Some(index) = stamp.u.checked_sub(first) else {
             continue;

@@ -1,13 +1,16 @@
 //! The cluster bus: NATS subjects sharded by channel, JetStream for history.
 //!
 //! # Subjects and streams
-//! A channel's events go to `fanout.<shard>.<kind>.<token>`, where
-//! `shard = fanout_core::shard_of(channel, S)`, `kind` is `bcast`, `presence`
-//! or `db`, and `token` is `fanout_core::subject_token(channel)`. The shards
+//! All of a channel's events (broadcasts, presence diffs, database changes;
+//! the kind is in the envelope) go to one subject, `fanout.<shard>.<token>`,
+//! where `shard = fanout_core::shard_of(channel, S)` and `token` is
+//! `fanout_core::subject_token(channel)`. One subject per channel makes
+//! retention per channel, and makes `Nats-Last-Sequence` (below) chain every
+//! event of the channel, so no kind of event can go missing unnoticed. The shards
 //! are split over `R` JetStream streams `FANOUT_0 … FANOUT_{R-1}`; stream `i`
 //! owns shards `[i·S/R, (i+1)·S/R)` through one subject filter per shard
 //! (`fanout.<shard>.>`), so load spreads over streams and, in a NATS cluster,
-//! over servers. Retention is per subject (`max_messages_per_subject`) and by
+//! over servers. Retention is per channel (`max_messages_per_subject`) and by
 //! age (`max_age`). Streams are created or updated at start-up, idempotently.
 //!
 //! # Positions
@@ -18,10 +21,10 @@
 //! # Live delivery
 //! Every stream republishes each message it stores (JetStream `RePublish`,
 //! at most once) to `fanout-live.<original subject>`, with the stream
-//! sequence in `Nats-Sequence` and the sequence of the previous message on
-//! the same subject in `Nats-Last-Sequence`. Each channel with local members
+//! sequence in `Nats-Sequence` and the sequence of the channel's previous
+//! event in `Nats-Last-Sequence`. Each channel with local members
 //! holds one plain NATS subscription on
-//! `fanout-live.fanout.<shard>.*.<token>`, on a connection kept for live
+//! `fanout-live.fanout.<shard>.<token>`, on a connection kept for live
 //! events (so a flood of them never delays a publish ack on the JetStream
 //! connection): no JetStream consumer, no pull
 //! requests, no per-consumer heartbeats, so the server's cost is a subject
@@ -34,7 +37,8 @@
 //! before the next live event is handed on, so delivery stays gapless and in
 //! order:
 //! * a live event whose `Nats-Last-Sequence` is above the last position
-//!   delivered shows that its subject's previous event never arrived;
+//!   delivered shows that the channel's previous event has not arrived
+//!   (dropped, or overtaken; should the original still come, it is skipped);
 //! * a reconnect to NATS or a slow-consumer report from the client makes
 //!   every subscription catch up from its last position.
 
@@ -43,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use fanout_core::{ChannelName, Event, EventKind, Position, shard_of, subject_token};
+use fanout_core::{ChannelName, Event, Position, shard_of, subject_token};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -320,28 +324,14 @@ impl NatsBus {
         )
     }
 
-    /// `fanout.<shard>.<kind>.<token>`.
-    pub fn subject(&self, channel: &ChannelName, kind: EventKind) -> String {
-        let kind = match kind {
-            EventKind::Broadcast => "bcast",
-            EventKind::PresenceDiff => "presence",
-            EventKind::PostgresChange => "db",
-        };
-        format!(
-            "fanout.{}.{kind}.{}",
-            self.shard(channel),
-            subject_token(channel.as_str())
-        )
+    /// `fanout.<shard>.<token>`: the one subject of all a channel's events.
+    pub fn subject(&self, channel: &ChannelName) -> String {
+        format!("fanout.{}.{}", self.shard(channel), subject_token(channel.as_str()))
     }
 
-    /// The filter matching every event of a channel.
-    fn filter(&self, channel: &ChannelName) -> String {
-        format!("fanout.{}.*.{}", self.shard(channel), subject_token(channel.as_str()))
-    }
-
-    /// The live (republished) subject filter of a channel.
-    fn live_filter(&self, channel: &ChannelName) -> String {
-        format!("{LIVE_PREFIX}.{}", self.filter(channel))
+    /// The live (republished) subject of a channel.
+    fn live_subject(&self, channel: &ChannelName) -> String {
+        format!("{LIVE_PREFIX}.{}", self.subject(channel))
     }
 
     async fn stream(&self, channel: &ChannelName) -> Result<stream::Stream, BusError> {
@@ -351,7 +341,7 @@ impl NatsBus {
     async fn subscribe_now(&self, channel: ChannelName) -> Result<Subscription, BusError> {
         let mut live = self
             .live
-            .subscribe(self.live_filter(&channel))
+            .subscribe(self.live_subject(&channel))
             .await
             .map_err(unavailable)?;
         // The server must know the subscription before `head` is read (on
@@ -363,7 +353,7 @@ impl NatsBus {
         let source = CatchUp {
             js: self.js.clone(),
             stream: self.stream_name(&channel),
-            filter: self.filter(&channel),
+            filter: self.subject(&channel),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let mut resyncs = self.link.resyncs.subscribe();
@@ -433,14 +423,11 @@ impl NatsBus {
     async fn replay_now(&self, channel: ChannelName, after: Position, upto: Position) -> Result<Replay, BusError> {
         let stream = self.stream(&channel).await?;
         // The client's last position must still be retained: retention drops
-        // the oldest messages of a subject first, so if that one is there,
+        // the oldest messages of a channel (its subject) first, so if that one is there,
         // nothing after it is missing.
         if after > 0 {
             match stream.get_raw_message(after).await {
-                Ok(m)
-                    if m.subject
-                        .as_str()
-                        .ends_with(&format!(".{}", subject_token(channel.as_str()))) => {}
+                Ok(m) if m.subject.as_str() == self.subject(&channel) => {}
                 Ok(_) => return Ok(Replay::Expired),
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(Replay::Expired),
                 Err(e) => return Err(unavailable(e)),
@@ -454,7 +441,7 @@ impl NatsBus {
         let source = CatchUp {
             js: self.js.clone(),
             stream: self.stream_name(&channel),
-            filter: self.filter(&channel),
+            filter: self.subject(&channel),
         };
         Ok(Replay::Events(source.read(after, Some(upto)).await?))
     }
@@ -497,14 +484,16 @@ impl CatchUp {
             .await
             .map_err(unavailable)?;
         // The consumer knows how many of the channel's events it starts
-        // with, so an empty range ends here instead of in a wait.
-        let mut pending = consumer.cached_info().num_pending;
+        // with: an empty range ends here instead of in a wait, and a busy
+        // channel cannot keep the read going forever (what is published
+        // after this point comes live).
+        let mut remaining = consumer.cached_info().num_pending;
         let mut events = Vec::new();
-        if pending == 0 {
+        if remaining == 0 {
             return Ok(events);
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
-        while pending > 0 {
+        while remaining > 0 {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
                 .await
                 .map_err(|_| unavailable("reading the stream timed out"))?;
@@ -512,7 +501,7 @@ impl CatchUp {
             let msg = msg.map_err(unavailable)?;
             let info = msg.info().map_err(unavailable)?;
             let seq = info.stream_sequence;
-            pending = info.pending;
+            remaining = (remaining - 1).min(info.pending);
             if upto.is_some_and(|upto| seq > upto) {
                 break;
             }
@@ -574,7 +563,7 @@ const PUBLISH_CHUNK: usize = 1024;
 impl Bus for NatsBus {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>> {
         Box::pin(async move {
-            let subject = self.subject(&event.channel, event.kind);
+            let subject = self.subject(&event.channel);
             let payload = fanout_proto::encode_event(&event);
             let ack = self.js.publish(subject, payload).await.map_err(unavailable)?;
             let ack = ack.await.map_err(unavailable)?;
@@ -592,7 +581,7 @@ impl Bus for NatsBus {
             while events.peek().is_some() {
                 let mut acks = Vec::with_capacity(PUBLISH_CHUNK);
                 for (id, event) in events.by_ref().take(PUBLISH_CHUNK) {
-                    let subject = self.subject(&event.channel, event.kind);
+                    let subject = self.subject(&event.channel);
                     let publish = jetstream::message::PublishMessage::build()
                         .message_id(id)
                         .payload(fanout_proto::encode_event(&event));
