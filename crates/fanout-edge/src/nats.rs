@@ -394,6 +394,9 @@ impl NatsBus {
                     }
                 }
                 if seq <= last {
+                    // Already delivered: read ahead by a catch-up (an event
+                    // that came late), or at or before `head`.
+                    metrics::counter!("fanout_bus_live_events_already_delivered_total").increment(1);
                     continue;
                 }
                 if previous > last {
