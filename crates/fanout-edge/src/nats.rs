@@ -400,7 +400,7 @@ impl NatsBus {
                     continue;
                 }
                 if previous > last {
-                    // This subject's previous event was never delivered.
+                    // The channel's previous event has not been delivered.
                     if source.fill(&tx, &mut last, Some(seq - 1), "gap").await.is_none() {
                         break;
                     }
@@ -461,7 +461,9 @@ const LIVE_PREFIX: &str = "fanout-live";
 fn republished_positions(msg: &async_nats::Message) -> Option<(Position, Position)> {
     let headers = msg.headers.as_ref()?;
     let number = |name: &str| headers.get(name)?.as_str().parse::<u64>().ok();
-    Some((number("Nats-Sequence")?, number("Nats-Last-Sequence").unwrap_or(0)))
+    // Stream sequences start at 1; anything else did not come from a stream.
+    let seq = number("Nats-Sequence").filter(|&seq| seq > 0)?;
+    Some((seq, number("Nats-Last-Sequence").unwrap_or(0)))
 }
 
 /// Reads a channel's stored events from its stream: for replays and to fill
