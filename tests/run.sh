@@ -4,7 +4,10 @@
 # Chromium for the browser test, nats-server and redis-server for cluster mode,
 # the PostgreSQL server and client for the change stream (tests start private
 # instances on free ports; Postgres clusters with initdb/pg_ctl in temp dirs),
-# and the npm packages the JS suites use. Tests start
+# the npm packages the JS suites use, and the Helm chart's checkers (Go with
+# Debian's sprig to render the chart without helm, kubernetes-validate in a
+# venv, promtool unpacked from Debian's prometheus package without
+# installing the server). Tests start
 # their own private servers on free loopback ports, so they never collide with
 # system services.
 #
@@ -23,6 +26,12 @@ command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_a
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || need_apt+=(golang-github-masterminds-sprig-dev)
+[ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || need_apt+=(golang-k8s-sigs-yaml-dev)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+
+helm_tools=target/helm
 
 if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   if [ ${#need_apt[@]} -gt 0 ]; then
@@ -33,6 +42,19 @@ if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   fi
   log "installing npm packages for tests/js"
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+  mkdir -p "$helm_tools"
+  if [ ! -x "$helm_tools/venv/bin/kubernetes-validate" ]; then
+    log "installing kubernetes-validate (offline Kubernetes schemas) in $helm_tools/venv"
+    python3 -m venv "$helm_tools/venv"
+    "$helm_tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
+  fi
+  if [ ! -x "$helm_tools/promtool" ]; then
+    log "unpacking promtool from Debian's prometheus package"
+    rm -rf "$helm_tools/prometheus-deb" && mkdir -p "$helm_tools/prometheus-deb"
+    (cd "$helm_tools/prometheus-deb" && apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb root) \
+      || { echo "could not unpack promtool from apt-get download prometheus" >&2; exit 1; }
+    cp "$helm_tools/prometheus-deb/root/usr/bin/promtool" "$helm_tools/promtool"
+  fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -42,6 +64,9 @@ fi
 
 log "building the workspace (once; the tests reuse it)"
 cargo build --workspace --all-targets --locked
+log "building the Helm chart renderer (tests/helm/render.go, offline)"
+GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off GOCACHE="$PWD/$helm_tools/gocache" \
+  go build -o "$helm_tools/render" tests/helm/render.go
 
 log "running every test (unit, integration, realtime-js protocol suite, browser)"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -160,7 +160,10 @@ impl Fanout {
         let _ = self.child.wait();
     }
 
-    async fn start_role(role: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    /// Starts `fanout <role>` with its public listener on `port`, extra
+    /// `args` and `env`, and waits until `/healthz` answers. Listen
+    /// addresses are flags, so they win over the same settings in `env`.
+    pub async fn start_role(role: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let admin_port = free_port();
         let bin = fanout_bin();
         anyhow::ensure!(

@@ -1,0 +1,93 @@
+{{/* The release's base name, at most 63 characters. */}}
+{{- define "fanout.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of every object; takes (dict "ctx" $ "role" "edge"). */}}
+{{- define "fanout.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{ include "fanout.selectorLabels" . }}
+{{- end -}}
+
+{{- define "fanout.selectorLabels" -}}
+app.kubernetes.io/name: {{ .ctx.Chart.Name }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "fanout.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "fanout.jwtSecretName" -}}
+{{- .Values.jwt.existingSecret | default (printf "%s-jwt" (include "fanout.fullname" .)) -}}
+{{- end -}}
+
+{{/* Settings every role shares: NATS, the JWT secret, the admin listener. */}}
+{{- define "fanout.commonEnv" -}}
+- name: FANOUT_NATS_URL
+  value: {{ required "nats.url is required (NATS with JetStream, e.g. nats://nats:4222)" .Values.nats.url | quote }}
+- name: FANOUT_NATS_SHARDS
+  value: {{ .Values.nats.shards | int64 | quote }}
+- name: FANOUT_NATS_STREAMS
+  value: {{ .Values.nats.streams | int64 | quote }}
+- name: FANOUT_NATS_REPLICAS
+  value: {{ .Values.nats.replicas | int64 | quote }}
+- name: FANOUT_NATS_TLS_REQUIRED
+  value: {{ .Values.nats.tlsRequired | quote }}
+{{- if .Values.nats.credentialsSecret }}
+- name: FANOUT_NATS_CREDENTIALS_FILE
+  value: /etc/fanout/nats/nats.creds
+{{- end }}
+- name: FANOUT_HISTORY_MAX_MESSAGES
+  value: {{ .Values.history.maxMessages | int64 | quote }}
+- name: FANOUT_HISTORY_MAX_AGE_SECS
+  value: {{ .Values.history.maxAgeSecs | int64 | quote }}
+- name: FANOUT_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.jwtSecretName" . }}
+      key: {{ .Values.jwt.secretKey }}
+{{- end -}}
+
+{{/* Extra FANOUT_* settings from a map. */}}
+{{- define "fanout.extraEnv" -}}
+{{- range $k, $v := . }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "fanout.natsVolumeMount" -}}
+{{- if .Values.nats.credentialsSecret }}
+- name: nats-credentials
+  mountPath: /etc/fanout/nats
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "fanout.natsVolume" -}}
+{{- if .Values.nats.credentialsSecret }}
+- name: nats-credentials
+  secret:
+    secretName: {{ .Values.nats.credentialsSecret }}
+{{- end }}
+{{- end -}}
+
+{{/* /healthz answers while the process runs; /readyz only while it can serve (503 without NATS, or draining). */}}
+{{- define "fanout.probes" -}}
+livenessProbe:
+  httpGet: {path: /healthz, port: admin}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: admin}
+  periodSeconds: 2
+  failureThreshold: 1
+{{- end -}}

@@ -1,0 +1,321 @@
+//! The Helm chart (`helm/fanout`), its alert rules and its dashboard.
+//!
+//! There is no `helm` binary here, so `tests/helm/render.go` renders the
+//! chart as Helm 3 does (Go templates, sprig, Helm's own functions);
+//! `tests/run.sh` builds it to `target/helm/render` and installs
+//! `kubernetes-validate` (offline Kubernetes schemas) and `promtool`. The
+//! tests then check what a cluster would get: valid objects, clear refusals
+//! of incomplete values, settings the binary really accepts (an edge is
+//! started with the chart's environment), and alerts and dashboard panels
+//! that only name metrics fanout exports.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use fanout_tests::{Fanout, Nats, Redis, WsClient, fanout_bin, free_port, nats_args, repo_root};
+use serde_json::Value;
+
+fn tool(name: &str) -> PathBuf {
+    repo_root().join("target/helm").join(name)
+}
+
+fn chart() -> PathBuf {
+    repo_root().join("helm/fanout")
+}
+
+fn ci_values(name: &str) -> PathBuf {
+    chart().join("ci").join(name)
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?} (tests/run.sh installs it)"))?;
+    Ok(out)
+}
+
+/// Renders the chart with `values` files (and `extra` flags).
+fn render(values: &[PathBuf], extra: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(tool("render"));
+    for v in values {
+        cmd.arg("-f").arg(v);
+    }
+    run(cmd.args(extra).arg(chart()))
+}
+
+/// Renders and parses the objects, failing with the renderer's error.
+fn objects(values: &[PathBuf]) -> Result<Vec<Value>> {
+    let out = render(values, &["-json"])?;
+    ensure!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn kinds_and_names(objs: &[Value]) -> BTreeSet<(String, String)> {
+    objs.iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("fanout-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for name in ["minimal-values.yaml", "full-values.yaml"] {
+        let out = render(&[ci_values(name)], &[])?;
+        ensure!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let file = dir.join(name);
+        std::fs::write(&file, &out.stdout)?;
+        let check = run(Command::new(tool("venv/bin/kubernetes-validate"))
+            .args(["--strict", "-k", "1.29.0"])
+            .arg(&file))?;
+        ensure!(
+            check.status.success(),
+            "{name} does not validate:\n{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+
+    // What each values file deploys.
+    let minimal = kinds_and_names(&objects(&[ci_values("minimal-values.yaml")])?);
+    let expected: BTreeSet<(String, String)> = [
+        ("Deployment", "fanout-edge"),
+        ("Service", "fanout-edge"),
+        ("PodDisruptionBudget", "fanout-edge"),
+        ("Secret", "fanout-jwt"),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n.to_owned()))
+    .collect();
+    assert_eq!(minimal, expected, "minimal values: edges only, per-edge presence");
+
+    let full = objects(&[ci_values("full-values.yaml")])?;
+    let names = kinds_and_names(&full);
+    for want in [
+        ("Deployment", "fanout-presence"),
+        ("Service", "fanout-presence"),
+        ("Deployment", "fanout-cdc"),
+        ("HorizontalPodAutoscaler", "fanout-edge"),
+        ("ServiceMonitor", "fanout"),
+        ("PrometheusRule", "fanout"),
+        ("ConfigMap", "fanout-dashboard"),
+    ] {
+        assert!(
+            names.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "full values lack {want:?}"
+        );
+    }
+    assert!(
+        !names.iter().any(|(k, _)| k == "Secret"),
+        "an existing JWT Secret must not be created again"
+    );
+    // The autoscaler owns the replica count.
+    let edge = full
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "fanout-edge")
+        .context("edge Deployment")?;
+    assert!(edge["spec"].get("replicas").is_none());
+    // Draining must finish inside the pod's grace period.
+    assert_eq!(edge["spec"]["template"]["spec"]["terminationGracePeriodSeconds"], 35);
+    // The dashboard ConfigMap carries valid JSON.
+    let cm = full.iter().find(|o| o["kind"] == "ConfigMap").context("dashboard")?;
+    let dashboard: Value = serde_json::from_str(cm["data"]["fanout.json"].as_str().context("fanout.json")?)?;
+    assert_eq!(dashboard["uid"], "fanout-overview");
+    Ok(())
+}
+
+#[test]
+fn incomplete_values_are_refused_with_the_reason() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("fanout-helm-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cases = [
+        ("no-nats.yaml", "jwt: {secret: s}\n", "nats.url is required"),
+        (
+            "no-jwt.yaml",
+            "nats: {url: 'nats://n:4222'}\n",
+            "set jwt.existingSecret or jwt.secret",
+        ),
+        (
+            "cdc-no-db.yaml",
+            "nats: {url: 'nats://n:4222'}\njwt: {secret: s}\ncdc: {enabled: true}\n",
+            "cdc.databaseSecret is required",
+        ),
+    ];
+    for (file, yaml, reason) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, yaml)?;
+        let out = render(&[path], &[])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file} rendered");
+        assert!(stderr.contains(reason), "{file}: expected {reason:?}, got {stderr}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The `env` of a rendered container: literal values, and secret references
+/// resolved with `secret`.
+fn container_env(deployment: &Value, secret: &str) -> Vec<(String, String)> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_owned(),
+                None => secret.to_owned(),
+            };
+            (e["name"].as_str().unwrap_or_default().to_owned(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn every_setting_the_chart_passes_is_one_the_binary_knows() -> Result<()> {
+    let full = objects(&[ci_values("full-values.yaml")])?;
+    let mut roles = 0;
+    for d in full.iter().filter(|o| o["kind"] == "Deployment") {
+        let role = d["spec"]["template"]["spec"]["containers"][0]["args"][0]
+            .as_str()
+            .context("role argument")?;
+        let help = run(Command::new(fanout_bin()).args([role, "--help"]))?;
+        ensure!(help.status.success(), "fanout {role} --help failed");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for (name, _) in container_env(d, "") {
+            assert!(
+                help.contains(&format!("[env: {name}")),
+                "the chart sets {name} for `fanout {role}`, which does not know it"
+            );
+        }
+        roles += 1;
+    }
+    assert_eq!(roles, 3, "edge, presence and cdc");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()> {
+    let nats = Nats::start().await?;
+    let redis = Redis::start().await?;
+    let full = objects(&[ci_values("full-values.yaml")])?;
+    let edge = full
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "fanout-edge")
+        .context("edge Deployment")?;
+    // The chart's environment as the pod gets it, the JWT secret resolved
+    // from its Secret. The addresses of the cluster's services do not
+    // exist here: flags (which win over the environment) point the edge at
+    // loopback instead, and the NATS credentials file is not mounted.
+    let env: Vec<(String, String)> = container_env(edge, "chart-test-secret")
+        .into_iter()
+        .filter(|(k, _)| k != "FANOUT_NATS_CREDENTIALS_FILE")
+        .collect();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (nurl, rurl) = (nats.url(), redis.url());
+    let mut args = nats_args(&nurl).to_vec();
+    args.extend(["--nats-replicas", "1", "--redis-url", rurl.as_str()]);
+    let fanout = Fanout::start_role("edge", free_port(), &args, &env_refs).await?;
+    fanout.wait_ready(Duration::from_secs(15)).await?;
+    // The secret is in force: a client without a token is refused (401).
+    let Err(refused) = WsClient::connect(fanout.port, &fanout.ws_path("1.0.0", None)).await else {
+        bail!("an edge with the chart's JWT secret accepted a client without a token");
+    };
+    assert!(
+        format!("{refused:#}").contains("401"),
+        "refused, but not as unauthorized: {refused:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() -> Result<()> {
+    let rules = chart().join("files/alerts.yaml");
+    let check = run(Command::new(tool("promtool")).args(["check", "rules"]).arg(&rules))?;
+    ensure!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    let tests = repo_root().join("tests/helm/alerts_test.yaml");
+    let test = run(Command::new(tool("promtool")).args(["test", "rules"]).arg(&tests))?;
+    ensure!(
+        test.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+    Ok(())
+}
+
+/// Every `fanout_*` name in `text`, without histogram suffixes.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("fanout_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let name = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_sum"))
+            .or_else(|| name.strip_suffix("_count"))
+            .unwrap_or(name);
+        names.insert(name.to_owned());
+        i = end;
+    }
+    names
+}
+
+/// The metric names the code registers: string literals `"fanout_…"`.
+fn exported_metrics() -> Result<BTreeSet<String>> {
+    let mut found = BTreeSet::new();
+    let mut dirs = vec![repo_root().join("crates")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path)?;
+                for part in text.split('"').skip(1).step_by(2) {
+                    if part.starts_with("fanout_") && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                        found.insert(part.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[test]
+fn alerts_and_dashboard_name_only_metrics_fanout_exports() -> Result<()> {
+    let exported = exported_metrics()?;
+    if !exported.contains("fanout_connections") {
+        bail!("found no metric names in crates/: {exported:?}");
+    }
+    for file in ["files/alerts.yaml", "files/dashboard.json"] {
+        let text = std::fs::read_to_string(chart().join(file))?;
+        let used = metric_names(&text);
+        assert!(used.len() >= 10, "{file} names only {used:?}");
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names metrics fanout does not export: {unknown:?}"
+        );
+    }
+    Ok(())
+}
