@@ -29,7 +29,7 @@ app.kubernetes.io/component: {{ .role }}
 {{- .Values.jwt.existingSecret | default (printf "%s-jwt" (include "fanout.fullname" .)) -}}
 {{- end -}}
 
-{{/* Settings every role shares: NATS, the JWT secret, the admin listener. */}}
+{{/* Settings every role shares: NATS and the resume window. */}}
 {{- define "fanout.commonEnv" -}}
 - name: FANOUT_NATS_URL
   value: {{ required "nats.url is required (NATS with JetStream, e.g. nats://nats:4222)" .Values.nats.url | quote }}
@@ -49,11 +49,6 @@ app.kubernetes.io/component: {{ .role }}
   value: {{ .Values.history.maxMessages | int64 | quote }}
 - name: FANOUT_HISTORY_MAX_AGE_SECS
   value: {{ .Values.history.maxAgeSecs | int64 | quote }}
-- name: FANOUT_JWT_SECRET
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "fanout.jwtSecretName" . }}
-      key: {{ .Values.jwt.secretKey }}
 {{- end -}}
 
 {{/* Extra FANOUT_* settings from a map. */}}
@@ -89,5 +84,19 @@ livenessProbe:
 readinessProbe:
   httpGet: {path: /readyz, port: admin}
   periodSeconds: 2
-  failureThreshold: 1
+  timeoutSeconds: 2
+  failureThreshold: 2
+{{- end -}}
+
+{{/* Prefer one replica per node, so one node's loss leaves the other. */}}
+{{- define "fanout.spreadOverNodes" -}}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "fanout.selectorLabels" . | nindent 14 }}
 {{- end -}}
