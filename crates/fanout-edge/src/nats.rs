@@ -394,9 +394,10 @@ impl NatsBus {
                     }
                 }
                 if seq <= last {
-                    // Already delivered: read ahead by a catch-up (an event
-                    // that came late), or at or before `head`.
-                    metrics::counter!("fanout_bus_live_events_already_delivered_total").increment(1);
+                    // At or before the subscription's start, or already
+                    // refilled by a catch-up: an event that came late.
+                    let why = if seq <= head { "before_start" } else { "refilled" };
+                    metrics::counter!("fanout_bus_live_events_skipped_total", "why" => why).increment(1);
                     continue;
                 }
                 if previous > last {
