@@ -51,7 +51,11 @@ if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
   if [ ! -x "$helm_tools/promtool" ]; then
     log "unpacking promtool from Debian's prometheus package"
     rm -rf "$helm_tools/prometheus-deb" && mkdir -p "$helm_tools/prometheus-deb"
-    (cd "$helm_tools/prometheus-deb" && apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb root) \
+    # (a machine whose package lists were never fetched needs apt-get update first)
+    (cd "$helm_tools/prometheus-deb" \
+      && { apt-get download prometheus >/dev/null 2>&1 \
+           || { apt-get update -q >/dev/null && apt-get download prometheus >/dev/null 2>&1; }; } \
+      && dpkg-deb -x prometheus_*.deb root) \
       || { echo "could not unpack promtool from apt-get download prometheus" >&2; exit 1; }
     cp "$helm_tools/prometheus-deb/root/usr/bin/promtool" "$helm_tools/promtool"
   fi
@@ -68,5 +72,5 @@ log "building the Helm chart renderer (tests/helm/render.go, offline)"
 GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off GOCACHE="$PWD/$helm_tools/gocache" \
   go build -o "$helm_tools/render" tests/helm/render.go
 
-log "running every test (unit, integration, realtime-js protocol suite, browser)"
+log "running every test (unit, integration, realtime-js protocol suite, browser, Helm chart)"
 cargo nextest run --workspace --locked --no-fail-fast
