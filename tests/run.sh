@@ -29,6 +29,7 @@ command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || need_apt+=(golang-github-masterminds-sprig-dev)
 [ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || need_apt+=(golang-k8s-sigs-yaml-dev)
+[ -d /usr/share/gocode/src/github.com/xeipuuv/gojsonschema ] || need_apt+=(golang-github-xeipuuv-gojsonschema-dev)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 helm_tools=target/helm

@@ -5,6 +5,8 @@
 //
 //	render [-f values.yaml ...] [-name release] [-namespace ns] [-json] <chart dir>
 //
+// Like Helm, it first validates the merged values against the chart's
+// values.schema.json, if there is one (with gojsonschema, as Helm does).
 // It prints every manifest, each after a "# Source:" line, like helm; with
 // -json, a JSON array of the manifests' objects instead (for tests). Values
 // files are deep-merged over the chart's values.yaml in order. It exits 1
@@ -29,6 +31,7 @@ import (
 	"text/template"
 
 	"github.com/Masterminds/sprig"
+	"github.com/xeipuuv/gojsonschema"
 	"sigs.k8s.io/yaml"
 )
 
@@ -150,6 +153,9 @@ func render(chartDir string, valueFiles []string, release, namespace string) (st
 		values = merge(values, over)
 	}
 	chartName, _ := chartMeta["name"].(string)
+	if err := validateValues(chartDir, chartName, values); err != nil {
+		return "", err
+	}
 	chart := map[string]interface{}{}
 	for k, v := range chartMeta {
 		// Helm exposes Chart.yaml's fields capitalised: .Chart.AppVersion.
@@ -289,4 +295,29 @@ func render(chartDir string, valueFiles []string, release, namespace string) (st
 		fmt.Fprintf(&out, "---\n# Source: %s\n%s\n", full, strings.TrimSpace(text))
 	}
 	return out.String(), nil
+}
+
+// validateValues checks values against the chart's values.schema.json, with
+// Helm's error format.
+func validateValues(chartDir, chartName string, values map[string]interface{}) error {
+	schema, err := os.ReadFile(filepath.Join(chartDir, "values.schema.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	result, err := gojsonschema.Validate(gojsonschema.NewBytesLoader(schema), gojsonschema.NewGoLoader(values))
+	if err != nil {
+		return fmt.Errorf("values.schema.json: %w", err)
+	}
+	if result.Valid() {
+		return nil
+	}
+	var msg strings.Builder
+	fmt.Fprintf(&msg, "values don't meet the specifications of the schema(s) in the following chart(s):\n%s:\n", chartName)
+	for _, e := range result.Errors() {
+		fmt.Fprintf(&msg, "- %s\n", e)
+	}
+	return errors.New(msg.String())
 }

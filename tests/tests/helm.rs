@@ -5,7 +5,7 @@
 //! `tests/run.sh` builds it to `target/helm/render` and installs
 //! `kubernetes-validate` (offline Kubernetes schemas) and `promtool`. The
 //! tests then check what a cluster would get: valid objects, clear refusals
-//! of incomplete values, settings the binary really accepts (an edge is
+//! of incomplete or mistyped values (the chart's `values.schema.json`), settings the binary really accepts (an edge is
 //! started with the chart's environment), and alerts and dashboard panels
 //! that only name metrics fanout exports.
 
@@ -155,7 +155,7 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
 }
 
 #[test]
-fn incomplete_values_are_refused_with_the_reason() -> Result<()> {
+fn incomplete_or_mistyped_values_are_refused_with_the_reason() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("fanout-helm-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cases = [
@@ -170,6 +170,12 @@ fn incomplete_values_are_refused_with_the_reason() -> Result<()> {
             "nats: {url: 'nats://n:4222'}\njwt: {secret: s}\ncdc: {enabled: true}\n",
             "cdc.databaseSecret is required",
         ),
+        // values.schema.json, checked as Helm checks it: a typo and a wrong type.
+        (
+            "typo.yaml",
+            "nats: {url: 'nats://n:4222'}\njwt: {secret: s}\nedge: {replica: 3, drainSecs: ten}\n",
+            "- edge: Additional property replica is not allowed\n- edge.drainSecs: Invalid type. Expected: integer, given: string",
+        ),
     ];
     for (file, yaml, reason) in cases {
         let path = dir.join(file);
@@ -177,7 +183,10 @@ fn incomplete_values_are_refused_with_the_reason() -> Result<()> {
         let out = render(&[path], &[])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} rendered");
-        assert!(stderr.contains(reason), "{file}: expected {reason:?}, got {stderr}");
+        // (each line on its own: the schema's errors come in no set order)
+        for line in reason.lines() {
+            assert!(stderr.contains(line), "{file}: expected {line:?}, got {stderr}");
+        }
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
