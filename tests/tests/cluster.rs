@@ -209,6 +209,20 @@ async fn events_dropped_by_core_nats_are_refilled_from_the_stream() -> Result<()
     join_v1(&mut sub, topic, json!({}), "1").await?;
     let mut publisher = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
     join_v1(&mut publisher, topic, json!({}), "1").await?;
+    // Quiet channels on the same edge: a slow-consumer report makes every
+    // subscription check, but these missed nothing and must not read the
+    // stream.
+    let quiet_channels = 20;
+    let mut quiet = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    for i in 0..quiet_channels {
+        join_v1(
+            &mut quiet,
+            &format!("realtime:workshop:quiet-{i}"),
+            json!({}),
+            &i.to_string(),
+        )
+        .await?;
+    }
 
     let n = 3_000;
     let reader = tokio::spawn(async move { collect(&mut sub, n).await });
@@ -225,6 +239,20 @@ async fn events_dropped_by_core_nats_are_refilled_from_the_stream() -> Result<()
         "no drop happened: {m}"
     );
     assert!(metric_value(&m, "fanout_bus_caught_up_events_total") >= 1.0, "{m}");
+    let resync_catch_ups = m
+        .lines()
+        .find(|l| l.starts_with(r#"fanout_bus_catch_ups_total{reason="resync"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    // At most the busy channel per report (reports close together count once).
+    assert!(
+        resync_catch_ups <= metric_value(&m, "fanout_bus_slow_consumer_events_total"),
+        "quiet channels read the stream: {m}"
+    );
+    assert!(
+        metric_value(&m, "fanout_bus_resyncs_without_catch_up_total") >= f64::from(quiet_channels),
+        "{m}"
+    );
     Ok(())
 }
 
