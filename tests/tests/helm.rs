@@ -57,6 +57,13 @@ fn objects(values: &[PathBuf]) -> Result<Vec<Value>> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The rendered object of that kind and name.
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name}"))
+}
+
 fn kinds_and_names(objs: &[Value]) -> BTreeSet<(String, String)> {
     objs.iter()
         .map(|o| {
@@ -127,19 +134,13 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         "an existing JWT Secret must not be created again"
     );
     // The autoscaler owns the replica count.
-    let edge = full
-        .iter()
-        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "fanout-edge")
-        .context("edge Deployment")?;
+    let edge = find(&full, "Deployment", "fanout-edge")?;
     assert!(edge["spec"].get("replicas").is_none());
     // The pre-stop pause (5 s) and draining (20 s) must finish inside the
     // pod's grace period, with the shutdown grace (10 s) and a margin.
     assert_eq!(edge["spec"]["template"]["spec"]["terminationGracePeriodSeconds"], 40);
     // Metrics never on the client-facing Service.
-    let public = full
-        .iter()
-        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "fanout-edge")
-        .context("edge Service")?;
+    let public = find(&full, "Service", "fanout-edge")?;
     let ports: Vec<&str> = public["spec"]["ports"]
         .as_array()
         .into_iter()
@@ -148,7 +149,7 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         .collect();
     assert_eq!(ports, ["ws"]);
     // The dashboard ConfigMap carries valid JSON.
-    let cm = full.iter().find(|o| o["kind"] == "ConfigMap").context("dashboard")?;
+    let cm = find(&full, "ConfigMap", "fanout-dashboard")?;
     let dashboard: Value = serde_json::from_str(cm["data"]["fanout.json"].as_str().context("fanout.json")?)?;
     assert_eq!(dashboard["uid"], "fanout-overview");
     Ok(())
@@ -237,10 +238,7 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
     let nats = Nats::start().await?;
     let redis = Redis::start().await?;
     let full = objects(&[ci_values("full-values.yaml")])?;
-    let edge = full
-        .iter()
-        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "fanout-edge")
-        .context("edge Deployment")?;
+    let edge = find(&full, "Deployment", "fanout-edge")?;
     // The chart's environment as the pod gets it, the JWT secret resolved
     // from its Secret. The addresses of the cluster's services do not
     // exist here: flags (which win over the environment) point the edge at
