@@ -104,6 +104,7 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         ("Service", "fanout-edge-admin"),
         ("PodDisruptionBudget", "fanout-edge"),
         ("Secret", "fanout-jwt"),
+        ("ConfigMap", "fanout-config"),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_owned(), n.to_owned()))
@@ -239,13 +240,35 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
     let redis = Redis::start().await?;
     let full = objects(&[ci_values("full-values.yaml")])?;
     let edge = find(&full, "Deployment", "fanout-edge")?;
-    // The chart's environment as the pod gets it, the JWT secret resolved
-    // from its Secret. The addresses of the cluster's services do not
-    // exist here: flags (which win over the environment) point the edge at
-    // loopback instead, and the NATS credentials file is not mounted.
+    // The config file the chart renders from `config`, with whole numbers
+    // as TOML integers (values arrive as floats).
+    let toml = find(&full, "ConfigMap", "fanout-config")?["data"]["fanout.toml"]
+        .as_str()
+        .context("fanout.toml")?
+        .to_owned();
+    for line in [
+        "postgres_changes = true",
+        "[limits]",
+        "max_connections = 50000",
+        "max_age_secs = 600",
+    ] {
+        assert!(toml.lines().any(|l| l == line), "{line:?} not in\n{toml}");
+    }
+    let config = std::env::temp_dir().join(format!("fanout-helm-{}.toml", std::process::id()));
+    std::fs::write(&config, &toml)?;
+    // The chart's environment as the pod gets it: the JWT secret resolved
+    // from its Secret, the config file from its ConfigMap. The addresses of
+    // the cluster's services do not exist here: flags (which win over the
+    // environment and the file) point the edge at loopback instead, and the
+    // NATS credentials file is not mounted. An unknown key or a bad value in
+    // either would stop the edge (exit 64).
     let env: Vec<(String, String)> = container_env(edge, "chart-test-secret")
         .into_iter()
         .filter(|(k, _)| k != "FANOUT_NATS_CREDENTIALS_FILE")
+        .map(|(k, v)| match k.as_str() {
+            "FANOUT_CONFIG" => (k, config.display().to_string()),
+            _ => (k, v),
+        })
         .collect();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (nurl, rurl) = (nats.url(), redis.url());
@@ -261,6 +284,7 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
         format!("{refused:#}").contains("401"),
         "refused, but not as unauthorized: {refused:#}"
     );
+    std::fs::remove_file(&config)?;
     Ok(())
 }
 

@@ -29,7 +29,7 @@ app.kubernetes.io/component: {{ .role }}
 {{- .Values.jwt.existingSecret | default (printf "%s-jwt" (include "fanout.fullname" .)) -}}
 {{- end -}}
 
-{{/* Settings every role shares: NATS and the resume window. */}}
+{{/* Settings every role shares: NATS, and the config file. */}}
 {{- define "fanout.commonEnv" -}}
 - name: FANOUT_NATS_URL
   value: {{ required "nats.url is required (NATS with JetStream, e.g. nats://nats:4222)" .Values.nats.url | quote }}
@@ -45,10 +45,8 @@ app.kubernetes.io/component: {{ .role }}
 - name: FANOUT_NATS_CREDENTIALS_FILE
   value: /etc/fanout/nats/nats.creds
 {{- end }}
-- name: FANOUT_HISTORY_MAX_MESSAGES
-  value: {{ .Values.history.maxMessages | int64 | quote }}
-- name: FANOUT_HISTORY_MAX_AGE_SECS
-  value: {{ .Values.history.maxAgeSecs | int64 | quote }}
+- name: FANOUT_CONFIG
+  value: /etc/fanout/config/fanout.toml
 {{- end -}}
 
 {{/* Extra FANOUT_* settings from a map. */}}
@@ -59,7 +57,11 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- end -}}
 
-{{- define "fanout.natsVolumeMount" -}}
+{{/* The config file, and the NATS credentials if any. */}}
+{{- define "fanout.volumeMounts" -}}
+- name: config
+  mountPath: /etc/fanout/config
+  readOnly: true
 {{- if .Values.nats.credentialsSecret }}
 - name: nats-credentials
   mountPath: /etc/fanout/nats
@@ -67,7 +69,10 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- end -}}
 
-{{- define "fanout.natsVolume" -}}
+{{- define "fanout.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "fanout.fullname" . }}-config
 {{- if .Values.nats.credentialsSecret }}
 - name: nats-credentials
   secret:
@@ -99,4 +104,43 @@ affinity:
           labelSelector:
             matchLabels:
               {{- include "fanout.selectorLabels" . | nindent 14 }}
+{{- end -}}
+
+{{/* One TOML value: a string, a boolean or a number (whole numbers as
+integers: values arrive as floats). */}}
+{{- define "fanout.tomlValue" -}}
+{{- if kindIs "string" . -}}
+{{ toJson . }}
+{{- else if kindIs "bool" . -}}
+{{ . }}
+{{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- if eq (float64 .) (float64 (int64 .)) -}}{{ int64 . }}{{- else -}}{{ . }}{{- end -}}
+{{- else -}}
+{{ fail (printf "config: %v is not a string, number or boolean" .) }}
+{{- end -}}
+{{- end -}}
+
+{{/* .Values.config as fanout's TOML file: top-level keys, then one table
+per section (fanout's keys are at most two levels deep). */}}
+{{- define "fanout.toml" -}}
+# fanout settings from the chart's `config` value (README, "Configuration").
+{{- range $k, $v := . }}
+{{- if not (kindIs "map" $v) }}
+{{ $k }} = {{ include "fanout.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- range $k, $v := . }}
+{{- if kindIs "map" $v }}
+
+[{{ $k }}]
+{{- range $k2, $v2 := $v }}
+{{ $k2 }} = {{ include "fanout.tomlValue" $v2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pods restart (rolling) when the config file changes. */}}
+{{- define "fanout.configChecksum" -}}
+checksum/config: {{ include "fanout.toml" .Values.config | sha256sum }}
 {{- end -}}
