@@ -36,7 +36,6 @@ pub fn fanout_bin() -> PathBuf {
     profile_dir.join("fanout")
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
 /// The NATS settings every cluster process of a test shares: the server,
 /// and a small shard layout (8 shards over 2 streams, `FANOUT_0` owning
 /// shards 0-3 and `FANOUT_1` shards 4-7).
@@ -44,7 +43,43 @@ pub fn nats_args(url: &str) -> [&str; 6] {
     ["--nats-url", url, "--nats-shards", "8", "--nats-streams", "2"]
 }
 
+/// A free TCP port on 127.0.0.1 for a server a test starts.
+///
+/// It is chosen below the kernel's ephemeral range: a port the kernel hands
+/// out for `bind(0)` can be handed out again, before the server binds it, as
+/// the source port of some other process's outgoing connection (the tests
+/// open thousands), which made starts fail now and then with "address
+/// already in use". Below the range only another test's server can take it,
+/// and random choice over some 20,000 ports makes that unlikely.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (first, last) = (10_000u16, low.saturating_sub(1));
+    if last > first {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        // xorshift64 seeded per call: process, time, and a call counter.
+        let mut x = nanos
+            ^ (u64::from(std::process::id()) << 32)
+            ^ CALLS
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            | 1;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = first + (x % u64::from(last - first + 1)) as u16;
+            if StdListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

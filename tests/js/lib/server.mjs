@@ -2,7 +2,7 @@
 // stops it again. Shared by the protocol suite and the browser tests.
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import crypto from 'node:crypto';
@@ -19,8 +19,32 @@ export function fanoutBin() {
   throw new Error('fanout binary not found: run `cargo build` or set FANOUT_BIN');
 }
 
-/** A free TCP port on 127.0.0.1 (bound, then released). */
-export function freePort() {
+/** Whether `port` can be listened on at 127.0.0.1 right now. */
+function canListen(port) {
+  return new Promise((resolve) => {
+    const srv = createServer();
+    srv.unref();
+    srv.once('error', () => resolve(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+  });
+}
+
+/**
+ * A free TCP port on 127.0.0.1 for a server a test starts, chosen below the
+ * kernel's ephemeral range (as the Rust harness does): a port from
+ * `listen(0)` can be taken by another process's outgoing connection before
+ * the server binds it.
+ */
+export async function freePort() {
+  let low = 32768;
+  try {
+    low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch {}
+  const first = 10000;
+  for (let i = 0; i < 200 && low - 1 > first; i++) {
+    const port = first + crypto.randomInt(low - first);
+    if (await canListen(port)) return port;
+  }
   return new Promise((resolve, reject) => {
     const srv = createServer();
     srv.unref();
