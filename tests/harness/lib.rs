@@ -421,11 +421,13 @@ impl Drop for Redis {
     }
 }
 
-/// Reads a counter or gauge (summing every label set) from metrics text.
+/// Reads a counter or gauge from metrics text: `name` sums every label
+/// set, `name{label="value"}` reads that one series.
 pub fn metric_value(text: &str, name: &str) -> f64 {
+    let next: &[char] = if name.ends_with('}') { &[' '] } else { &[' ', '{'] };
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(next))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -239,11 +239,7 @@ async fn events_dropped_by_core_nats_are_refilled_from_the_stream() -> Result<()
         "no drop happened: {m}"
     );
     assert!(metric_value(&m, "fanout_bus_caught_up_events_total") >= 1.0, "{m}");
-    let resync_catch_ups = m
-        .lines()
-        .find(|l| l.starts_with(r#"fanout_bus_catch_ups_total{reason="resync"}"#))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let resync_catch_ups = metric_value(&m, r#"fanout_bus_catch_ups_total{reason="resync"}"#);
     // At most the busy channel per report (reports close together count once).
     assert!(
         resync_catch_ups <= metric_value(&m, "fanout_bus_slow_consumer_events_total"),
