@@ -20,9 +20,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fanout_bus::{Bus, BusError};
+use fanout_core::Event;
 use fanout_core::changes::Routes;
-use fanout_core::{Event, EventKind};
-use fanout_edge::bus::{Bus, BusError};
 use futures_util::FutureExt;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio_util::sync::CancellationToken;
@@ -376,37 +376,27 @@ async fn session(
                 }
                 let Some(t) = tx.as_mut() else { continue };
                 if let Some(record) = catalog.record(&message, &t.timestamp, config.max_record_bytes)? {
+                    let change = &record.change;
                     let channel = config
                         .routes
-                        .channel_for_change(&record.schema, &record.table, &record.routing_row);
-                    if let Some(column) = config.routes.routed_by(&record.schema, &record.table)
-                        && record.routing_row.get(column).is_none_or(|v| v.is_null())
+                        .channel_for_change(&change.schema, &change.table, change.row());
+                    if let Some(column) = config.routes.routed_by(&change.schema, &change.table)
+                        && change.row().get(column).is_none_or(|v| v.is_null())
                     {
                         // Typically a delete under REPLICA IDENTITY DEFAULT: the
                         // old row has only the key. It goes to the table
                         // channel, which routed bindings do not watch.
                         metrics::counter!("fanout_cdc_unroutable_changes_total").increment(1);
                         tracing::warn!(
-                            table = %format!("{}.{}", record.schema, record.table),
+                            table = %format!("{}.{}", change.schema, change.table),
                             column,
                             "a {} has no {column} to route by; set REPLICA IDENTITY FULL on the table",
-                            record.change_type
+                            change.change_type.as_str()
                         );
                     }
                     let id = format!("{}:{:X}:{}", config.slot, t.commit_lsn, t.changes.len());
-                    t.changes.push((
-                        id,
-                        Event {
-                            channel,
-                            kind: EventKind::PostgresChange,
-                            event: Arc::from(record.change_type),
-                            payload: record.json.into(),
-                            binary: false,
-                            origin: None,
-                            position: 0,
-                            published_at_ms: fanout_edge::now_ms(),
-                        },
-                    ));
+                    t.changes
+                        .push((id, Event::change(channel, change.change_type, record.json.into())));
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -432,7 +422,7 @@ async fn flush(client: &ReplicationClient, bus: &dyn Bus, pending: &mut Pending)
         metrics::histogram!("fanout_cdc_publish_seconds").record(started.elapsed().as_secs_f64());
         // Commit in Postgres → acknowledged by the bus.
         let commit_unix_ms = batch.last_commit_micros / 1000 + 946_684_800_000;
-        let lag_ms = (fanout_edge::now_ms() as i64 - commit_unix_ms).max(0);
+        let lag_ms = (fanout_core::now_ms() as i64 - commit_unix_ms).max(0);
         metrics::histogram!("fanout_cdc_commit_to_ack_seconds").record(lag_ms as f64 / 1000.0);
     }
     metrics::counter!("fanout_cdc_changes_published_total").increment(n);

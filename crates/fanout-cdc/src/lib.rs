@@ -15,7 +15,7 @@
 //!
 //! Routing of a table's rows to channels is [`fanout_core::changes::Routes`],
 //! shared with the edges that subscribe to them. The ingester publishes
-//! through the same [`fanout_edge::bus::Bus`] trait as the edges, so
+//! through the same [`fanout_bus::Bus`] trait as the edges, so
 //! standalone runs it in-process over the memory bus and cluster mode over
 //! JetStream.
 

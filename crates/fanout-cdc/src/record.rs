@@ -1,14 +1,9 @@
 //! From decoded pgoutput row messages to the change records clients get.
 //!
-//! A record has the shape Supabase Realtime sends as `postgres_changes`
-//! `data`, which realtime-js turns into `{schema, table, commit_timestamp,
-//! eventType, new, old, errors}`:
-//!
-//! ```json
-//! {"schema":"public","table":"messages","commit_timestamp":"2026-11-22T03:16:45.123Z",
-//!  "type":"UPDATE","columns":[{"name":"id","type":"int8"}],
-//!  "record":{"id":1},"old_record":{"id":1},"errors":null}
-//! ```
+//! A record is a [`fanout_core::ChangeRecord`], the shape Supabase Realtime
+//! sends as `postgres_changes` `data` (realtime-js turns it into `{schema,
+//! table, commit_timestamp, eventType, new, old, errors}`). How its rows are
+//! filled from the WAL:
 //!
 //! - `record` is the new row (empty for a delete); `old_record` is what the
 //!   table's REPLICA IDENTITY puts in the WAL: the key columns under
@@ -23,7 +18,8 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value, json};
+use fanout_core::record::{ChangeRecord, ChangeType, Column};
+use serde_json::{Map, Value};
 
 use crate::pgoutput::{Datum, Message, Oid, OldTuple, Relation, Tuple};
 use crate::value::{builtin_type_name, text_to_json};
@@ -56,14 +52,8 @@ pub struct Catalog {
 /// A change record, ready to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    pub schema: String,
-    pub table: String,
-    /// `INSERT`, `UPDATE` or `DELETE`.
-    pub change_type: &'static str,
-    /// The row that decides the record's channel: the new row, or the old
-    /// one for a delete.
-    pub routing_row: Map<String, Value>,
-    /// The JSON record.
+    pub change: ChangeRecord,
+    /// `change` as JSON, within the size limit: what is published.
     pub json: String,
 }
 
@@ -97,9 +87,9 @@ impl Catalog {
         max_record_bytes: usize,
     ) -> Result<Option<Record>, RecordError> {
         let (relation, change_type, new, old) = match message {
-            Message::Insert { relation, new } => (*relation, "INSERT", Some(new), None),
-            Message::Update { relation, old, new } => (*relation, "UPDATE", Some(new), old.as_ref()),
-            Message::Delete { relation, old } => (*relation, "DELETE", None, Some(old)),
+            Message::Insert { relation, new } => (*relation, ChangeType::Insert, Some(new), None),
+            Message::Update { relation, old, new } => (*relation, ChangeType::Update, Some(new), old.as_ref()),
+            Message::Delete { relation, old } => (*relation, ChangeType::Delete, None, Some(old)),
             _ => return Ok(None),
         };
         let rel = self
@@ -126,39 +116,33 @@ impl Catalog {
             }
             None => Map::new(),
         };
-        let columns: Vec<Value> = rel
+        let columns = rel
             .columns
             .iter()
-            .map(|c| json!({"name": c.name, "type": self.type_name(c.type_oid)}))
+            .map(|c| Column {
+                name: c.name.clone(),
+                type_name: self.type_name(c.type_oid),
+            })
             .collect();
-        let mut body = json!({
-            "schema": rel.namespace,
-            "table": rel.name,
-            "commit_timestamp": commit_timestamp,
-            "type": change_type,
-            "columns": columns,
-            "record": record,
-            "old_record": old_record,
-            "errors": null,
-        });
-        let mut json = body.to_string();
-        if json.len() > max_record_bytes {
-            for key in ["record", "old_record"] {
-                if let Some(Value::Object(m)) = body.get_mut(key) {
-                    m.retain(|_, v| v.to_string().len() <= SMALL_VALUE_BYTES);
-                }
-            }
-            body["errors"] = json!(["Error 413: Payload Too Large"]);
-            json = body.to_string();
-        }
-        let routing_row = if change_type == "DELETE" { old_record } else { record };
-        Ok(Some(Record {
+        let mut change = ChangeRecord {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
+            commit_timestamp: commit_timestamp.to_owned(),
             change_type,
-            routing_row,
-            json,
-        }))
+            columns,
+            record,
+            old_record,
+            errors: None,
+        };
+        let mut json = change.to_json();
+        if json.len() > max_record_bytes {
+            for m in [&mut change.record, &mut change.old_record] {
+                m.retain(|_, v| v.to_string().len() <= SMALL_VALUE_BYTES);
+            }
+            change.errors = Some(vec!["Error 413: Payload Too Large".into()]);
+            json = change.to_json();
+        }
+        Ok(Some(Record { change, json }))
     }
 }
 
@@ -194,6 +178,7 @@ mod tests {
     use super::*;
     use crate::pgoutput::{Column, ReplicaIdentity};
     use bytes::Bytes;
+    use serde_json::json;
 
     fn relation(identity: ReplicaIdentity) -> Message {
         let col = |name: &str, oid, key| Column {
@@ -243,7 +228,7 @@ mod tests {
                 "old_record": {}, "errors": null,
             })
         );
-        assert_eq!(r.routing_row["id"], json!(1));
+        assert_eq!(r.change.row()["id"], json!(1));
     }
 
     #[test]
@@ -258,7 +243,7 @@ mod tests {
         assert_eq!(v["type"], "DELETE");
         assert_eq!(v["old_record"], json!({"id": 5}));
         assert_eq!(v["record"], json!({}));
-        assert_eq!(r.routing_row, v["old_record"].as_object().unwrap().clone());
+        assert_eq!(r.change.row(), v["old_record"].as_object().unwrap());
     }
 
     #[test]

@@ -4,6 +4,10 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use crate::channel::ChannelName;
+use crate::presence::PresenceDiff;
+#[cfg(doc)]
+use crate::record::ChangeRecord;
+use crate::record::ChangeType;
 
 /// A message's place in its channel's history: the JetStream stream sequence
 /// in cluster mode, a per-channel counter in standalone. Positions are only
@@ -50,4 +54,59 @@ pub struct Event {
     /// Milliseconds since the Unix epoch when the event entered the bus;
     /// used for publish-to-deliver latency metrics.
     pub published_at_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Event {
+    /// A broadcast of user event `event` (a client's, or a server's when
+    /// `origin` is `None`), stamped now and not yet positioned.
+    pub fn broadcast(channel: ChannelName, event: &str, payload: Bytes, binary: bool, origin: Option<Origin>) -> Self {
+        Self::new(channel, EventKind::Broadcast, Arc::from(event), payload, binary, origin)
+    }
+
+    /// A presence diff to announce on `channel`.
+    pub fn presence_diff(channel: ChannelName, diff: &PresenceDiff, origin: Option<Origin>) -> Self {
+        let payload = Bytes::from(diff.to_json().to_string());
+        Self::new(channel, EventKind::PresenceDiff, Arc::from(""), payload, false, origin)
+    }
+
+    /// A database change: `record_json` is a [`ChangeRecord`]'s JSON (see
+    /// [`ChangeRecord::to_json`]; the ingester encodes it once, to apply its
+    /// size limit); the event name is the change's type.
+    pub fn change(channel: ChannelName, change_type: ChangeType, record_json: Bytes) -> Self {
+        Self::new(
+            channel,
+            EventKind::PostgresChange,
+            Arc::from(change_type.as_str()),
+            record_json,
+            false,
+            None,
+        )
+    }
+
+    fn new(
+        channel: ChannelName,
+        kind: EventKind,
+        event: Arc<str>,
+        payload: Bytes,
+        binary: bool,
+        origin: Option<Origin>,
+    ) -> Self {
+        Self {
+            channel,
+            kind,
+            event,
+            payload,
+            binary,
+            origin,
+            position: 0,
+            published_at_ms: now_ms(),
+        }
+    }
 }

@@ -9,7 +9,10 @@
 //! - [`channel`]: `realtime:<name>` topics, [`ChannelName`], the stable
 //!   [`shard_of`] mapping and NATS subject tokens.
 //! - [`event`]: [`Event`], the envelope of a broadcast, a presence diff or a
-//!   database change, and [`Position`], its place in a channel's history.
+//!   database change, with a constructor for each, [`Position`], its place
+//!   in a channel's history, and [`now_ms`], the clock events are stamped by.
+//! - [`record`]: [`ChangeRecord`], a row change as the ingester publishes it
+//!   and the edge reads it.
 //! - [`changes`]: `postgres_changes` bindings, row [`changes::Filter`]s and
 //!   the [`changes::Routes`] from a table's rows to channels.
 //! - [`auth`]: HS256 JWT verification and [`Claims`].
@@ -19,7 +22,8 @@
 //!
 //! # What it does not do
 //! `fanout-core` does no I/O: it knows nothing about sockets, NATS, Redis or
-//! Postgres, and it starts no tasks. That keeps it fast to test and lets every
+//! Postgres, and it starts no tasks (reading the wall clock is the one thing
+//! it asks of the system). That keeps it fast to test and lets every
 //! transport share one definition of the rules.
 
 pub mod auth;
@@ -28,9 +32,11 @@ pub mod channel;
 pub mod event;
 pub mod limits;
 pub mod presence;
+pub mod record;
 
 pub use auth::{AuthError, Claims, JwtVerifier};
 pub use channel::{ChannelError, ChannelName, shard_of, subject_token};
-pub use event::{Event, EventKind, Origin, Position};
+pub use event::{Event, EventKind, Origin, Position, now_ms};
 pub use limits::Limits;
 pub use presence::{PresenceDiff, PresenceSet};
+pub use record::{ChangeRecord, ChangeType};

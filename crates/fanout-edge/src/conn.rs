@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::changes::Binding;
-use fanout_core::{ChannelName, Claims, Event, EventKind, Origin, Position};
+use fanout_core::{ChannelName, Claims, Event, Origin, Position};
 use fastwebsockets::{OpCode, WebSocketError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -608,16 +608,7 @@ impl Conn {
             return;
         };
         let ack = joined.ack;
-        let ev = Event {
-            channel: joined.channel.clone(),
-            kind: EventKind::Broadcast,
-            event: Arc::from(event),
-            payload,
-            binary,
-            origin: Some(self.origin),
-            position: 0,
-            published_at_ms: crate::now_ms(),
-        };
+        let ev = Event::broadcast(joined.channel.clone(), &event, payload, binary, Some(self.origin));
         metrics::counter!("fanout_broadcasts_published_total").increment(1);
         match self.edge.bus.publish(ev).await {
             Ok(_) if ack => self.reply_ok(m, "{}"),
@@ -682,16 +673,7 @@ impl Conn {
         if diff.is_empty() {
             return;
         }
-        let ev = Event {
-            channel: channel.clone(),
-            kind: EventKind::PresenceDiff,
-            event: Arc::from(""),
-            payload: Bytes::from(diff.to_json().to_string()),
-            binary: false,
-            origin: Some(self.origin),
-            position: 0,
-            published_at_ms: crate::now_ms(),
-        };
+        let ev = Event::presence_diff(channel.clone(), &diff, Some(self.origin));
         if let Err(e) = self.edge.bus.publish(ev).await {
             metrics::counter!("fanout_bus_publish_errors_total").increment(1);
             tracing::warn!(error = %e, "presence diff not published");
@@ -777,7 +759,7 @@ fn read_error(e: WebSocketError, max: usize) -> End {
 }
 
 fn deadline_of(exp_secs: u64) -> Instant {
-    let now = crate::now_ms() / 1000;
+    let now = fanout_core::now_ms() / 1000;
     Instant::now() + Duration::from_secs(exp_secs.saturating_sub(now))
 }
 

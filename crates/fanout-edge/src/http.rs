@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fanout_core::{ChannelName, Event, EventKind};
+use fanout_core::{ChannelName, Event};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -378,19 +378,11 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
                 &format!("messages[{i}].event must be 1 to 255 bytes"),
             );
         }
-        events.push(Event {
-            channel,
-            kind: EventKind::Broadcast,
-            event: Arc::from(m.event.as_str()),
-            payload: m.payload.map_or_else(
-                || Bytes::from_static(b"{}"),
-                |p| Bytes::copy_from_slice(p.get().as_bytes()),
-            ),
-            binary: false,
-            origin: None,
-            position: 0,
-            published_at_ms: crate::now_ms(),
-        });
+        let payload = m.payload.map_or_else(
+            || Bytes::from_static(b"{}"),
+            |p| Bytes::copy_from_slice(p.get().as_bytes()),
+        );
+        events.push(Event::broadcast(channel, &m.event, payload, false, None));
     }
     publish_rest(&edge, events).await
 }
@@ -436,16 +428,7 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
     if !binary && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}"));
     }
-    let ev = Event {
-        channel,
-        kind: EventKind::Broadcast,
-        event: Arc::from(event.as_str()),
-        payload: body,
-        binary,
-        origin: None,
-        position: 0,
-        published_at_ms: crate::now_ms(),
-    };
+    let ev = Event::broadcast(channel, &event, body, binary, None);
     publish_rest(&edge, vec![ev]).await
 }
 

@@ -18,17 +18,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::changes::Binding;
-use fanout_core::{ChannelName, Event, EventKind, Origin, Position};
-use serde_json::{Map, Value};
+use fanout_core::{ChangeRecord, ChannelName, Event, EventKind, Origin, Position};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Bus, Replay, Subscription};
-use crate::presence::PresenceStore;
 use crate::protocol::{Encoder, Vsn};
 use crate::writer::ConnWriter;
+use fanout_bus::{Bus, PresenceStore, Replay, Subscription};
 
 /// One connection's membership in a channel: either the channel's own
 /// topic, or a *change feed*, the database changes routed to this channel
@@ -250,46 +248,18 @@ impl Batch {
 /// (event index, topic, matching binding ids, protocol version).
 type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn);
 
-/// The parts of a database change record that bindings look at.
-struct Change {
-    schema: String,
-    table: String,
-    change_type: String,
-    /// `record`, or `old_record` for a delete.
-    row: Map<String, Value>,
-}
+/// A database change, decoded once per batch for its bindings.
+struct Change(ChangeRecord);
 
 impl Change {
     fn decode(payload: &[u8]) -> Option<Self> {
-        #[derive(serde::Deserialize)]
-        struct Record {
-            schema: String,
-            table: String,
-            #[serde(rename = "type")]
-            change_type: String,
-            #[serde(default)]
-            record: Option<Map<String, Value>>,
-            #[serde(default)]
-            old_record: Option<Map<String, Value>>,
-        }
-        let r: Record = match serde_json::from_slice(payload) {
-            Ok(r) => r,
+        match ChangeRecord::from_json(payload) {
+            Ok(r) => Some(Self(r)),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable database change skipped");
-                return None;
+                None
             }
-        };
-        let row = if r.change_type == "DELETE" {
-            r.old_record
-        } else {
-            r.record
-        };
-        Some(Self {
-            schema: r.schema,
-            table: r.table,
-            change_type: r.change_type,
-            row: row.unwrap_or_default(),
-        })
+        }
     }
 
     /// Ids of the bindings this change is for. A filter that cannot be
@@ -297,10 +267,10 @@ impl Change {
     fn matching(&self, bindings: &[Binding]) -> Vec<u32> {
         let mut ids: Vec<u32> = bindings
             .iter()
-            .filter(|b| b.wants(&self.schema, &self.table, &self.change_type))
+            .filter(|b| b.wants(&self.0.schema, &self.0.table, self.0.change_type.as_str()))
             .filter(|b| match &b.filter {
                 None => true,
-                Some(f) => f.matches(&self.row).unwrap_or_else(|e| {
+                Some(f) => f.matches(self.0.row()).unwrap_or_else(|e| {
                     metrics::counter!("fanout_change_filter_errors_total").increment(1);
                     tracing::debug!(error = %e, filter = %f, "change filter failed for one binding");
                     false
@@ -517,7 +487,7 @@ impl ChannelTask {
         if events.is_empty() {
             return;
         }
-        let now = crate::now_ms();
+        let now = fanout_core::now_ms();
         for ev in &events {
             if ev.published_at_ms > 0 {
                 let lag = now.saturating_sub(ev.published_at_ms);

@@ -3,8 +3,8 @@
 //! An edge terminates WebSockets (hyper + fastwebsockets), speaks the
 //! Supabase Realtime protocol (Phoenix Channels, vsn 1.0.0 and 2.0.0), and
 //! fans each channel event out to its local sockets. It is stateless: what it
-//! shares with other edges goes through two seams, the [`bus::Bus`] (events)
-//! and the [`presence::PresenceStore`] (who is online). Standalone mode plugs
+//! shares with other edges goes through the two seams of `fanout-bus`, the
+//! [`Bus`] (events) and the [`PresenceStore`] (who is online). Standalone mode plugs
 //! in the in-memory implementations; cluster mode plugs in NATS and Redis.
 //!
 //! # Layout
@@ -15,21 +15,17 @@
 //! - [`hub`]: one task per channel with local members; encodes each event
 //!   once per protocol version and writes the shared bytes to every member.
 //! - [`writer`]: the per-connection write path with its bounded queue.
-//! - [`bus`], [`presence`]: the seams and their in-memory implementations.
 //!
 //! # What it does not do
 //! The edge never talks to Postgres and keeps no durable state: a restarted
 //! edge loses nothing that clients cannot get back by rejoining (with
 //! `config.resume` for history).
 
-pub mod bus;
 mod conn;
 pub mod frame;
 mod framed;
 pub mod http;
 pub mod hub;
-pub mod nats;
-pub mod presence;
 pub mod protocol;
 mod ratelimit;
 pub mod writer;
@@ -43,16 +39,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::Bus;
 use crate::hub::Hub;
-use crate::presence::PresenceStore;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use fanout_bus::{Bus, PresenceStore};
 
 /// Edge settings (the binary builds them from file, environment and flags).
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //!
 //! Three pieces:
 //! - [`RedisPresence`], the edges' implementation of
-//!   [`fanout_edge::presence::PresenceStore`]. Each edge writes its own
+//!   [`fanout_bus::PresenceStore`]. Each edge writes its own
 //!   presences to Redis, keeps a copy in memory (to re-write them all when
 //!   Redis comes back), and proves it is alive with **one** pipelined round
 //!   trip per heartbeat interval, whatever the number of users: a liveness key
@@ -35,10 +35,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use fanout_core::{ChannelName, Event, EventKind, Origin, PresenceDiff, PresenceSet};
-use fanout_edge::bus::{BoxFuture, Bus};
-use fanout_edge::presence::{PresenceError, PresenceStore};
+use fanout_bus::{BoxFuture, Bus, PresenceError, PresenceStore};
+use fanout_core::{ChannelName, Event, Origin, PresenceDiff, PresenceSet};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
@@ -440,16 +438,7 @@ impl Sweeper {
                     diff.leaves.entry(e.key.clone()).or_default().push(e.client_meta());
                     removed += 1;
                 }
-                let event = Event {
-                    channel,
-                    kind: EventKind::PresenceDiff,
-                    event: Arc::from(""),
-                    payload: Bytes::from(diff.to_json().to_string()),
-                    binary: false,
-                    origin: None,
-                    position: 0,
-                    published_at_ms: fanout_edge::now_ms(),
-                };
+                let event = Event::presence_diff(channel, &diff, None);
                 if let Err(e) = self.bus.publish(event).await {
                     tracing::warn!(error = %e, "leave diff of a crashed edge not published");
                 }

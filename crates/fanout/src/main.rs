@@ -9,10 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fanout_bus::{Bus, MemoryBus, MemoryPresence, NatsBus, NatsConfig, PresenceStore, Retention};
 use fanout_core::JwtVerifier;
-use fanout_edge::bus::{Bus, MemoryBus, Retention};
-use fanout_edge::nats::{NatsBus, NatsConfig};
-use fanout_edge::presence::{MemoryPresence, PresenceStore};
 use fanout_edge::{Edge, EdgeConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
