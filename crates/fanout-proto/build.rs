@@ -1,6 +1,6 @@
-//! Generates the prost types and the tonic presence service from `proto/`
-//! with a pinned, vendored `protoc` (the `protoc-bin-vendored` crate), so a
-//! fresh machine needs no manual step.
+//! Generates the prost types, and with the `grpc` feature the tonic presence
+//! service, from `proto/` with a pinned, vendored `protoc` (the
+//! `protoc-bin-vendored` crate), so a fresh machine needs no manual step.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -15,9 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
     config.bytes(["."]);
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
+        .build_server(grpc)
+        .build_client(grpc)
         .compile_with_config(config, &files, &[root])?;
     Ok(())
 }
