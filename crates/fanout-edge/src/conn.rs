@@ -1,9 +1,15 @@
-//! One client connection: reads frames, speaks the protocol, and cleans up.
+//! One client connection's behaviour: joins and leaves, broadcasts,
+//! presence, change feeds, limits and the token's lifetime.
 //!
-//! The read side runs in the connection's own task; writes go through the
-//! shared [`ConnWriter`] (see `writer.rs`), whose drain task runs beside it.
-//! Every client mistake gets an error reply or a close frame with a reason;
+//! The connection's task reads whole messages from the [`FrameReader`]
+//! (`reader.rs`: frames, fragments, size limit), decodes them into typed
+//! requests (`protocol`), and acts on them; writes go through the shared
+//! [`ConnWriter`] (`writer.rs`), whose drain task runs beside it. Every
+//! client mistake gets an error reply or a close frame with a reason;
 //! nothing a client sends can panic the server or stall a channel.
+//!
+//! The task is generic over the socket (any `AsyncRead` and a
+//! [`SocketWrite`]), so the unit tests below drive it in memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,20 +18,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use fanout_core::changes::Binding;
 use fanout_core::{ChannelName, Claims, Event, Origin, Position};
-use fastwebsockets::{OpCode, WebSocketError};
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use tokio::net::TcpStream;
+use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::frame::{self, Opcode, close_code};
-use crate::framed::FrameReader;
+use crate::frame::{self, CloseReason, Opcode, close_code};
 use crate::hub::{JoinRequest, Member};
-use crate::protocol::{self, Encoder, Inbound, Payload, Vsn};
+use crate::protocol::{self, BadPayload, BindingSpec, Broadcast, Encoder, Inbound, Join, PresenceChange, Request, Vsn};
 use crate::ratelimit::TokenBucket;
-use crate::writer::ConnWriter;
+use crate::reader::{FrameReader, Incoming};
+use crate::writer::{ConnWriter, SocketWrite};
 
 /// What a connection knows about one joined channel.
 #[derive(Debug)]
@@ -58,10 +61,20 @@ struct Conn {
     joins: TokenBucket,
 }
 
-/// Serves an upgraded socket until it closes.
-pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, vsn: Vsn, claims: Option<Claims>) {
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+/// Serves an upgraded socket until it closes: `read` and `write` are its
+/// halves, `leftover` the bytes read past the HTTP upgrade. The caller has
+/// reserved the connection slot ([`Edge::try_open_connection`]); it is
+/// released here.
+pub(crate) async fn serve<R>(
+    edge: Arc<Edge>,
+    read: R,
+    write: Box<dyn SocketWrite>,
+    leftover: Bytes,
+    vsn: Vsn,
+    claims: Option<Claims>,
+) where
+    R: AsyncRead + Unpin + Send,
+{
     let limits = edge.config.limits.clone();
     let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames));
     let drain = {
@@ -96,12 +109,13 @@ pub(crate) async fn serve(edge: Arc<Edge>, stream: TcpStream, leftover: Bytes, v
 
     let reason = conn.read_loop(&mut reader).await;
     conn.leave_all().await;
-    writer.close(reason.code, reason.reason, false);
+    let label = reason.label;
+    writer.close(reason, false);
     let _ = drain.await;
     reader.linger(Duration::from_secs(2)).await;
     edge.connection_closed();
     metrics::gauge!("fanout_connections").decrement(1.0);
-    metrics::counter!("fanout_connections_closed_total", "reason" => reason.label).increment(1);
+    metrics::counter!("fanout_connections_closed_total", "reason" => label).increment(1);
 }
 
 /// A copy of `b` that does not keep `b`'s allocation alive; `b` is dropped.
@@ -113,45 +127,26 @@ fn own_small(b: Bytes) -> Bytes {
     }
 }
 
-/// How and why the read loop ended.
-struct End {
-    code: u16,
-    reason: String,
-    /// A metric label from a small fixed set.
-    label: &'static str,
-}
-
-impl End {
-    fn new(code: u16, reason: impl Into<String>, label: &'static str) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-            label,
-        }
-    }
-}
-
 impl Conn {
-    fn closed_by_server(&self) -> End {
+    /// The writer ended the connection (slow consumer, write error).
+    fn closed_by_server(&self) -> CloseReason {
         let r = self.writer.close_reason();
-        End::new(
+        CloseReason::new(
             r.as_ref().map_or(close_code::NORMAL, |r| r.code),
             r.map(|r| r.reason).unwrap_or_default(),
             "server",
         )
     }
 
-    async fn shutting_down(&self) -> End {
+    async fn shutting_down(&self) -> CloseReason {
         self.edge.drain_delay().await;
-        End::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
+        CloseReason::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
     }
 
-    async fn read_loop(&mut self, reader: &mut FrameReader) -> End {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
         let limits = self.edge.config.limits.clone();
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
-        // A fragmented message being assembled: its opcode and bytes so far.
-        let mut partial: Option<(OpCode, Vec<u8>)> = None;
         loop {
             let expiry = self.token_exp.map(deadline_of);
             // Wait for bytes (cancel-safe, holds no buffer), or for the end,
@@ -165,75 +160,33 @@ impl Conn {
                     continue;
                 }
                 r = tokio::time::timeout(limits.idle_timeout, reader.readable()) => match r {
-                    Err(_) => return End::new(close_code::POLICY, format!("idle for {} s without a heartbeat", limits.idle_timeout.as_secs()), "idle"),
-                    Ok(Err(_)) => return End::new(close_code::NORMAL, "", "eof"),
+                    Err(_) => return CloseReason::new(
+                        close_code::POLICY,
+                        format!("idle for {} s without a heartbeat", limits.idle_timeout.as_secs()),
+                        "idle",
+                    ),
+                    Ok(Err(_)) => return CloseReason::quiet("eof"),
                     Ok(Ok(())) => {}
                 },
             }
             // Read one whole frame; only the end of the connection may
             // interrupt it (a half-read frame cannot be resumed).
-            let frame = tokio::select! {
+            let incoming = tokio::select! {
                 biased;
                 () = done.cancelled() => return self.closed_by_server(),
                 () = shutdown.cancelled() => return self.shutting_down().await,
-                r = tokio::time::timeout(limits.idle_timeout, reader.read_frame()) => match r {
-                    Err(_) => return End::new(close_code::POLICY, "frame not completed in time", "idle"),
-                    Ok(Err(e)) => return read_error(e, limits.max_frame_bytes),
-                    Ok(Ok((frame, _))) => frame,
+                r = tokio::time::timeout(limits.idle_timeout, reader.next_message()) => match r {
+                    Err(_) => return CloseReason::new(close_code::POLICY, "frame not completed in time", "idle"),
+                    Ok(Err(close)) => return close,
+                    Ok(Ok(incoming)) => incoming,
                 },
             };
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary if frame.fin => {
-                    if partial.is_some() {
-                        return End::new(
-                            close_code::PROTOCOL_ERROR,
-                            "new message inside a fragmented one",
-                            "protocol",
-                        );
-                    }
-                    Box::pin(self.data(frame.opcode, &frame.payload)).await;
-                }
-                OpCode::Text | OpCode::Binary => {
-                    if partial.is_some() {
-                        return End::new(
-                            close_code::PROTOCOL_ERROR,
-                            "new message inside a fragmented one",
-                            "protocol",
-                        );
-                    }
-                    partial = Some((frame.opcode, frame.payload.to_vec()));
-                }
-                OpCode::Continuation => {
-                    let Some((_, buf)) = partial.as_mut() else {
-                        return End::new(
-                            close_code::PROTOCOL_ERROR,
-                            "continuation frame without a message",
-                            "protocol",
-                        );
-                    };
-                    // The limit is on the whole message, not on each fragment.
-                    if buf.len() + frame.payload.len() > limits.max_frame_bytes {
-                        return End::new(
-                            close_code::TOO_BIG,
-                            format!("message larger than {} bytes", limits.max_frame_bytes),
-                            "too_big",
-                        );
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if frame.fin
-                        && let Some((opcode, buf)) = partial.take()
-                    {
-                        if opcode == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                            return End::new(1007, "text message is not valid UTF-8", "protocol");
-                        }
-                        Box::pin(self.data(opcode, &buf)).await;
-                    }
-                }
-                OpCode::Close => return End::new(close_code::NORMAL, "", "client"),
-                OpCode::Ping => {
-                    let _ = self.writer.send(frame::encode(Opcode::Pong, &frame.payload));
-                }
-                OpCode::Pong => {}
+            match incoming {
+                Incoming::Text(bytes) => Box::pin(self.data(false, &bytes)).await,
+                Incoming::Binary(bytes) => Box::pin(self.data(true, &bytes)).await,
+                Incoming::Ping(payload) => self.send(frame::encode(Opcode::Pong, &payload)),
+                Incoming::Close => return CloseReason::quiet("client"),
+                Incoming::Nothing => {}
             }
         }
     }
@@ -241,14 +194,14 @@ impl Conn {
     /// One complete client message. Callers box this future: handling
     /// needs far more state than waiting does, and an idle connection
     /// should only pay for waiting.
-    async fn data(&mut self, opcode: OpCode, bytes: &[u8]) {
+    async fn data(&mut self, binary: bool, bytes: &[u8]) {
         if !self.messages.try_take() {
             metrics::counter!("fanout_client_errors_total", "reason" => "rate_limited").increment(1);
             let reason = format!(
                 "rate limit exceeded: {} messages per second",
                 self.edge.config.limits.messages_per_second
             );
-            let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, opcode == OpCode::Binary, bytes);
+            let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, binary, bytes);
             self.send(self.enc.error_reply(
                 join_ref.as_deref(),
                 r#ref.as_deref(),
@@ -257,10 +210,10 @@ impl Conn {
             ));
             return;
         }
-        let decoded = if opcode == OpCode::Text {
-            protocol::decode_text(self.vsn, bytes)
-        } else {
+        let decoded = if binary {
             protocol::decode_binary(bytes)
+        } else {
+            protocol::decode_text(self.vsn, bytes)
         };
         match decoded {
             Ok(msg) => self.handle(msg).await,
@@ -268,7 +221,7 @@ impl Conn {
                 metrics::counter!("fanout_client_errors_total", "reason" => "malformed").increment(1);
                 // Address the error to the message's own topic and ref when
                 // they can be read, so the client's pending push sees it.
-                let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, opcode == OpCode::Binary, bytes);
+                let (join_ref, r#ref, topic) = protocol::peek_refs(self.vsn, binary, bytes);
                 self.send(self.enc.error_reply(
                     join_ref.as_deref(),
                     r#ref.as_deref(),
@@ -300,48 +253,50 @@ impl Conn {
         );
     }
 
+    fn reply_bad(&self, m: &Inbound, e: &BadPayload) {
+        self.reply_err(m, e.label, &e.reason);
+    }
+
     async fn handle(&mut self, m: Inbound) {
         metrics::counter!("fanout_client_messages_total").increment(1);
-        if m.topic == "phoenix" {
-            return if m.event == "heartbeat" {
-                self.reply_ok(&m, "{}")
-            } else {
-                self.reply_err(
+        match &m.request {
+            Request::Heartbeat => return self.reply_ok(&m, "{}"),
+            Request::Unknown(event) if m.topic == "phoenix" => {
+                return self.reply_err(
                     &m,
                     "unknown_event",
-                    &format!("unknown event {:?} on topic phoenix", m.event),
-                )
-            };
+                    &format!("unknown event {event:?} on topic phoenix"),
+                );
+            }
+            Request::Join(join) => return self.join(&m, join).await,
+            _ if !self.joined.contains_key(&m.topic) => {
+                return self.reply_err(
+                    &m,
+                    "unmatched_topic",
+                    &format!("unmatched topic: join {:?} first", m.topic),
+                );
+            }
+            _ => {}
         }
-        match m.event.as_str() {
-            "phx_join" => self.join(&m).await,
-            _ if !self.joined.contains_key(&m.topic) => self.reply_err(
-                &m,
-                "unmatched_topic",
-                &format!("unmatched topic: join {:?} first", m.topic),
-            ),
-            "phx_leave" => {
+        match &m.request {
+            Request::Leave => {
                 self.leave(&m.topic).await;
                 self.reply_ok(&m, "{}");
-                self.send(self.enc.message(
-                    m.join_ref.as_deref(),
-                    m.join_ref.as_deref(),
-                    &m.topic,
-                    "phx_close",
-                    "{}",
-                ));
+                self.send(self.enc.close_channel(m.join_ref.as_deref(), &m.topic));
             }
-            "broadcast" => self.broadcast(&m).await,
-            "presence" => self.presence(&m).await,
-            "access_token" => self.access_token(&m).await,
-            other => {
+            Request::Broadcast(b) => self.broadcast(&m, b).await,
+            Request::Presence(p) => self.presence(&m, p).await,
+            Request::AccessToken(t) => self.access_token(&m, t).await,
+            Request::Unknown(other) => {
                 let reason = format!("unknown event {other:?}");
                 self.reply_err(&m, "unknown_event", &reason)
             }
+            // Answered above.
+            Request::Heartbeat | Request::Join(_) => {}
         }
     }
 
-    async fn join(&mut self, m: &Inbound) {
+    async fn join(&mut self, m: &Inbound, join: &Result<Join, BadPayload>) {
         if !self.joins.try_take() {
             return self.reply_err(
                 m,
@@ -356,14 +311,11 @@ impl Conn {
             Ok(c) => c,
             Err(e) => return self.reply_err(m, "bad_topic", &format!("invalid topic {:?}: {e}", m.topic)),
         };
-        let Payload::Json(raw) = &m.payload else {
-            return self.reply_err(m, "bad_payload", "phx_join payload must be a JSON object");
-        };
-        let payload: JoinPayload = match serde_json::from_str(raw.get()) {
+        let payload = match join {
             Ok(p) => p,
-            Err(e) => return self.reply_err(m, "bad_payload", &format!("invalid phx_join payload: {e}")),
+            Err(e) => return self.reply_bad(m, e),
         };
-        let config = payload.config;
+        let config = &payload.config;
         let bindings = match self.parse_bindings(&channel, &config.postgres_changes) {
             Ok(b) => b,
             Err(reason) => return self.reply_err(m, "bad_binding", &reason),
@@ -401,7 +353,7 @@ impl Conn {
                 ),
             );
         }
-        let resume_after = match config.resume.map(|r| r.after.parse::<Position>()) {
+        let resume_after = match config.resume.as_ref().map(|r| r.after.parse::<Position>()) {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(_)) => {
@@ -415,8 +367,8 @@ impl Conn {
         if rejoin {
             self.leave(&m.topic).await;
         }
-        let presence_key = match config.presence.key {
-            Some(k) if !k.is_empty() => k,
+        let presence_key = match &config.presence.key {
+            Some(k) if !k.is_empty() => k.clone(),
             _ => uuid::Uuid::new_v4().to_string(),
         };
         let topic: Arc<str> = Arc::from(m.topic.as_str());
@@ -488,8 +440,8 @@ impl Conn {
         };
         let mut feeds: HashMap<ChannelName, Vec<Binding>> = HashMap::new();
         for (i, value) in raw.iter().enumerate() {
-            let spec: BindingSpec = serde_json::from_value(value.clone())
-                .map_err(|e| format!("postgres_changes[{i}] is not a binding: {e}"))?;
+            let spec =
+                BindingSpec::from_value(value).map_err(|e| format!("postgres_changes[{i}] is not a binding: {e}"))?;
             let binding = Binding::new(&spec.event, &spec.schema, spec.table.as_deref(), spec.filter.as_deref())
                 .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
             let source = routes
@@ -585,30 +537,22 @@ impl Conn {
         }
     }
 
-    async fn broadcast(&mut self, m: &Inbound) {
-        let (event, payload, binary) = match &m.payload {
-            Payload::Broadcast { event, payload, binary } => (event.clone(), payload.clone(), *binary),
-            Payload::Json(raw) => match serde_json::from_str::<BroadcastPayload<'_>>(raw.get()) {
-                Ok(b) if b.r#type == "broadcast" => (
-                    b.event,
-                    b.payload.map_or_else(
-                        || Bytes::from_static(b"{}"),
-                        |p| Bytes::copy_from_slice(p.get().as_bytes()),
-                    ),
-                    false,
-                ),
-                Ok(_) => return self.reply_err(m, "bad_payload", "broadcast payload must have type \"broadcast\""),
-                Err(e) => return self.reply_err(m, "bad_payload", &format!("invalid broadcast payload: {e}")),
-            },
+    async fn broadcast(&mut self, m: &Inbound, b: &Result<Broadcast, BadPayload>) {
+        let b = match b {
+            Ok(b) => b,
+            Err(e) => return self.reply_bad(m, e),
         };
-        if event.len() > 255 {
-            return self.reply_err(m, "bad_payload", "broadcast event name is longer than 255 bytes");
-        }
         let Some(joined) = self.joined.get(&m.topic) else {
             return;
         };
         let ack = joined.ack;
-        let ev = Event::broadcast(joined.channel.clone(), &event, payload, binary, Some(self.origin));
+        let ev = Event::broadcast(
+            joined.channel.clone(),
+            &b.event,
+            b.payload.clone(),
+            b.binary,
+            Some(self.origin),
+        );
         metrics::counter!("fanout_broadcasts_published_total").increment(1);
         match self.edge.bus.publish(ev).await {
             Ok(_) if ack => self.reply_ok(m, "{}"),
@@ -620,28 +564,25 @@ impl Conn {
         }
     }
 
-    async fn presence(&mut self, m: &Inbound) {
-        let Payload::Json(raw) = &m.payload else {
-            return self.reply_err(m, "bad_payload", "presence payload must be JSON");
-        };
-        let p: PresencePayload = match serde_json::from_str(raw.get()) {
-            Ok(p) => p,
-            Err(e) => return self.reply_err(m, "bad_payload", &format!("invalid presence payload: {e}")),
+    async fn presence(&mut self, m: &Inbound, change: &Result<PresenceChange, BadPayload>) {
+        let change = match change {
+            Ok(c) => c,
+            Err(e) => return self.reply_bad(m, e),
         };
         let Some(joined) = self.joined.get_mut(&m.topic) else {
             return;
         };
         let channel = joined.channel.clone();
-        match p.event.as_str() {
-            "track" => {
-                let meta = match p.payload {
-                    None => serde_json::Map::new(),
-                    Some(serde_json::Value::Object(o)) => o,
-                    Some(_) => return self.reply_err(m, "bad_payload", "presence track payload must be a JSON object"),
-                };
+        match change {
+            PresenceChange::Track(meta) => {
                 let key = joined.presence_key.clone();
                 joined.tracked = true;
-                match self.edge.presence.track(&channel, self.origin, &key, meta).await {
+                match self
+                    .edge
+                    .presence
+                    .track(&channel, self.origin, &key, meta.clone())
+                    .await
+                {
                     Ok(diff) => {
                         self.publish_diff(&channel, diff).await;
                         self.reply_ok(m, "{}");
@@ -649,16 +590,11 @@ impl Conn {
                     Err(e) => self.reply_err(m, "presence_error", &e.to_string()),
                 }
             }
-            "untrack" => {
+            PresenceChange::Untrack => {
                 joined.tracked = false;
                 self.untrack(&channel).await;
                 self.reply_ok(m, "{}");
             }
-            other => self.reply_err(
-                m,
-                "unknown_event",
-                &format!("unknown presence event {other:?}; expected track or untrack"),
-            ),
         }
     }
 
@@ -680,21 +616,12 @@ impl Conn {
         }
     }
 
-    async fn access_token(&mut self, m: &Inbound) {
-        let Payload::Json(raw) = &m.payload else { return };
-        #[derive(Deserialize)]
-        struct P {
-            access_token: Option<String>,
-        }
-        let token = serde_json::from_str::<P>(raw.get()).ok().and_then(|p| p.access_token);
-        let Some(token) = token else {
-            return self.reply_err(
-                m,
-                "bad_payload",
-                "access_token payload must be {\"access_token\": \"<jwt>\"}",
-            );
+    async fn access_token(&mut self, m: &Inbound, token: &Result<String, BadPayload>) {
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => return self.reply_bad(m, e),
         };
-        if let Err(e) = self.check_token(&token) {
+        if let Err(e) = self.check_token(token) {
             metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
             self.end_channel(&m.topic.clone(), &format!("invalid access_token: {e}"))
                 .await;
@@ -733,28 +660,8 @@ impl Conn {
         let Some(joined) = self.joined.get(topic) else { return };
         let (channel, join_ref) = (joined.channel.clone(), joined.join_ref.clone());
         self.send(self.enc.system(topic, "system", false, message, channel.as_str()));
-        self.send(
-            self.enc
-                .message(join_ref.as_deref(), join_ref.as_deref(), topic, "phx_close", "{}"),
-        );
+        self.send(self.enc.close_channel(join_ref.as_deref(), topic));
         self.leave(topic).await;
-    }
-}
-
-fn read_error(e: WebSocketError, max: usize) -> End {
-    match e {
-        WebSocketError::FrameTooLarge => {
-            End::new(close_code::TOO_BIG, format!("frame larger than {max} bytes"), "too_big")
-        }
-        WebSocketError::InvalidUTF8 => End::new(1007, "text frame is not valid UTF-8", "protocol"),
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-            End::new(close_code::NORMAL, "", "eof")
-        }
-        other => End::new(
-            close_code::PROTOCOL_ERROR,
-            format!("protocol error: {other}"),
-            "protocol",
-        ),
     }
 }
 
@@ -781,85 +688,465 @@ struct JoinBindings {
     feeds: Vec<(ChannelName, Vec<Binding>)>,
 }
 
-/// One `postgres_changes` binding as realtime-js sends it.
-#[derive(Deserialize)]
-struct BindingSpec {
-    event: String,
-    schema: String,
-    #[serde(default)]
-    table: Option<String>,
-    #[serde(default)]
-    filter: Option<String>,
-}
+/// The connection task driven in memory: a `tokio::io::duplex` pipe is the
+/// socket, the edge runs over the in-memory bus and presence, and the test
+/// speaks WebSocket frames (masked, as a browser's) on the other end.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EdgeConfig;
+    use crate::writer::MemorySocket;
+    use fanout_bus::{MemoryBus, MemoryPresence, Retention};
+    use fanout_core::Limits;
+    use serde_json::{Value, json};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+    use tokio_util::sync::CancellationToken;
 
-#[derive(Deserialize)]
-struct JoinPayload {
-    #[serde(default)]
-    config: JoinConfig,
-    #[serde(default)]
-    access_token: Option<String>,
-}
+    const WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Deserialize, Default)]
-struct JoinConfig {
-    #[serde(default)]
-    broadcast: BroadcastConfig,
-    #[serde(default)]
-    presence: PresenceConfig,
-    #[serde(default)]
-    postgres_changes: Vec<serde_json::Value>,
-    #[serde(default)]
-    private: bool,
-    #[serde(default)]
-    resume: Option<ResumeConfig>,
-}
-
-#[derive(Deserialize, Default)]
-struct BroadcastConfig {
-    #[serde(default)]
-    ack: bool,
-    #[serde(default, rename = "self")]
-    self_: bool,
-}
-
-#[derive(Deserialize, Default)]
-struct PresenceConfig {
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    enabled: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct ResumeConfig {
-    #[serde(deserialize_with = "de_position")]
-    after: String,
-}
-
-fn de_position<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum P {
-        S(String),
-        N(u64),
+    fn edge(limits: Limits) -> Arc<Edge> {
+        let node = 7;
+        Edge::new(
+            EdgeConfig {
+                limits,
+                ..EdgeConfig::default()
+            },
+            node,
+            Arc::new(MemoryBus::new(Retention::default())),
+            Arc::new(MemoryPresence::new(node)),
+            None,
+            CancellationToken::new(),
+        )
     }
-    Ok(match P::deserialize(d)? {
-        P::S(s) => s,
-        P::N(n) => n.to_string(),
-    })
-}
 
-#[derive(Deserialize)]
-struct BroadcastPayload<'a> {
-    r#type: String,
-    event: String,
-    #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
-}
+    /// The client's end of one in-memory connection.
+    struct Client {
+        rx: ReadHalf<DuplexStream>,
+        tx: WriteHalf<DuplexStream>,
+        next_ref: u32,
+    }
 
-#[derive(Deserialize)]
-struct PresencePayload {
-    event: String,
-    #[serde(default)]
-    payload: Option<serde_json::Value>,
+    /// A server frame as the client reads it.
+    #[derive(Debug)]
+    enum Got {
+        Json(Value),
+        Binary(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(u16, String),
+    }
+
+    impl Got {
+        fn json(self) -> Value {
+            match self {
+                Got::Json(v) => v,
+                other => panic!("expected a JSON frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Opens a vsn 1.0.0 connection whose pipe holds `capacity` bytes each way.
+    fn connect(edge: &Arc<Edge>, capacity: usize) -> Client {
+        connect_vsn(edge, capacity, Vsn::V1)
+    }
+
+    fn connect_vsn(edge: &Arc<Edge>, capacity: usize, vsn: Vsn) -> Client {
+        assert!(edge.try_open_connection());
+        let (client, server) = tokio::io::duplex(capacity);
+        let (read, write) = tokio::io::split(server);
+        tokio::spawn(serve(
+            edge.clone(),
+            read,
+            Box::new(MemorySocket::new(write)),
+            Bytes::new(),
+            vsn,
+            None,
+        ));
+        let (rx, tx) = tokio::io::split(client);
+        Client { rx, tx, next_ref: 1 }
+    }
+
+    /// A masked client frame.
+    fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    impl Client {
+        async fn raw(&mut self, bytes: &[u8]) {
+            self.tx.write_all(bytes).await.unwrap();
+        }
+
+        async fn text(&mut self, text: &str) {
+            self.raw(&client_frame(0x1, true, text.as_bytes())).await;
+        }
+
+        /// Sends a vsn 1.0.0 message; returns its ref.
+        async fn push(&mut self, topic: &str, event: &str, payload: Value) -> String {
+            let r = self.next_ref.to_string();
+            self.next_ref += 1;
+            let m = json!({"topic": topic, "event": event, "payload": payload, "ref": r, "join_ref": r});
+            self.text(&m.to_string()).await;
+            r
+        }
+
+        async fn recv(&mut self) -> Got {
+            tokio::time::timeout(WAIT, self.read_frame())
+                .await
+                .expect("a frame in time")
+        }
+
+        async fn read_frame(&mut self) -> Got {
+            let mut h = [0u8; 2];
+            self.rx.read_exact(&mut h).await.unwrap();
+            let len = match h[1] & 0x7f {
+                126 => u64::from(self.rx.read_u16().await.unwrap()),
+                127 => self.rx.read_u64().await.unwrap(),
+                n => u64::from(n),
+            };
+            let mut payload = vec![0; len as usize];
+            self.rx.read_exact(&mut payload).await.unwrap();
+            match h[0] & 0x0f {
+                0x1 => Got::Json(serde_json::from_slice(&payload).unwrap()),
+                0x2 => Got::Binary(payload),
+                0xA => Got::Pong(payload),
+                0x8 => Got::Close(
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    String::from_utf8(payload[2..].to_vec()).unwrap(),
+                ),
+                other => panic!("unexpected opcode {other}"),
+            }
+        }
+
+        /// The next JSON frame with `event`, skipping others (presence, system).
+        async fn recv_event(&mut self, event: &str) -> Value {
+            for _ in 0..100 {
+                let v = self.recv().await.json();
+                if v["event"] == event {
+                    return v;
+                }
+            }
+            panic!("no {event} frame")
+        }
+
+        /// Joins; returns the reply, after the `presence_state` that
+        /// follows a successful join with presence on (the default).
+        async fn join(&mut self, topic: &str, config: Value) -> Value {
+            let presence = config["presence"]["enabled"].as_bool().unwrap_or(true);
+            let r = self.push(topic, "phx_join", json!({ "config": config })).await;
+            let reply = self.recv().await.json();
+            assert_eq!(
+                (reply["event"].as_str(), reply["ref"].as_str()),
+                (Some("phx_reply"), Some(r.as_str()))
+            );
+            if presence && reply["payload"]["status"] == "ok" {
+                assert_eq!(self.recv().await.json()["event"], "presence_state");
+            }
+            reply
+        }
+    }
+
+    #[tokio::test]
+    async fn join_broadcast_ack_and_heartbeat() {
+        let edge = edge(Limits::default());
+        let mut a = connect(&edge, 1 << 16);
+        let reply = a
+            .join("realtime:room", json!({"broadcast": {"self": true, "ack": true}}))
+            .await;
+        assert_eq!(
+            reply["payload"],
+            json!({"status": "ok", "response": {"postgres_changes": []}})
+        );
+
+        let r = a
+            .push(
+                "realtime:room",
+                "broadcast",
+                json!({"type": "broadcast", "event": "chat", "payload": {"t": 1}}),
+            )
+            .await;
+        // The ack and the own broadcast (self: true) may come in either order.
+        let (mut ack, mut own) = (None, None);
+        for _ in 0..2 {
+            let v = a.recv().await.json();
+            match v["event"].as_str() {
+                Some("phx_reply") => ack = Some(v),
+                Some("broadcast") => own = Some(v),
+                _ => panic!("unexpected {v}"),
+            }
+        }
+        assert_eq!(ack.unwrap()["ref"], r.as_str());
+        assert_eq!(
+            own.unwrap()["payload"],
+            json!({"type": "broadcast", "event": "chat", "payload": {"t": 1}, "meta": {"id": "1"}})
+        );
+
+        let r = a.push("phoenix", "heartbeat", json!({})).await;
+        let hb = a.recv().await.json();
+        assert_eq!(
+            (hb["ref"].as_str(), hb["payload"]["status"].as_str()),
+            (Some(r.as_str()), Some("ok"))
+        );
+    }
+
+    #[tokio::test]
+    async fn vsn2_binary_broadcasts_go_out_as_binary_frames() {
+        let edge = edge(Limits::default());
+        let mut c = connect_vsn(&edge, 1 << 16, Vsn::V2);
+        c.text(r#"["1","1","realtime:room","phx_join",{"config":{"broadcast":{"self":true}}}]"#)
+            .await;
+        let reply = c.recv().await.json();
+        assert_eq!(reply[3], "phx_reply");
+        assert_eq!(reply[4]["status"], "ok");
+        assert_eq!(c.recv().await.json()[3], "presence_state");
+        // Kind 3 "user broadcast push" as realtime-js sends it: no refs,
+        // topic, event "chat", no metadata, JSON encoding.
+        let mut push = vec![3, 0, 0, 13, 4, 0, 1];
+        push.extend_from_slice(b"realtime:roomchat{\"t\":1}");
+        c.raw(&client_frame(0x2, true, &push)).await;
+        let Got::Binary(out) = c.recv().await else {
+            panic!("a binary frame")
+        };
+        let meta = br#"{"id":"1"}"#;
+        let mut want = vec![4, 13, 4, meta.len() as u8, 1];
+        want.extend_from_slice(b"realtime:roomchat");
+        want.extend_from_slice(meta);
+        want.extend_from_slice(br#"{"t":1}"#);
+        assert_eq!(out, want, "kind 4: topic, event, meta, payload");
+    }
+
+    #[tokio::test]
+    async fn others_receive_and_self_false_skips_the_sender() {
+        let edge = edge(Limits::default());
+        let (mut a, mut b) = (connect(&edge, 1 << 16), connect(&edge, 1 << 16));
+        a.join("realtime:room", json!({})).await;
+        b.join("realtime:room", json!({})).await;
+        for n in 0..3 {
+            a.push(
+                "realtime:room",
+                "broadcast",
+                json!({"type": "broadcast", "event": "n", "payload": {"n": n}}),
+            )
+            .await;
+        }
+        for n in 0..3 {
+            let v = b.recv_event("broadcast").await;
+            assert_eq!(v["payload"]["payload"]["n"], n, "in publish order");
+        }
+        // A sent without self: the next thing it sees is its heartbeat reply.
+        let r = a.push("phoenix", "heartbeat", json!({})).await;
+        assert_eq!(a.recv().await.json()["ref"], r.as_str());
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_a_reason_and_the_connection_goes_on() {
+        let edge = edge(Limits::default());
+        let mut c = connect(&edge, 1 << 16);
+        c.text("not json").await;
+        let v = c.recv().await.json();
+        assert_eq!(v["topic"], "phoenix");
+        assert!(
+            v["payload"]["response"]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid message: invalid JSON"),
+            "{v}"
+        );
+
+        let r = c
+            .push(
+                "realtime:never",
+                "broadcast",
+                json!({"type": "broadcast", "event": "e"}),
+            )
+            .await;
+        let v = c.recv().await.json();
+        assert_eq!(v["ref"], r.as_str());
+        assert_eq!(
+            v["payload"]["response"]["reason"],
+            "unmatched topic: join \"realtime:never\" first"
+        );
+
+        let v = c.join("realtime:", json!({})).await;
+        assert_eq!(v["payload"]["status"], "error", "a bare realtime: is refused");
+
+        c.join("realtime:room", json!({})).await;
+        c.push(
+            "realtime:room",
+            "presence",
+            json!({"type": "presence", "event": "wave"}),
+        )
+        .await;
+        let v = c.recv().await.json();
+        assert_eq!(
+            v["payload"]["response"]["reason"],
+            "unknown presence event \"wave\"; expected track or untrack"
+        );
+        c.push("realtime:room", "broadcast", json!({"type": "nope", "event": "e"}))
+            .await;
+        let v = c.recv().await.json();
+        assert_eq!(
+            v["payload"]["response"]["reason"],
+            "broadcast payload must have type \"broadcast\""
+        );
+
+        // Still open: pings are answered and heartbeats replied to.
+        c.raw(&client_frame(0x9, true, b"hi")).await;
+        assert!(matches!(c.recv().await, Got::Pong(p) if p == b"hi"));
+        let r = c.push("phoenix", "heartbeat", json!({})).await;
+        assert_eq!(c.recv().await.json()["ref"], r.as_str());
+    }
+
+    #[tokio::test]
+    async fn fragments_are_reassembled_and_protocol_errors_close_with_a_reason() {
+        let limits = Limits {
+            max_frame_bytes: 2048,
+            ..Limits::default()
+        };
+        let edge = edge(limits);
+        let mut c = connect(&edge, 1 << 16);
+        let msg = json!({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "9"}).to_string();
+        let (head, tail) = msg.as_bytes().split_at(10);
+        c.raw(&client_frame(0x1, false, head)).await;
+        c.raw(&client_frame(0x0, true, tail)).await;
+        assert_eq!(c.recv().await.json()["ref"], "9", "fragments make one message");
+
+        // Fragments past the limit in total end the connection with 1009.
+        c.raw(&client_frame(0x1, false, &[b' '; 1500])).await;
+        c.raw(&client_frame(0x0, true, &[b' '; 1500])).await;
+        assert!(
+            matches!(c.recv().await, Got::Close(1009, r) if r == "message larger than 2048 bytes"),
+            "too big"
+        );
+
+        let mut c = connect(&edge, 1 << 16);
+        c.raw(&client_frame(0x0, true, b"x")).await;
+        assert!(
+            matches!(c.recv().await, Got::Close(1002, r) if r == "continuation frame without a message"),
+            "protocol error"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_is_closed_and_the_channel_goes_on() {
+        let limits = Limits {
+            outbound_queue_frames: 8,
+            ..Limits::default()
+        };
+        let edge = edge(limits);
+        // The slow client's pipe holds 512 bytes and it reads nothing.
+        let mut slow = connect(&edge, 512);
+        let mut fast = connect(&edge, 1 << 20);
+        let mut sender = connect(&edge, 1 << 16);
+        slow.join("realtime:room", json!({})).await;
+        fast.join("realtime:room", json!({})).await;
+        sender.join("realtime:room", json!({})).await;
+        let n = 200;
+        for i in 0..n {
+            sender
+                .push(
+                    "realtime:room",
+                    "broadcast",
+                    json!({"type": "broadcast", "event": "e", "payload": {"i": i, "pad": "x".repeat(64)}}),
+                )
+                .await;
+        }
+        for i in 0..n {
+            let v = fast.recv_event("broadcast").await;
+            assert_eq!(
+                v["payload"]["payload"]["i"], i,
+                "the fast member gets everything, in order"
+            );
+        }
+        // The slow one finds, after what fitted in its pipe, a 1008 close.
+        let mut got = 0;
+        loop {
+            match slow.recv().await {
+                Got::Json(_) => got += 1,
+                Got::Close(code, reason) => {
+                    assert_eq!(code, 1008);
+                    assert!(reason.starts_with("slow consumer"), "{reason}");
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got < n, "closed before it got everything ({got})");
+    }
+
+    #[tokio::test]
+    async fn a_join_sees_reply_then_presence_state_then_replay_then_live() {
+        let edge = edge(Limits::default());
+        let mut present = connect(&edge, 1 << 16);
+        present.join("realtime:room", json!({"presence": {"key": "ann"}})).await;
+        present
+            .push(
+                "realtime:room",
+                "presence",
+                json!({"type": "presence", "event": "track", "payload": {"name": "Ann"}}),
+            )
+            .await;
+        present.recv_event("phx_reply").await;
+        for i in 1..=3 {
+            present
+                .push(
+                    "realtime:room",
+                    "broadcast",
+                    json!({"type": "broadcast", "event": "e", "payload": {"i": i}}),
+                )
+                .await;
+        }
+        // Wait until the channel has dispatched all three.
+        let mut late = connect(&edge, 1 << 16);
+        late.join("realtime:room", json!({})).await;
+        for _ in 0..3 {
+            late.recv_event("broadcast").await;
+        }
+        let r = late.push("phoenix", "heartbeat", json!({})).await;
+        assert_eq!(late.recv().await.json()["ref"], r.as_str());
+
+        let mut resumed = connect(&edge, 1 << 16);
+        let join_ref = resumed
+            .push(
+                "realtime:room",
+                "phx_join",
+                json!({"config": {"resume": {"after": "1"}}}),
+            )
+            .await;
+        present
+            .push(
+                "realtime:room",
+                "broadcast",
+                json!({"type": "broadcast", "event": "e", "payload": {"i": 4}}),
+            )
+            .await;
+        let reply = resumed.recv().await.json();
+        assert_eq!(
+            (reply["event"].as_str(), reply["ref"].as_str()),
+            (Some("phx_reply"), Some(join_ref.as_str()))
+        );
+        let state = resumed.recv().await.json();
+        assert_eq!(state["event"], "presence_state");
+        assert_eq!(state["payload"]["ann"]["metas"][0]["name"], "Ann");
+        for (i, replayed) in [(2, true), (3, true), (4, false)] {
+            let v = resumed.recv().await.json();
+            assert_eq!(v["event"], "broadcast");
+            assert_eq!(v["payload"]["payload"]["i"], i);
+            assert_eq!(v["payload"]["meta"]["id"], i.to_string());
+            assert_eq!(v["payload"]["meta"]["replayed"].as_bool().unwrap_or(false), replayed);
+        }
+    }
 }

@@ -51,14 +51,62 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     encode(Opcode::Close, &payload)
 }
 
+/// Why and how a connection ends: the close frame's code and reason, and
+/// the `reason` label of `fanout_connections_closed_total` (a small fixed
+/// set). Decided once per connection, by whichever side ends it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+    pub label: &'static str,
+}
+
+impl CloseReason {
+    pub fn new(code: u16, reason: impl Into<String>, label: &'static str) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            label,
+        }
+    }
+
+    /// The connection ended from the client's side (close frame or EOF):
+    /// nothing to tell it.
+    pub fn quiet(label: &'static str) -> Self {
+        Self::new(close_code::NORMAL, "", label)
+    }
+
+    /// The client broke the WebSocket protocol.
+    pub fn protocol(reason: impl Into<String>) -> Self {
+        Self::new(close_code::PROTOCOL_ERROR, reason, "protocol")
+    }
+
+    /// The client sent a message larger than the limit.
+    pub fn too_big(reason: impl Into<String>) -> Self {
+        Self::new(close_code::TOO_BIG, reason, "too_big")
+    }
+
+    /// The client sent text that is not UTF-8.
+    pub fn bad_utf8(reason: impl Into<String>) -> Self {
+        Self::new(close_code::INVALID_DATA, reason, "protocol")
+    }
+
+    /// The close frame's bytes.
+    pub fn frame(&self) -> Bytes {
+        close(self.code, &self.reason)
+    }
+}
+
 /// WebSocket close codes fanout uses.
 pub mod close_code {
     /// Normal closure (after the client's own close).
     pub const NORMAL: u16 = 1000;
     /// The server is shutting down or draining.
     pub const GOING_AWAY: u16 = 1001;
-    /// The client broke the protocol (bad frame, bad UTF-8).
+    /// The client broke the protocol (bad frame, a message inside another).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// A policy was violated: slow consumer, rate limit, idle timeout.
     pub const POLICY: u16 = 1008;
     /// A frame or message was larger than the configured limit.

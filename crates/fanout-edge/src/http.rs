@@ -314,7 +314,12 @@ fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => crate::conn::serve(edge2, parts.io.into_inner(), parts.read_buf, vsn, claims).await,
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                crate::conn::serve(edge2, read, Box::new(write), parts.read_buf, vsn, claims).await;
+            }
             Err(_) => {
                 tracing::error!("upgraded connection is not a TCP stream");
                 edge2.connection_closed();

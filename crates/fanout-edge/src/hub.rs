@@ -218,7 +218,7 @@ struct Batch {
 impl Batch {
     fn frame(&self, i: usize, vsn: Vsn) -> Option<&Bytes> {
         self.encoded[i][vsn as usize]
-            .get_or_init(|| encode_event(Encoder(vsn), &self.topic, &self.events[i], false))
+            .get_or_init(|| Encoder(vsn).event(&self.topic, &self.events[i], false))
             .as_ref()
     }
 
@@ -239,7 +239,7 @@ impl Batch {
         if let Some(f) = frames.get(&key) {
             return Some(f.clone());
         }
-        let f = encode_change(Encoder(m.vsn), &key.1, &self.events[i], &key.2, false);
+        let f = Encoder(m.vsn).change(&key.1, &self.events[i], &key.2, false);
         frames.insert(key, f.clone());
         Some(f)
     }
@@ -424,9 +424,9 @@ impl ChannelTask {
                         EventKind::PostgresChange => {
                             let change = Change::decode(&ev.payload)?;
                             let ids = change.matching(member.changes.as_deref()?);
-                            (!ids.is_empty()).then(|| encode_change(enc, &self.topic, ev, &ids, true))
+                            (!ids.is_empty()).then(|| enc.change(&self.topic, ev, &ids, true))
                         }
-                        _ => encode_event(enc, &self.topic, ev, true),
+                        _ => enc.event(&self.topic, ev, true),
                     }));
                 }
                 Ok(Replay::Expired) => {
@@ -581,41 +581,6 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
         }
     }
     metrics::gauge!("fanout_channel_members").decrement(members.len() as f64);
-}
-
-/// Encodes a database change for one topic and set of matching bindings:
-/// `postgres_changes` with `{ids, data, meta}`.
-fn encode_change(enc: Encoder, topic: &str, ev: &Event, ids: &[u32], replayed: bool) -> Bytes {
-    let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let data = std::str::from_utf8(&ev.payload).unwrap_or("null");
-    let replayed = if replayed { r#","replayed":true"# } else { "" };
-    let payload = format!(
-        r#"{{"ids":[{ids}],"data":{data},"meta":{{"id":"{}"{replayed}}}}}"#,
-        ev.position
-    );
-    enc.push(topic, "postgres_changes", &payload)
-}
-
-/// Encodes an event for one protocol version. `None` for kinds this edge
-/// does not deliver this way (database changes depend on the member).
-fn encode_event(enc: Encoder, topic: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
-    match ev.kind {
-        EventKind::Broadcast => {
-            let meta = if replayed {
-                format!(r#"{{"id":"{}","replayed":true}}"#, ev.position)
-            } else {
-                format!(r#"{{"id":"{}"}}"#, ev.position)
-            };
-            enc.broadcast(topic, &ev.event, &ev.payload, &meta, ev.binary)
-        }
-        EventKind::PresenceDiff => {
-            if replayed {
-                return None;
-            }
-            Some(enc.push(topic, "presence_diff", std::str::from_utf8(&ev.payload).ok()?))
-        }
-        EventKind::PostgresChange => None,
-    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

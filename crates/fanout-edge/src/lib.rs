@@ -23,11 +23,11 @@
 
 mod conn;
 pub mod frame;
-mod framed;
 pub mod http;
 pub mod hub;
 pub mod protocol;
 mod ratelimit;
+mod reader;
 pub mod writer;
 
 use std::sync::Arc;

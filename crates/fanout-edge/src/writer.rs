@@ -10,16 +10,50 @@
 //! When the queue reaches its bound the client is a slow consumer: the queue
 //! is dropped, a close frame with the reason is attempted and the connection
 //! is shut down. The channel never waits for one socket.
+//!
+//! The socket is behind [`SocketWrite`], so the same writer serves a TCP
+//! socket in production and an in-memory pipe in unit tests.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame;
+use crate::frame::{self, CloseReason};
+
+/// The write half of a client socket as [`ConnWriter`] uses it: writes that
+/// never wait, from whichever task delivers, and a wait for room.
+pub trait SocketWrite: Send + Sync + 'static {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Ready when the socket may take more bytes.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Half-closes the socket after the close frame.
+    fn shutdown_write(&self);
+}
+
+impl SocketWrite for OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match bufs {
+            [one] => self.as_ref().try_write(one),
+            _ => self.as_ref().try_write_vectored(bufs),
+        }
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_write_ready(cx)
+    }
+
+    fn shutdown_write(&self) {
+        // Half-close: the client sees EOF after the close frame, while its
+        // own close frame can still be read.
+        let _ = socket2::SockRef::from(self.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+}
 
 /// Why a frame was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -28,15 +62,6 @@ pub enum SendError {
     Closed,
     #[error("slow consumer: outbound queue full")]
     SlowConsumer,
-}
-
-/// How the connection ends, decided once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: String,
-    /// Drop queued frames instead of flushing them first.
-    pub abort: bool,
 }
 
 #[derive(Debug, Default)]
@@ -49,10 +74,20 @@ struct State {
     broken: bool,
 }
 
+impl State {
+    /// Drops every queued frame except one the socket already took part
+    /// of: cutting a frame short would corrupt the stream, and the close
+    /// frame that follows would not reach the client as a close frame.
+    fn drop_queued(&mut self) {
+        let partial = if self.offset > 0 { self.queue.pop_front() } else { None };
+        self.queue.clear();
+        self.queue.extend(partial);
+    }
+}
+
 /// The shared write half of a connection.
-#[derive(Debug)]
 pub struct ConnWriter {
-    stream: OwnedWriteHalf,
+    stream: Box<dyn SocketWrite>,
     state: Mutex<State>,
     notify: Notify,
     max_queue: usize,
@@ -61,8 +96,17 @@ pub struct ConnWriter {
     done: CancellationToken,
 }
 
+impl std::fmt::Debug for ConnWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnWriter")
+            .field("max_queue", &self.max_queue)
+            .field("state", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnWriter {
-    pub fn new(stream: OwnedWriteHalf, max_queue: usize) -> Self {
+    pub fn new(stream: Box<dyn SocketWrite>, max_queue: usize) -> Self {
         Self {
             stream,
             state: Mutex::new(State::default()),
@@ -105,7 +149,7 @@ impl ConnWriter {
         let mut rest = frames;
         let mut wake = false;
         if st.queue.is_empty() {
-            match write_some(self.stream.as_ref(), rest, 0) {
+            match write_some(&*self.stream, rest, 0) {
                 Ok(mut n) => {
                     while let Some((first, tail)) = rest.split_first() {
                         if n < first.len() {
@@ -130,21 +174,20 @@ impl ConnWriter {
             }
             wake = true;
         }
-        if st.queue.len() + rest.len() > self.max_queue {
-            st.queue.clear();
-            st.offset = 0;
-            st.close = Some(CloseReason {
-                code: frame::close_code::POLICY,
-                reason: format!("slow consumer: more than {} frames queued", self.max_queue),
-                abort: true,
-            });
+        st.queue.extend(rest.iter().cloned());
+        if st.queue.len() > self.max_queue {
+            st.drop_queued();
+            st.close = Some(CloseReason::new(
+                frame::close_code::POLICY,
+                format!("slow consumer: more than {} frames queued", self.max_queue),
+                "server",
+            ));
             drop(st);
             metrics::counter!("fanout_slow_consumer_disconnects_total").increment(1);
             self.done.cancel();
             self.notify.notify_one();
             return Err(SendError::SlowConsumer);
         }
-        st.queue.extend(rest.iter().cloned());
         drop(st);
         if wake {
             self.notify.notify_one();
@@ -154,18 +197,13 @@ impl ConnWriter {
 
     /// Ends the connection with a close frame. With `abort`, queued frames
     /// are dropped; otherwise they are written first. The first reason wins.
-    pub fn close(&self, code: u16, reason: impl Into<String>, abort: bool) {
+    pub fn close(&self, reason: CloseReason, abort: bool) {
         let mut st = self.lock();
         if st.close.is_none() {
             if abort {
-                st.queue.clear();
-                st.offset = 0;
+                st.drop_queued();
             }
-            st.close = Some(CloseReason {
-                code,
-                reason: reason.into(),
-                abort,
-            });
+            st.close = Some(reason);
         }
         drop(st);
         self.done.cancel();
@@ -181,7 +219,7 @@ impl ConnWriter {
             match self.drain() {
                 Drained::Empty => notified.await,
                 Drained::Blocked => {
-                    if self.stream.as_ref().writable().await.is_err() {
+                    if std::future::poll_fn(|cx| self.stream.poll_writable(cx)).await.is_err() {
                         self.lock().broken = true;
                         break;
                     }
@@ -207,7 +245,7 @@ impl ConnWriter {
                 };
             }
             let batch: Vec<Bytes> = st.queue.iter().take(MAX_IOVECS).cloned().collect();
-            match write_some(self.stream.as_ref(), &batch, st.offset) {
+            match write_some(&*self.stream, &batch, st.offset) {
                 Ok(mut n) => {
                     n += st.offset;
                     st.offset = 0;
@@ -241,12 +279,12 @@ impl ConnWriter {
             return;
         }
         if let Some(close) = close {
-            let bytes = frame::close(close.code, &close.reason);
+            let bytes = close.frame();
             let write = async {
                 let mut written = 0;
                 while written < bytes.len() {
-                    self.stream.as_ref().writable().await?;
-                    match self.stream.as_ref().try_write(&bytes[written..]) {
+                    std::future::poll_fn(|cx| self.stream.poll_writable(cx)).await?;
+                    match self.stream.try_write_vectored(&[IoSlice::new(&bytes[written..])]) {
                         Ok(n) => written += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e),
@@ -256,9 +294,7 @@ impl ConnWriter {
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
         }
-        // Half-close: the client sees EOF after the close frame, while its
-        // own close frame can still be read.
-        let _ = socket2::SockRef::from(self.stream.as_ref()).shutdown(std::net::Shutdown::Write);
+        self.stream.shutdown_write();
     }
 }
 
@@ -267,16 +303,17 @@ const MAX_IOVECS: usize = 64;
 
 /// One non-blocking (vectored) write of `frames`, skipping `offset` bytes of
 /// the first. Returns the bytes written, counted from `offset`.
-fn write_some(stream: &tokio::net::TcpStream, frames: &[Bytes], offset: usize) -> io::Result<usize> {
+fn write_some(stream: &dyn SocketWrite, frames: &[Bytes], offset: usize) -> io::Result<usize> {
     match frames {
         [] => Ok(0),
-        [one] => stream.try_write(&one[offset..]),
+        // The common case, one frame, needs no slice vector.
+        [one] => stream.try_write_vectored(&[IoSlice::new(&one[offset..])]),
         _ => {
-            let slices: Vec<io::IoSlice<'_>> = frames
+            let slices: Vec<IoSlice<'_>> = frames
                 .iter()
                 .take(MAX_IOVECS)
                 .enumerate()
-                .map(|(i, f)| io::IoSlice::new(if i == 0 { &f[offset..] } else { &f[..] }))
+                .map(|(i, f)| IoSlice::new(if i == 0 { &f[offset..] } else { &f[..] }))
                 .collect();
             stream.try_write_vectored(&slices)
         }
@@ -287,4 +324,43 @@ enum Drained {
     Empty,
     Blocked,
     Finished,
+}
+
+/// Any `AsyncWrite` (one end of `tokio::io::duplex`, say) as a
+/// [`SocketWrite`], so unit tests drive connections in memory.
+#[cfg(test)]
+pub(crate) struct MemorySocket<W>(Mutex<W>);
+
+#[cfg(test)]
+impl<W> MemorySocket<W> {
+    pub(crate) fn new(w: W) -> Self {
+        Self(Mutex::new(w))
+    }
+}
+
+#[cfg(test)]
+impl<W: tokio::io::AsyncWrite + Unpin + Send + 'static> SocketWrite for MemorySocket<W> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // Polled with a waker that does nothing: a pending write is simply
+        // "would block", and the writer task waits in `poll_writable`.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match std::pin::Pin::new(&mut *w).poll_write_vectored(&mut cx, bufs) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // An empty write is ready exactly when a duplex pipe has room, and
+        // registers the waker when it is full.
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::pin::Pin::new(&mut *w).poll_write(cx, &[]).map_ok(|_| ())
+    }
+
+    fn shutdown_write(&self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::pin::Pin::new(&mut *w).poll_shutdown(&mut cx);
+    }
 }

@@ -1,4 +1,11 @@
-//! The read side of a connection: one frame at a time, no buffer between.
+//! The read side of a connection: whole client messages, read one frame at a
+//! time with no buffer between frames.
+//!
+//! [`FrameReader::next_message`] reads one frame and returns what the
+//! connection must act on: a complete text or binary message (fragments
+//! reassembled, the size limit applied to the whole message, text checked
+//! for UTF-8), a ping to answer, or the client's close. Every way a client
+//! can break the WebSocket protocol becomes a [`CloseReason`].
 //!
 //! fastwebsockets' `WebSocketRead` owns a read buffer for its whole life and
 //! may read past the end of the current frame into it. That makes it unsafe
@@ -20,13 +27,29 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, Role, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
+
+use crate::frame::CloseReason;
+
+/// What one frame read gives the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A complete text message (valid UTF-8).
+    Text(Vec<u8>),
+    /// A complete binary message.
+    Binary(Vec<u8>),
+    /// A ping, to answer with a pong carrying this payload.
+    Ping(Vec<u8>),
+    /// The client closed the connection.
+    Close,
+    /// Nothing to act on yet: a pong, or a fragment of a longer message.
+    Nothing,
+}
 
 /// Passes through the bytes of exactly one frame, then reports EOF.
-struct OneFrame<'a> {
-    src: &'a mut Source,
+struct OneFrame<'a, R> {
+    src: &'a mut Source<R>,
     header: [u8; 14],
     /// Header bytes read so far / header length once known.
     filled: usize,
@@ -38,12 +61,12 @@ struct OneFrame<'a> {
 }
 
 /// The socket's read half and any bytes read past the HTTP upgrade.
-pub struct Source {
+struct Source<R> {
     pending: Bytes,
-    read: OwnedReadHalf,
+    read: R,
 }
 
-impl Source {
+impl<R: AsyncRead + Unpin> Source<R> {
     fn poll_fill(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.pending.is_empty() {
             let n = self.pending.len().min(buf.remaining());
@@ -54,7 +77,7 @@ impl Source {
     }
 }
 
-impl OneFrame<'_> {
+impl<R> OneFrame<'_, R> {
     /// Header length implied by the first two bytes.
     fn needed(&self) -> usize {
         let b1 = self.header[1];
@@ -67,7 +90,7 @@ impl OneFrame<'_> {
     }
 }
 
-impl AsyncRead for OneFrame<'_> {
+impl<R: AsyncRead + Unpin> AsyncRead for OneFrame<'_, R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // Complete the header first, in our own 14 bytes.
@@ -114,47 +137,50 @@ impl AsyncRead for OneFrame<'_> {
     }
 }
 
-/// Reads frames one at a time, holding no buffer between them.
-pub struct FrameReader {
-    src: Source,
+/// Reads frames one at a time, holding no buffer between them (except a
+/// fragmented message being assembled).
+pub struct FrameReader<R> {
+    src: Source<R>,
     max_message_size: usize,
+    /// A fragmented message being assembled: its opcode and bytes so far.
+    partial: Option<(OpCode, Vec<u8>)>,
 }
 
-impl FrameReader {
-    pub fn new(read: OwnedReadHalf, leftover: Bytes, max_message_size: usize) -> Self {
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(read: R, leftover: Bytes, max_message_size: usize) -> Self {
         Self {
             src: Source {
                 pending: leftover,
                 read,
             },
             max_message_size,
+            partial: None,
         }
     }
 
-    /// Waits until bytes have arrived (or the peer closed). Cancel-safe: a
-    /// byte taken from the socket is kept in `pending` within the same poll.
+    /// Waits until bytes have arrived (or the peer closed). Cancel-safe:
+    /// bytes are taken from the socket only in a poll that also keeps them
+    /// in `pending`.
     ///
-    /// tokio's readiness flag stays set until a read sees `WouldBlock`, and
-    /// a frame read ends exactly at the frame's last byte, so `readable()`
-    /// alone would report a drained socket as readable and the caller would
-    /// then wait *inside* `read_frame`, holding fastwebsockets' 8 KiB read
-    /// buffer for as long as the connection stays idle. Reading a few bytes
-    /// here clears a stale flag instead.
+    /// Waiting here rather than inside [`Self::next_message`] matters for
+    /// memory: a frame read holds fastwebsockets' 8 KiB read buffer for as
+    /// long as it waits, and a frame read ends exactly at the frame's last
+    /// byte, so an idle connection would otherwise sit in one holding that
+    /// buffer. The few bytes read here live in a stack array only for the
+    /// poll that reads them.
     pub async fn readable(&mut self) -> io::Result<()> {
-        while self.src.pending.is_empty() {
-            self.src.read.readable().await?;
-            let mut first = [0u8; 64];
-            match self.src.read.try_read(&mut first) {
-                Ok(n) => {
-                    // n == 0 is end of stream: let read_frame report it.
-                    self.src.pending = Bytes::copy_from_slice(&first[..n]);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        if !self.src.pending.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        std::future::poll_fn(|cx| {
+            let mut first = [0u8; 64];
+            let mut buf = ReadBuf::new(&mut first);
+            ready!(Pin::new(&mut self.src.read).poll_read(cx, &mut buf))?;
+            // Nothing read is end of stream: let the frame read report it.
+            self.src.pending = Bytes::copy_from_slice(buf.filled());
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// After our close frame: reads and discards until the client closes
@@ -176,8 +202,64 @@ impl FrameReader {
         let _ = tokio::time::timeout(limit, drain).await;
     }
 
-    /// Reads one frame (masking removed, payload owned).
-    pub async fn read_frame(&mut self) -> Result<(Frame<'static>, bool), WebSocketError> {
+    /// Reads one frame and says what it means for the connection. Not
+    /// cancel-safe: call it once [`Self::readable`] said bytes are there,
+    /// and let only the end of the connection interrupt it.
+    pub async fn next_message(&mut self) -> Result<Incoming, CloseReason> {
+        let (fin, opcode, payload) = self.read_frame().await.map_err(|e| self.read_error(e))?;
+        let max = self.max_message_size;
+        match opcode {
+            OpCode::Text | OpCode::Binary if self.partial.is_some() => {
+                Err(CloseReason::protocol("new message inside a fragmented one"))
+            }
+            OpCode::Text | OpCode::Binary if !fin => {
+                self.partial = Some((opcode, payload));
+                Ok(Incoming::Nothing)
+            }
+            OpCode::Text => Ok(Incoming::Text(payload)),
+            OpCode::Binary => Ok(Incoming::Binary(payload)),
+            OpCode::Continuation => {
+                let Some((_, buf)) = self.partial.as_mut() else {
+                    return Err(CloseReason::protocol("continuation frame without a message"));
+                };
+                // The limit is on the whole message, not on each fragment.
+                if buf.len() + payload.len() > max {
+                    return Err(CloseReason::too_big(format!("message larger than {max} bytes")));
+                }
+                buf.extend_from_slice(&payload);
+                if !fin {
+                    return Ok(Incoming::Nothing);
+                }
+                match self.partial.take() {
+                    Some((OpCode::Text, buf)) if std::str::from_utf8(&buf).is_err() => {
+                        Err(CloseReason::bad_utf8("text message is not valid UTF-8"))
+                    }
+                    Some((OpCode::Text, buf)) => Ok(Incoming::Text(buf)),
+                    Some((_, buf)) => Ok(Incoming::Binary(buf)),
+                    None => Ok(Incoming::Nothing),
+                }
+            }
+            OpCode::Close => Ok(Incoming::Close),
+            OpCode::Ping => Ok(Incoming::Ping(payload)),
+            OpCode::Pong => Ok(Incoming::Nothing),
+        }
+    }
+
+    fn read_error(&self, e: WebSocketError) -> CloseReason {
+        match e {
+            WebSocketError::FrameTooLarge => {
+                CloseReason::too_big(format!("frame larger than {} bytes", self.max_message_size))
+            }
+            WebSocketError::InvalidUTF8 => CloseReason::bad_utf8("text frame is not valid UTF-8"),
+            WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
+                CloseReason::quiet("eof")
+            }
+            other => CloseReason::protocol(format!("protocol error: {other}")),
+        }
+    }
+
+    /// Reads one frame: its FIN bit, opcode and payload (masking removed).
+    async fn read_frame(&mut self) -> Result<(bool, OpCode, Vec<u8>), WebSocketError> {
         let adapter = OneFrame {
             src: &mut self.src,
             header: [0; 14],
@@ -192,13 +274,6 @@ impl FrameReader {
         ws.set_max_message_size(self.max_message_size);
         let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
         let frame = ws.read_frame(&mut send).await?;
-        let fin = frame.fin;
-        let owned = Frame::new(
-            fin,
-            frame.opcode,
-            None,
-            fastwebsockets::Payload::Owned(frame.payload.to_vec()),
-        );
-        Ok((owned, fin))
+        Ok((frame.fin, frame.opcode, frame.payload.to_vec()))
     }
 }

@@ -1,21 +1,27 @@
 //! The Supabase Realtime wire protocol (Phoenix Channels serializers).
 //!
-//! Three inbound shapes are decoded into one [`Inbound`]:
+//! Three inbound shapes are decoded into one [`Inbound`], whose
+//! [`Request`] says what the client asks for (see [`request`]):
 //! - vsn 1.0.0 text: `{"topic", "event", "payload", "ref", "join_ref"}`;
 //! - vsn 2.0.0 text: `[join_ref, ref, topic, event, payload]`;
 //! - vsn 2.0.0 binary "user broadcast push" (kind 3), which realtime-js uses
 //!   for every `channel.send({type: "broadcast"})`.
 //!
-//! Outbound frames are encoded per [`Vsn`] by [`Encoder`]: replies and pushes
-//! as JSON (object or array), and broadcasts to vsn 2.0.0 clients as binary
-//! "user broadcast" frames (kind 4), as the realtime-js serializer expects.
+//! Outbound frames are encoded per [`Vsn`] by [`Encoder`] ([`encode`]):
+//! replies and pushes as JSON (object or array), and broadcasts to vsn 2.0.0
+//! clients as binary "user broadcast" frames (kind 4), as the realtime-js
+//! serializer expects.
 
-use bytes::{BufMut, Bytes, BytesMut};
+pub mod encode;
+pub mod request;
+
+use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::frame::{self, Opcode};
+pub use encode::Encoder;
+pub use request::{BadPayload, BindingSpec, Broadcast, Join, JoinConfig, PresenceChange, Request};
 
 /// Protocol version, from the `vsn` query parameter. No `vsn` means 1.0.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,49 +63,13 @@ pub enum DecodeError {
     UnknownEncoding(u8),
 }
 
-/// A decoded client message.
+/// A decoded client message: its envelope and what it asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inbound {
     pub join_ref: Option<String>,
     pub r#ref: Option<String>,
     pub topic: String,
-    pub event: String,
-    pub payload: Payload,
-}
-
-/// The payload of a client message.
-#[derive(Debug, Clone)]
-pub enum Payload {
-    /// JSON text as sent (validated, not yet interpreted).
-    Json(Box<RawValue>),
-    /// A broadcast from a binary kind-3 frame: user event and payload, JSON
-    /// or (with `binary`) raw bytes.
-    Broadcast {
-        event: String,
-        payload: Bytes,
-        binary: bool,
-    },
-}
-
-impl PartialEq for Payload {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::Json(a), Self::Json(b)) => a.get() == b.get(),
-            (
-                Self::Broadcast {
-                    event: e1,
-                    payload: p1,
-                    binary: b1,
-                },
-                Self::Broadcast {
-                    event: e2,
-                    payload: p2,
-                    binary: b2,
-                },
-            ) => e1 == e2 && p1 == p2 && b1 == b2,
-            _ => false,
-        }
-    }
+    pub request: Request,
 }
 
 /// Accepts a ref as a string, a number or null (clients send strings; be
@@ -151,12 +121,12 @@ impl<'de> Deserialize<'de> for V2Message {
                 if seq.next_element::<de::IgnoredAny>()?.is_some() {
                     return Err(missing());
                 }
+                let request = Request::parse(&topic, &event, &payload);
                 Ok(V2Message(Inbound {
                     join_ref,
                     r#ref,
                     topic,
-                    event,
-                    payload: Payload::Json(payload),
+                    request,
                 }))
             }
         }
@@ -170,12 +140,12 @@ pub fn decode_text(vsn: Vsn, text: &[u8]) -> Result<Inbound, DecodeError> {
         Vsn::V1 => {
             let m: V1Message =
                 serde_json::from_slice(text).map_err(|e| shape_or_json(e, "object {topic, event, payload, ref}"))?;
+            let request = Request::parse(&m.topic, &m.event, &m.payload);
             Ok(Inbound {
                 join_ref: m.join_ref,
                 r#ref: m.r#ref,
                 topic: m.topic,
-                event: m.event,
-                payload: Payload::Json(m.payload),
+                request,
             })
         }
         Vsn::V2 => serde_json::from_slice::<V2Message>(text)
@@ -235,12 +205,7 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
         join_ref: opt(join_ref),
         r#ref: opt(r#ref),
         topic,
-        event: "broadcast".to_owned(),
-        payload: Payload::Broadcast {
-            event,
-            payload: Bytes::copy_from_slice(payload),
-            binary,
-        },
+        request: Request::Broadcast(Broadcast::checked(event, Bytes::copy_from_slice(payload), binary)),
     })
 }
 
@@ -274,139 +239,9 @@ pub fn peek_refs(vsn: Vsn, binary: bool, buf: &[u8]) -> (Option<String>, Option<
     }
 }
 
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
-}
-
-fn json_opt(s: Option<&str>) -> String {
-    s.map_or_else(|| "null".to_owned(), json_str)
-}
-
-/// Builds outbound frames for one protocol version.
-#[derive(Debug, Clone, Copy)]
-pub struct Encoder(pub Vsn);
-
-impl Encoder {
-    /// A message with JSON `payload` (already serialized) as a text frame.
-    pub fn message(
-        self,
-        join_ref: Option<&str>,
-        r#ref: Option<&str>,
-        topic: &str,
-        event: &str,
-        payload: &str,
-    ) -> Bytes {
-        let text = match self.0 {
-            Vsn::V1 => format!(
-                r#"{{"topic":{},"event":{},"payload":{},"ref":{},"join_ref":{}}}"#,
-                json_str(topic),
-                json_str(event),
-                payload,
-                json_opt(r#ref),
-                json_opt(join_ref)
-            ),
-            Vsn::V2 => format!(
-                "[{},{},{},{},{}]",
-                json_opt(join_ref),
-                json_opt(r#ref),
-                json_str(topic),
-                json_str(event),
-                payload
-            ),
-        };
-        frame::encode(Opcode::Text, text.as_bytes())
-    }
-
-    /// A server push (no refs).
-    pub fn push(self, topic: &str, event: &str, payload: &str) -> Bytes {
-        self.message(None, None, topic, event, payload)
-    }
-
-    /// `phx_reply` with `{"status": …, "response": …}`.
-    pub fn reply(self, join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, ok: bool, response: &str) -> Bytes {
-        let payload = format!(
-            r#"{{"status":"{}","response":{}}}"#,
-            if ok { "ok" } else { "error" },
-            response
-        );
-        self.message(join_ref, r#ref, topic, "phx_reply", &payload)
-    }
-
-    /// An error reply with `{"reason": …}`.
-    pub fn error_reply(self, join_ref: Option<&str>, r#ref: Option<&str>, topic: &str, reason: &str) -> Bytes {
-        self.reply(
-            join_ref,
-            r#ref,
-            topic,
-            false,
-            &format!(r#"{{"reason":{}}}"#, json_str(reason)),
-        )
-    }
-
-    /// A `system` message `{extension, status, message, channel}`.
-    pub fn system(self, topic: &str, extension: &str, ok: bool, message: &str, channel: &str) -> Bytes {
-        let payload = format!(
-            r#"{{"extension":{},"status":"{}","message":{},"channel":{}}}"#,
-            json_str(extension),
-            if ok { "ok" } else { "error" },
-            json_str(message),
-            json_str(channel)
-        );
-        self.push(topic, "system", &payload)
-    }
-
-    /// A broadcast to clients: a JSON push for vsn 1.0.0, a binary kind-4
-    /// frame for vsn 2.0.0. `meta` is a JSON object such as `{"id":"7"}`;
-    /// `user_event` and `meta` must be at most 255 bytes (checked at input).
-    /// A `binary` payload (raw bytes) has no JSON form: `None` for vsn 1.0.0.
-    pub fn broadcast(self, topic: &str, user_event: &str, payload: &[u8], meta: &str, binary: bool) -> Option<Bytes> {
-        match self.0 {
-            Vsn::V1 if binary => None,
-            Vsn::V1 => {
-                let mut text = String::with_capacity(payload.len() + user_event.len() + topic.len() + meta.len() + 96);
-                text.push_str(r#"{"topic":"#);
-                text.push_str(&json_str(topic));
-                text.push_str(r#","event":"broadcast","payload":{"type":"broadcast","event":"#);
-                text.push_str(&json_str(user_event));
-                text.push_str(r#","payload":"#);
-                // The payload was validated as JSON when it entered the bus.
-                text.push_str(std::str::from_utf8(payload).unwrap_or("null"));
-                text.push_str(r#","meta":"#);
-                text.push_str(meta);
-                text.push_str(r#"},"ref":null,"join_ref":null}"#);
-                Some(frame::encode(Opcode::Text, text.as_bytes()))
-            }
-            Vsn::V2 => {
-                let body_len = 5 + topic.len() + user_event.len() + meta.len() + payload.len();
-                let mut buf = BytesMut::with_capacity(body_len + 10);
-                frame::put_header(&mut buf, Opcode::Binary, body_len);
-                buf.put_u8(KIND_USER_BROADCAST);
-                buf.put_u8(topic.len().min(255) as u8);
-                buf.put_u8(user_event.len().min(255) as u8);
-                buf.put_u8(meta.len().min(255) as u8);
-                buf.put_u8(if binary { ENCODING_BINARY } else { ENCODING_JSON });
-                buf.put_slice(topic.as_bytes());
-                buf.put_slice(user_event.as_bytes());
-                buf.put_slice(meta.as_bytes());
-                buf.put_slice(payload);
-                Some(buf.freeze())
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn text_of(frame: &Bytes) -> &str {
-        let header = match frame[1] {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
-        std::str::from_utf8(&frame[header..]).unwrap()
-    }
 
     #[test]
     fn decodes_v1_and_v2_text() {
@@ -415,14 +250,12 @@ mod tests {
             br#"{"topic":"realtime:a","event":"phx_join","payload":{"x":1},"ref":"1","join_ref":"1"}"#,
         )
         .unwrap();
-        assert_eq!(
-            (m.topic.as_str(), m.event.as_str(), m.r#ref.as_deref()),
-            ("realtime:a", "phx_join", Some("1"))
-        );
+        assert_eq!((m.topic.as_str(), m.r#ref.as_deref()), ("realtime:a", Some("1")));
+        assert!(matches!(m.request, Request::Join(Ok(_))));
         let m = decode_text(Vsn::V2, br#"[null,"5","phoenix","heartbeat",{}]"#).unwrap();
         assert_eq!(
-            (m.join_ref, m.r#ref.as_deref(), m.event.as_str()),
-            (None, Some("5"), "heartbeat")
+            (m.join_ref, m.r#ref.as_deref(), m.request),
+            (None, Some("5"), Request::Heartbeat)
         );
         let m = decode_text(Vsn::V2, br#"[1,2,"t","e",null]"#).unwrap();
         assert_eq!((m.join_ref.as_deref(), m.r#ref.as_deref()), (Some("1"), Some("2")));
@@ -477,24 +310,23 @@ mod tests {
         let buf = kind3("1", "2", "realtime:room", "chat", "", 1, br#"{"text":"hi"}"#);
         let m = decode_binary(&buf).unwrap();
         assert_eq!(m.topic, "realtime:room");
-        assert_eq!(m.event, "broadcast");
         assert_eq!((m.join_ref.as_deref(), m.r#ref.as_deref()), (Some("1"), Some("2")));
         assert_eq!(
-            m.payload,
-            Payload::Broadcast {
+            m.request,
+            Request::Broadcast(Ok(Broadcast {
                 event: "chat".into(),
                 payload: Bytes::from_static(br#"{"text":"hi"}"#),
                 binary: false
-            }
+            }))
         );
         let m = decode_binary(&kind3("", "", "realtime:room", "blob", "", 0, b"\x00\xff")).unwrap();
         assert_eq!(
-            m.payload,
-            Payload::Broadcast {
+            m.request,
+            Request::Broadcast(Ok(Broadcast {
                 event: "blob".into(),
                 payload: Bytes::from_static(b"\x00\xff"),
                 binary: true
-            }
+            }))
         );
         // Empty refs mean "no ref" (the client sends '' for a missing ref).
         let m = decode_binary(&kind3("", "", "realtime:room", "e", "", 1, b"{}")).unwrap();
@@ -518,49 +350,5 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
-    }
-
-    #[test]
-    fn encodes_replies_per_vsn() {
-        let f = Encoder(Vsn::V1).reply(Some("1"), Some("1"), "realtime:a", true, "{}");
-        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"topic": "realtime:a", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1", "join_ref": "1"})
-        );
-        let f = Encoder(Vsn::V2).error_reply(None, Some("3"), "realtime:a", "bad \"thing\"");
-        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!([null, "3", "realtime:a", "phx_reply", {"status": "error", "response": {"reason": "bad \"thing\""}}])
-        );
-    }
-
-    #[test]
-    fn encodes_broadcasts_per_vsn() {
-        let f = Encoder(Vsn::V1)
-            .broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#, false)
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(text_of(&f)).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"topic": "realtime:a", "event": "broadcast", "payload": {"type": "broadcast", "event": "chat", "payload": {"t": 1}, "meta": {"id": "7"}}, "ref": null, "join_ref": null})
-        );
-        let f = Encoder(Vsn::V2)
-            .broadcast("realtime:a", "chat", br#"{"t":1}"#, r#"{"id":"7"}"#, false)
-            .unwrap();
-        assert_eq!(f[0], 0x82, "binary frame");
-        let body = &f[2..];
-        assert_eq!(&body[..5], &[4, 10, 4, 10, 1]);
-        assert_eq!(&body[5..], br#"realtime:achat{"id":"7"}{"t":1}"#);
-        let f = Encoder(Vsn::V2)
-            .broadcast("realtime:a", "b", b"\x00", "", true)
-            .unwrap();
-        assert_eq!(&f[2..], b"\x04\x0a\x01\x00\x00realtime:ab\x00");
-        assert_eq!(
-            Encoder(Vsn::V1).broadcast("realtime:a", "b", b"\x00", "", true),
-            None,
-            "no JSON form"
-        );
     }
 }
