@@ -60,8 +60,14 @@ fn hash_key(channel: &str) -> String {
     format!("fanout:p:{channel}")
 }
 
-/// One presence as stored in Redis.
-#[derive(Debug, Clone)]
+/// The stored value of one presence: `{"key", "ref", "meta"}` JSON. Other
+/// edges and the sweepers of a running cluster read it, so its shape stays.
+fn entry_json(key: &str, phx_ref: &str, meta: &Map<String, Value>) -> String {
+    json!({"key": key, "ref": phx_ref, "meta": meta}).to_string()
+}
+
+/// One presence as read back from Redis.
+#[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) key: String,
     pub(crate) phx_ref: String,
@@ -69,10 +75,6 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn to_json(&self) -> String {
-        json!({"key": self.key, "ref": self.phx_ref, "meta": self.meta}).to_string()
-    }
-
     pub(crate) fn from_json(s: &str) -> Option<Self> {
         let v: Value = serde_json::from_str(s).ok()?;
         Some(Self {
@@ -93,8 +95,10 @@ pub struct RedisPresence {
     conn: ConnectionManager,
     node: u64,
     timing: Timing,
-    /// This edge's live presences: the source for re-writing after an outage.
-    local: Mutex<HashMap<(ChannelName, Origin), Entry>>,
+    /// This edge's live presences, one set per channel. Its diffs are the
+    /// ones announced (so the Phoenix rules exist once, in `PresenceSet`),
+    /// and it is the source for re-writing Redis after an outage.
+    local: Mutex<HashMap<ChannelName, PresenceSet>>,
     next_ref: AtomicU64,
     healthy: AtomicBool,
 }
@@ -125,7 +129,7 @@ impl RedisPresence {
         me
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ChannelName, Origin), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, PresenceSet>> {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -158,8 +162,10 @@ impl RedisPresence {
             if !was_healthy {
                 // Redis came back (or lost our data): write every live
                 // presence again, in the same round trip.
-                for ((channel, origin), entry) in self.lock().iter() {
-                    self.write_entry(&mut pipe, channel, *origin, entry);
+                for (channel, set) in self.lock().iter() {
+                    for (origin, key, phx_ref, meta) in set.entries() {
+                        self.write_entry(&mut pipe, channel, origin, &entry_json(key, phx_ref, meta));
+                    }
                 }
             }
             let mut conn = self.conn.clone();
@@ -181,13 +187,13 @@ impl RedisPresence {
             .await;
     }
 
-    /// Adds the commands that store `entry` (and index its channel under this
-    /// node) to `pipe`.
-    fn write_entry(&self, pipe: &mut redis::Pipeline, channel: &ChannelName, origin: Origin, entry: &Entry) {
+    /// Adds the commands that store `value` (an [`entry_json`]) as the
+    /// presence of `origin`, and index its channel under this node, to `pipe`.
+    fn write_entry(&self, pipe: &mut redis::Pipeline, channel: &ChannelName, origin: Origin, value: &str) {
         pipe.cmd("HSET")
             .arg(hash_key(channel.as_str()))
             .arg(field(origin))
-            .arg(entry.to_json())
+            .arg(value)
             .ignore();
         pipe.cmd("SADD")
             .arg(format!("fanout:node:{}:ch", node_hex(self.node)))
@@ -210,25 +216,18 @@ impl PresenceStore for RedisPresence {
         meta: Map<String, Value>,
     ) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
         let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry {
-            key: key.to_owned(),
-            phx_ref: fanout_core::presence::phx_ref(self.node, n),
-            meta,
-        };
-        let old = self.lock().insert((channel.clone(), conn), entry.clone());
-        let mut diff = PresenceDiff::default();
-        let mut join = entry.client_meta();
-        if let Some(old) = &old {
-            if let Value::Object(m) = &mut join {
-                m.insert("phx_ref_prev".into(), Value::String(old.phx_ref.clone()));
-            }
-            diff.leaves.entry(old.key.clone()).or_default().push(old.client_meta());
-        }
-        diff.joins.entry(entry.key.clone()).or_default().push(join);
+        let phx_ref = fanout_core::presence::phx_ref(self.node, n);
+        // Serialized before the meta moves into the set, which saves a copy.
+        let value = entry_json(key, &phx_ref, &meta);
+        let diff = self
+            .lock()
+            .entry(channel.clone())
+            .or_default()
+            .track(conn, key, meta, phx_ref);
         let channel = channel.clone();
         Box::pin(async move {
             let mut pipe = redis::pipe();
-            self.write_entry(&mut pipe, &channel, conn, &entry);
+            self.write_entry(&mut pipe, &channel, conn, &value);
             if let Err(e) = pipe.query_async::<()>(&mut self.conn.clone()).await {
                 // The diff still reaches every edge over the bus; the entry is
                 // written again when Redis returns.
@@ -239,12 +238,27 @@ impl PresenceStore for RedisPresence {
     }
 
     fn untrack(&self, channel: &ChannelName, conn: Origin) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
-        let old = self.lock().remove(&(channel.clone(), conn));
+        let diff = {
+            let mut channels = self.lock();
+            match channels.get_mut(channel) {
+                Some(set) => {
+                    let diff = set.untrack(conn);
+                    // Dropping an empty set keeps the map to the channels
+                    // with presences, however many this edge has served.
+                    if set.is_empty() {
+                        channels.remove(channel);
+                    }
+                    diff
+                }
+                None => PresenceDiff::default(),
+            }
+        };
         let channel = channel.clone();
         Box::pin(async move {
-            let mut diff = PresenceDiff::default();
-            let Some(old) = old else { return Ok(diff) };
-            diff.leaves.entry(old.key.clone()).or_default().push(old.client_meta());
+            // Nothing was tracked, so there is nothing to delete either.
+            if diff.is_empty() {
+                return Ok(diff);
+            }
             if let Err(e) = redis::cmd("HDEL")
                 .arg(hash_key(channel.as_str()))
                 .arg(field(conn))
