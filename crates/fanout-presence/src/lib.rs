@@ -34,7 +34,8 @@
 //! (or Sentinel) deployment, not Redis Cluster.
 //!
 //! This crate binds no sockets; the binary wires it to the edge and to the
-//! presence role.
+//! presence role, and calls [`describe_metrics`] for the help text of the
+//! counters it emits.
 
 mod api;
 mod store;
@@ -43,3 +44,25 @@ mod sweeper;
 pub use api::PresenceApi;
 pub use store::{RedisError, RedisPresence, Timing, connect};
 pub use sweeper::Sweeper;
+
+/// Describes every metric this crate emits to the installed `metrics`
+/// recorder; call it once, after the recorder is installed (descriptions
+/// given before are lost).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "fanout_presence_heartbeats_total",
+        "Liveness heartbeats this edge wrote to Redis."
+    );
+    metrics::describe_counter!(
+        "fanout_presence_store_errors_total",
+        "Presence store operations on Redis that failed (presence is degraded until one succeeds)."
+    );
+    metrics::describe_counter!(
+        "fanout_presence_expired_total",
+        "Presences of crashed edges this sweeper removed and announced as leaves."
+    );
+    metrics::describe_counter!(
+        "fanout_presence_sweep_errors_total",
+        "Presence sweeps that failed on Redis."
+    );
+}
