@@ -14,6 +14,7 @@ use fanout_core::{ChannelName, Origin, PresenceDiff, PresenceSet};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Heartbeat and expiry timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +115,16 @@ impl std::fmt::Debug for RedisPresence {
 
 impl RedisPresence {
     /// A store for edge `node` (the edge's own node id), with its heartbeat
-    /// task running until `shutdown`.
-    pub fn start(conn: ConnectionManager, node: u64, timing: Timing, shutdown: CancellationToken) -> Arc<Self> {
+    /// task running on `tasks` until `shutdown`. The task deletes this
+    /// node's liveness key as it ends, so waiting for `tasks` on shutdown
+    /// makes the node's presences disappear at once instead of after the TTL.
+    pub fn start(
+        conn: ConnectionManager,
+        node: u64,
+        timing: Timing,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Arc<Self> {
         let me = Arc::new(Self {
             conn,
             node,
@@ -125,7 +134,7 @@ impl RedisPresence {
             healthy: AtomicBool::new(true),
         });
         let hb = me.clone();
-        tokio::spawn(async move { hb.heartbeat_loop(shutdown).await });
+        tasks.spawn(async move { hb.heartbeat_loop(shutdown).await });
         me
     }
 

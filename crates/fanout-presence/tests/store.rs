@@ -11,6 +11,7 @@ use fanout_presence::{RedisPresence, Timing};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A private `redis-server`, killed on drop.
 struct RedisServer {
@@ -69,12 +70,27 @@ async fn stored(redis: &mut ConnectionManager, channel: &str, conn: Origin) -> O
         .unwrap()
 }
 
+/// Whether node `0xabc`'s liveness key exists.
+async fn alive(redis: &mut ConnectionManager) -> bool {
+    redis::cmd("EXISTS")
+        .arg("fanout:alive:0000000000000abc")
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn diffs_and_stored_values_keep_their_bytes() {
     let server = RedisServer::start().await;
     let mut redis = server.connect().await;
-    let shutdown = CancellationToken::new();
-    let store = RedisPresence::start(server.connect().await, 0xabc, Timing::default(), shutdown.clone());
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let store = RedisPresence::start(
+        server.connect().await,
+        0xabc,
+        Timing::default(),
+        shutdown.clone(),
+        &tasks,
+    );
     let room = ChannelName::new("room").unwrap();
     let alice = Origin {
         node: 0xabc,
@@ -122,4 +138,29 @@ async fn diffs_and_stored_values_keep_their_bytes() {
         "untrack twice is a no-op"
     );
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn shutdown_deletes_the_liveness_key_before_the_tracker_finishes() {
+    let server = RedisServer::start().await;
+    let mut redis = server.connect().await;
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let timing = Timing {
+        heartbeat: Duration::from_millis(50),
+        ttl: Duration::from_secs(60),
+    };
+    let _store = RedisPresence::start(server.connect().await, 0xabc, timing, shutdown.clone(), &tasks);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !alive(&mut redis).await {
+        assert!(Instant::now() < deadline, "no heartbeat within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    shutdown.cancel();
+    tasks.close();
+    tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .expect("the heartbeat task ends on shutdown");
+    // Long before the 60 s TTL: the task deleted the key on its way out.
+    assert!(!alive(&mut redis).await, "liveness key left behind");
 }
