@@ -1,6 +1,7 @@
 //! [`PresenceApi`], the gRPC service `fanout.v1.Presence`. This is the one
 //! module of the crate that names the generated protobuf types
-//! (`fanout_proto::v1`); everything it answers comes from [`read_channel`].
+//! (`fanout_proto::v1`). Its answers come from [`read_channel`], plus a
+//! SCAN of the presence hashes to list the channels.
 
 use std::collections::BTreeSet;
 
