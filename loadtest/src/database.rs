@@ -4,17 +4,65 @@
 //! timed like the broadcasts (the latency is send → commit → WAL → ingester
 //! → bus → edge → client).
 //!
-//! Needs the schema of `deploy/sql/workshop.sql` and a fanout whose
-//! `cdc.routes` sends `public.workshop_activities` to `workshop:{session_id}`.
+//! The scenario runs the step through [`WorkshopDatabase`]: [`Postgres`]
+//! is that step, [`NoDatabase`] leaves it out. [`Postgres`] needs the schema
+//! of `deploy/sql/workshop.sql` and a fanout whose `cdc.routes` sends
+//! `public.workshop_activities` to `workshop:{session_id}`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::client::Incoming;
+use crate::stamp::Stamp;
 use crate::stats::Stats;
-use crate::workshop::{Stamp, WorkshopDatabase};
 use anyhow::{Context, Result};
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The seam for the database step of the workshop scenario: facilitators
+/// write rows that come back to every member as `postgres_changes`, checked
+/// and timed like the broadcasts. An implementation subscribes the channel
+/// through [`join_config`], runs each facilitator's writes through
+/// [`facilitator`] (counting every row in `stats.sent` and the members it
+/// is owed to in `stats.expected`), and turns incoming change frames back
+/// into [`Stamp`]s with [`stamp_of`].
+///
+/// [`join_config`]: WorkshopDatabase::join_config
+/// [`facilitator`]: WorkshopDatabase::facilitator
+/// [`stamp_of`]: WorkshopDatabase::stamp_of
+pub trait WorkshopDatabase: Send + Sync + 'static {
+    /// More join `config` for workshop `n`'s channel, e.g. a
+    /// `"postgres_changes":[…]` member.
+    fn join_config(&self, _workshop: usize) -> Option<String> {
+        None
+    }
+
+    /// The writes of facilitator `user` of `workshop` (with `members` joined
+    /// users) until `until`.
+    fn facilitator(
+        &self,
+        _workshop: usize,
+        _user: usize,
+        _members: Arc<AtomicU64>,
+        _until: Instant,
+        _stats: Arc<Stats>,
+    ) -> Option<BoxFuture> {
+        None
+    }
+
+    /// The stamp of a `postgres_changes` frame, if `frame` is one.
+    fn stamp_of(&self, _frame: &Incoming) -> Option<Stamp> {
+        None
+    }
+}
+
+/// Broadcast only: the workshop load without a database.
+pub struct NoDatabase;
+
+impl WorkshopDatabase for NoDatabase {}
 
 /// Facilitators' writes to PostgreSQL, one shared connection per process.
 pub struct Postgres {
@@ -66,7 +114,7 @@ impl WorkshopDatabase for Postgres {
         members: Arc<AtomicU64>,
         until: Instant,
         stats: Arc<Stats>,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    ) -> Option<BoxFuture> {
         if self.per_minute <= 0.0 {
             return None;
         }

@@ -33,6 +33,7 @@ mod proc;
 mod report;
 mod run;
 mod session;
+mod stamp;
 mod stats;
 mod storm;
 mod workshop;

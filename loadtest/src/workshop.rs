@@ -10,9 +10,7 @@
 //! Workshops are whole within one load process (`--workers` splits by
 //! workshop), so every count is exact locally.
 
-use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +19,10 @@ use anyhow::Result;
 
 use crate::Args;
 use crate::client::{self, Incoming};
+use crate::database::{NoDatabase, Postgres, WorkshopDatabase};
 use crate::run::Ctx;
 use crate::session::{self, ConnectOpts, JoinOpts, Plan, Rng, now_micros};
+use crate::stamp::Stamp;
 use crate::stats::{Partial, SeqCheck, Stats};
 
 /// Splits `users` over `workshops` rooms of varied size: each room gets a
@@ -63,61 +63,6 @@ pub fn layout(users: usize, workshops: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// The origin stamp every workshop message carries.
-#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
-pub struct Stamp {
-    /// Publisher (global user number).
-    pub u: usize,
-    /// Per-publisher sequence, from 0.
-    pub s: u64,
-    /// Send time, µs since the Unix epoch.
-    pub ts: u64,
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The seam for the database step of the workshop scenario (not built yet):
-/// facilitators will write rows to Postgres that come back to every member
-/// as `postgres_changes`, checked and timed like the broadcasts. An
-/// implementation subscribes the channel through [`join_config`], runs each
-/// facilitator's writes through [`facilitator`] (counting every row in
-/// `stats.sent` and the members it is owed to in `stats.expected`), and
-/// turns incoming change frames back into [`Stamp`]s with [`stamp_of`].
-///
-/// [`join_config`]: WorkshopDatabase::join_config
-/// [`facilitator`]: WorkshopDatabase::facilitator
-/// [`stamp_of`]: WorkshopDatabase::stamp_of
-pub trait WorkshopDatabase: Send + Sync + 'static {
-    /// More join `config` for workshop `n`'s channel, e.g. a
-    /// `"postgres_changes":[…]` member.
-    fn join_config(&self, _workshop: usize) -> Option<String> {
-        None
-    }
-
-    /// The writes of facilitator `user` of `workshop` (with `members` joined
-    /// users) until `until`.
-    fn facilitator(
-        &self,
-        _workshop: usize,
-        _user: usize,
-        _members: Arc<AtomicU64>,
-        _until: Instant,
-        _stats: Arc<Stats>,
-    ) -> Option<BoxFuture> {
-        None
-    }
-
-    /// The stamp of a `postgres_changes` frame, if `frame` is one.
-    fn stamp_of(&self, _frame: &Incoming) -> Option<Stamp> {
-        None
-    }
-}
-
-/// Broadcast only: the workshop load without a database.
-pub struct NoDatabase;
-
-impl WorkshopDatabase for NoDatabase {}
-
 /// One workshop as this process sees it.
 struct Room {
     number: usize,
@@ -131,8 +76,7 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
         return run_with(args, conn, ctx, Arc::new(NoDatabase)).await;
     };
     let workshops = args.workshops.unwrap_or((args.users / 25).max(1));
-    let db =
-        crate::database::Postgres::connect(url, (0..workshops).filter(|n| ctx.owns(*n)), args.activity_rate).await?;
+    let db = Postgres::connect(url, (0..workshops).filter(|n| ctx.owns(*n)), args.activity_rate).await?;
     run_with(args, conn, ctx, Arc::new(db)).await
 }
 

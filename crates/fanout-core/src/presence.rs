@@ -124,6 +124,15 @@ impl PresenceSet {
         diff
     }
 
+    /// Every presence as `(connection, key, phx_ref, meta)`, ordered by
+    /// connection: what a store needs to write its presences out again
+    /// (e.g. to Redis after an outage), with the refs clients already know.
+    pub fn entries(&self) -> impl Iterator<Item = (Origin, &str, &str, &Map<String, Value>)> {
+        self.by_conn
+            .iter()
+            .map(|(conn, e)| (*conn, e.key.as_str(), e.phx_ref.as_str(), &e.meta))
+    }
+
     /// Removes every presence tracked by connections of `node` (a crashed
     /// edge). Returns one diff for all of them.
     pub fn remove_node(&mut self, node: u64) -> PresenceDiff {
@@ -207,6 +216,28 @@ mod tests {
         let mut set = PresenceSet::default();
         set.track(conn(1), "k", meta(json!({"phx_ref": "forged", "a": 1})), "real".into());
         assert_eq!(set.state_json(), json!({"k": {"metas": [{"phx_ref": "real", "a": 1}]}}));
+    }
+
+    #[test]
+    fn entries_are_the_current_presences_with_their_refs() {
+        let mut set = PresenceSet::default();
+        set.track(conn(2), "bob", meta(json!({"name": "Bob"})), "r1".into());
+        set.track(conn(1), "alice", meta(json!({"name": "Alice"})), "r2".into());
+        // An update replaces the entry: only the new ref and meta are listed.
+        set.track(conn(2), "bob", meta(json!({"typing": true})), "r3".into());
+        set.track(conn(3), "carol", Map::new(), "r4".into());
+        set.untrack(conn(3));
+        let entries: Vec<_> = set
+            .entries()
+            .map(|(o, k, r, m)| (o, k.to_owned(), r.to_owned(), Value::Object(m.clone())))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                (conn(1), "alice".to_owned(), "r2".to_owned(), json!({"name": "Alice"})),
+                (conn(2), "bob".to_owned(), "r3".to_owned(), json!({"typing": true})),
+            ]
+        );
     }
 
     #[test]
