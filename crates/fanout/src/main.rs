@@ -611,10 +611,13 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
         ..EdgeConfig::default()
     };
     let node = Edge::random_node();
+    // The Redis heartbeat ends with a last write (its liveness key deleted),
+    // which shutdown waits for.
+    let presence_tasks = tokio_util::task::TaskTracker::new();
     let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
         (Some(url), "edge") => {
             let conn = connect_redis(url, &shutdown).await?;
-            fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone())
+            fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone(), &presence_tasks)
         }
         (None, "edge") => {
             tracing::warn!(
@@ -651,6 +654,8 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
     });
     let grace = config.drain_window + config.shutdown_grace;
     fanout_edge::http::serve(edge, public, admin, grace).await;
+    presence_tasks.close();
+    let _ = tokio::time::timeout(config.shutdown_grace, presence_tasks.wait()).await;
     tracing::info!("fanout stopped");
     Ok(())
 }
