@@ -32,4 +32,4 @@ pub mod presence;
 pub use bus::{BoxFuture, Bus, BusError, Replay, Retention, Subscription};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
-pub use presence::{MemoryPresence, PresenceError, PresenceStore};
+pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};

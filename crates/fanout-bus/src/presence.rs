@@ -35,15 +35,18 @@ pub trait PresenceStore: Send + Sync + 'static {
     fn state(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Value, PresenceError>>;
 }
 
-/// In-process presence for standalone mode.
+/// One process's own presences, per channel: [`PresenceSet`]'s Phoenix
+/// rules, with `phx_ref`s unique to this node. [`MemoryPresence`] is this
+/// and nothing more; the Redis store keeps one as its local copy (the diffs
+/// it announces, and what it writes again after an outage).
 #[derive(Debug)]
-pub struct MemoryPresence {
+pub struct LocalPresences {
     channels: Mutex<HashMap<ChannelName, PresenceSet>>,
     node: u64,
     next_ref: AtomicU64,
 }
 
-impl MemoryPresence {
+impl LocalPresences {
     pub fn new(node: u64) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
@@ -56,9 +59,63 @@ impl MemoryPresence {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A unique `phx_ref`: this node's id and a counter.
-    fn make_ref(&self) -> String {
+    /// A fresh `phx_ref`: this node's id and a counter.
+    pub fn make_ref(&self) -> String {
         fanout_core::presence::phx_ref(self.node, self.next_ref.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Tracks (or updates) `conn`'s presence under `key`; the diff to announce.
+    pub fn track(
+        &self,
+        channel: &ChannelName,
+        conn: Origin,
+        key: &str,
+        meta: Map<String, Value>,
+        phx_ref: String,
+    ) -> PresenceDiff {
+        self.lock()
+            .entry(channel.clone())
+            .or_default()
+            .track(conn, key, meta, phx_ref)
+    }
+
+    /// Removes `conn`'s presence; the diff to announce (empty if it had none).
+    /// A channel's set goes once it is empty, so the map holds only channels
+    /// with presences, however many this process has served.
+    pub fn untrack(&self, channel: &ChannelName, conn: Origin) -> PresenceDiff {
+        let mut channels = self.lock();
+        let Some(set) = channels.get_mut(channel) else {
+            return PresenceDiff::default();
+        };
+        let diff = set.untrack(conn);
+        if set.is_empty() {
+            channels.remove(channel);
+        }
+        diff
+    }
+
+    /// The channel's presences in `presence_state` shape.
+    pub fn state(&self, channel: &ChannelName) -> Value {
+        self.lock()
+            .get(channel)
+            .map_or_else(|| Value::Object(Map::new()), PresenceSet::state_json)
+    }
+
+    /// Calls `f` with every channel's set (under the lock: keep it short).
+    pub fn for_each(&self, mut f: impl FnMut(&ChannelName, &PresenceSet)) {
+        for (channel, set) in self.lock().iter() {
+            f(channel, set);
+        }
+    }
+}
+
+/// In-process presence for standalone mode.
+#[derive(Debug)]
+pub struct MemoryPresence(LocalPresences);
+
+impl MemoryPresence {
+    pub fn new(node: u64) -> Self {
+        Self(LocalPresences::new(node))
     }
 }
 
@@ -70,35 +127,17 @@ impl PresenceStore for MemoryPresence {
         key: &str,
         meta: Map<String, Value>,
     ) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
-        let phx_ref = self.make_ref();
-        let diff = self
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .track(conn, key, meta, phx_ref);
+        let diff = self.0.track(channel, conn, key, meta, self.0.make_ref());
         Box::pin(async move { Ok(diff) })
     }
 
     fn untrack(&self, channel: &ChannelName, conn: Origin) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
-        let mut channels = self.lock();
-        let diff = match channels.get_mut(channel) {
-            Some(set) => {
-                let diff = set.untrack(conn);
-                if set.is_empty() {
-                    channels.remove(channel);
-                }
-                diff
-            }
-            None => PresenceDiff::default(),
-        };
+        let diff = self.0.untrack(channel, conn);
         Box::pin(async move { Ok(diff) })
     }
 
     fn state(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Value, PresenceError>> {
-        let state = self
-            .lock()
-            .get(channel)
-            .map_or_else(|| Value::Object(Map::new()), PresenceSet::state_json);
+        let state = self.0.state(channel);
         Box::pin(async move { Ok(state) })
     }
 }

@@ -5,11 +5,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fanout_bus::{BoxFuture, PresenceError, PresenceStore};
+use fanout_bus::{BoxFuture, LocalPresences, PresenceError, PresenceStore};
 use fanout_core::{ChannelName, Origin, PresenceDiff, PresenceSet};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
@@ -99,8 +98,7 @@ pub struct RedisPresence {
     /// This edge's live presences, one set per channel. Its diffs are the
     /// ones announced (so the Phoenix rules exist once, in `PresenceSet`),
     /// and it is the source for re-writing Redis after an outage.
-    local: Mutex<HashMap<ChannelName, PresenceSet>>,
-    next_ref: AtomicU64,
+    local: LocalPresences,
     healthy: AtomicBool,
 }
 
@@ -129,17 +127,12 @@ impl RedisPresence {
             conn,
             node,
             timing,
-            local: Mutex::new(HashMap::new()),
-            next_ref: AtomicU64::new(1),
+            local: LocalPresences::new(node),
             healthy: AtomicBool::new(true),
         });
         let hb = me.clone();
         tasks.spawn(async move { hb.heartbeat_loop(shutdown).await });
         me
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, PresenceSet>> {
-        self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn failed(&self, what: &str, e: &redis::RedisError) {
@@ -171,11 +164,11 @@ impl RedisPresence {
             if !was_healthy {
                 // Redis came back (or lost our data): write every live
                 // presence again, in the same round trip.
-                for (channel, set) in self.lock().iter() {
+                self.local.for_each(|channel, set| {
                     for (origin, key, phx_ref, meta) in set.entries() {
                         self.write_entry(&mut pipe, channel, origin, &entry_json(key, phx_ref, meta));
                     }
-                }
+                });
             }
             let mut conn = self.conn.clone();
             match pipe.query_async::<()>(&mut conn).await {
@@ -224,15 +217,10 @@ impl PresenceStore for RedisPresence {
         key: &str,
         meta: Map<String, Value>,
     ) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
-        let n = self.next_ref.fetch_add(1, Ordering::Relaxed);
-        let phx_ref = fanout_core::presence::phx_ref(self.node, n);
+        let phx_ref = self.local.make_ref();
         // Serialized before the meta moves into the set, which saves a copy.
         let value = entry_json(key, &phx_ref, &meta);
-        let diff = self
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .track(conn, key, meta, phx_ref);
+        let diff = self.local.track(channel, conn, key, meta, phx_ref);
         let channel = channel.clone();
         Box::pin(async move {
             let mut pipe = redis::pipe();
@@ -247,21 +235,7 @@ impl PresenceStore for RedisPresence {
     }
 
     fn untrack(&self, channel: &ChannelName, conn: Origin) -> BoxFuture<'_, Result<PresenceDiff, PresenceError>> {
-        let diff = {
-            let mut channels = self.lock();
-            match channels.get_mut(channel) {
-                Some(set) => {
-                    let diff = set.untrack(conn);
-                    // Dropping an empty set keeps the map to the channels
-                    // with presences, however many this edge has served.
-                    if set.is_empty() {
-                        channels.remove(channel);
-                    }
-                    diff
-                }
-                None => PresenceDiff::default(),
-            }
-        };
+        let diff = self.local.untrack(channel, conn);
         let channel = channel.clone();
         Box::pin(async move {
             // Nothing was tracked, so there is nothing to delete either.
