@@ -289,7 +289,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Installs the Prometheus recorder and keeps its histograms fresh.
+/// Installs the Prometheus recorder, describes every crate's metrics, and
+/// keeps its histograms fresh.
 fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let handle = PrometheusBuilder::new()
@@ -313,67 +314,14 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
             }
         }
     });
-    metrics::describe_gauge!("fanout_connections", "Open client WebSocket connections.");
-    metrics::describe_counter!(
-        "fanout_connections_opened_total",
-        "Client WebSocket connections accepted."
-    );
-    metrics::describe_counter!(
-        "fanout_connections_closed_total",
-        "Client connections closed, by reason."
-    );
-    metrics::describe_gauge!("fanout_channels", "Channels with a running fan-out task on this node.");
-    metrics::describe_gauge!(
-        "fanout_channel_members",
-        "Channel memberships (connection x channel) on this node."
-    );
-    metrics::describe_counter!(
-        "fanout_messages_delivered_total",
-        "Frames handed to client sockets by the fan-out."
-    );
-    metrics::describe_counter!(
-        "fanout_slow_consumer_disconnects_total",
-        "Connections closed because their outbound queue was full."
-    );
-    metrics::describe_histogram!(
-        "fanout_publish_to_dispatch_seconds",
-        "Time from publish to the start of local fan-out."
-    );
-    metrics::describe_histogram!(
-        "fanout_shard_write_seconds",
-        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
-    );
-    metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
-    metrics::describe_gauge!(
-        "fanout_cdc_active",
-        "1 while this process streams the replication slot, 0 on standby."
-    );
-    metrics::describe_counter!(
-        "fanout_cdc_changes_published_total",
-        "Row changes published to the bus and acknowledged."
-    );
-    metrics::describe_counter!("fanout_cdc_transactions_total", "Transactions published.");
-    metrics::describe_histogram!(
-        "fanout_cdc_commit_to_ack_seconds",
-        "From a transaction's commit in PostgreSQL to the bus acknowledging its changes."
-    );
-    metrics::describe_histogram!("fanout_cdc_publish_seconds", "Time to publish one group of changes.");
-    metrics::describe_gauge!(
-        "fanout_cdc_confirmed_lsn",
-        "The WAL position confirmed to the replication slot."
-    );
-    metrics::describe_counter!(
-        "fanout_cdc_unroutable_changes_total",
-        "Changes of a routed table without the routing column (e.g. deletes without REPLICA IDENTITY FULL)."
-    );
-    metrics::describe_counter!(
-        "fanout_change_filter_errors_total",
-        "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
-    );
-    metrics::describe_counter!(
-        "fanout_handshake_rejections_total",
-        "WebSocket handshakes refused, by reason."
-    );
+    // Descriptions go to the installed recorder, so they come after it. Each
+    // crate describes the metrics it emits; every role describes them all,
+    // and the exporter shows a description only with a metric the process
+    // emitted.
+    fanout_edge::describe_metrics();
+    fanout_bus::describe_metrics();
+    fanout_cdc::describe_metrics();
+    // fanout_presence::describe_metrics(); (added when the presence split lands)
     Ok(handle)
 }
 
