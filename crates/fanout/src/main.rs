@@ -3,19 +3,18 @@
 
 mod config;
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use fanout_bus::{Bus, MemoryBus, MemoryPresence, NatsBus, NatsConfig, PresenceStore, Retention};
 use fanout_core::JwtVerifier;
 use fanout_edge::{Edge, EdgeConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigErrors, SETTINGS, Sources};
+use crate::config::{Config, ConfigErrors, Flags, Sources};
 
 /// jemalloc keeps memory per connection low: large buffers sit on their own
 /// pages, so their untouched parts are never resident, and its size classes
@@ -40,8 +39,12 @@ variables, then flags. Every flag below names its environment variable.",
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// TOML config file [env: FANOUT_CONFIG].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    // One flag per setting, built from the settings table.
     #[command(flatten)]
-    server: ServerArgs,
+    flags: Flags,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,165 +62,9 @@ enum Command {
     Cdc,
 }
 
-#[derive(Args, Debug, Default)]
-struct ServerArgs {
-    /// TOML config file [env: FANOUT_CONFIG].
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<std::path::PathBuf>,
-    /// Public address: WebSocket, REST broadcast, demo page [env: FANOUT_LISTEN] [default: 127.0.0.1:4000].
-    #[arg(long, global = true, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Admin address: /metrics, /healthz, /readyz [env: FANOUT_ADMIN_LISTEN] [default: 127.0.0.1:9600].
-    #[arg(long, global = true, value_name = "ADDR")]
-    admin_listen: Option<String>,
-    /// HS256 secret for client JWTs; without it fanout runs in insecure dev mode on loopback only [env: FANOUT_JWT_SECRET].
-    #[arg(long, global = true, value_name = "SECRET")]
-    jwt_secret: Option<String>,
-    /// Largest client message in bytes [env: FANOUT_MAX_FRAME_BYTES] [default: 1048576].
-    #[arg(long, global = true, value_name = "BYTES")]
-    max_frame_bytes: Option<String>,
-    /// Channels one connection may join [env: FANOUT_MAX_CHANNELS_PER_CONNECTION] [default: 100].
-    #[arg(long, global = true, value_name = "N")]
-    max_channels_per_connection: Option<String>,
-    /// Frames queued per connection before it is dropped as a slow consumer [env: FANOUT_OUTBOUND_QUEUE_FRAMES] [default: 16384].
-    #[arg(long, global = true, value_name = "N")]
-    outbound_queue_frames: Option<String>,
-    /// Messages per second per connection (bursts of twice that; 0 = unlimited) [env: FANOUT_MESSAGES_PER_SECOND] [default: 1000].
-    #[arg(long, global = true, value_name = "N")]
-    messages_per_second: Option<String>,
-    /// Joins per second per connection (0 = unlimited) [env: FANOUT_JOINS_PER_SECOND] [default: 50].
-    #[arg(long, global = true, value_name = "N")]
-    joins_per_second: Option<String>,
-    /// Client connections per process; more get HTTP 429 [env: FANOUT_MAX_CONNECTIONS] [default: 100000].
-    #[arg(long, global = true, value_name = "N")]
-    max_connections: Option<String>,
-    /// Close connections silent for this long; clients heartbeat every 25 s [env: FANOUT_IDLE_TIMEOUT_SECS] [default: 60].
-    #[arg(long, global = true, value_name = "SECS")]
-    idle_timeout_secs: Option<String>,
-    /// Messages kept per channel for resume [env: FANOUT_HISTORY_MAX_MESSAGES] [default: 10000].
-    #[arg(long, global = true, value_name = "N")]
-    history_max_messages: Option<String>,
-    /// Age limit of messages kept for resume [env: FANOUT_HISTORY_MAX_AGE_SECS] [default: 300].
-    #[arg(long, global = true, value_name = "SECS")]
-    history_max_age_secs: Option<String>,
-    /// Keep a channel's bus subscription this long after its last local member left [env: FANOUT_CHANNEL_LINGER_MS] [default: 2000].
-    #[arg(long, global = true, value_name = "MS")]
-    channel_linger_ms: Option<String>,
-    /// On SIGTERM, close client sockets spread over this window [env: FANOUT_DRAIN_SECS] [default: 0].
-    #[arg(long, global = true, value_name = "SECS")]
-    drain_secs: Option<String>,
-    /// After draining, wait at most this long for tasks to finish [env: FANOUT_SHUTDOWN_GRACE_SECS] [default: 10].
-    #[arg(long, global = true, value_name = "SECS")]
-    shutdown_grace_secs: Option<String>,
-    /// NATS seed URLs, comma-separated; required by `edge` [env: FANOUT_NATS_URL].
-    #[arg(long, global = true, value_name = "URLS")]
-    nats_url: Option<String>,
-    /// NATS credentials (.creds) file [env: FANOUT_NATS_CREDENTIALS_FILE].
-    #[arg(long, global = true, value_name = "FILE")]
-    nats_credentials_file: Option<String>,
-    /// Require TLS to NATS [env: FANOUT_NATS_TLS_REQUIRED] [default: false].
-    #[arg(long, global = true, value_name = "BOOL")]
-    nats_tls_required: Option<String>,
-    /// Channel shards; every process of a cluster must agree [env: FANOUT_NATS_SHARDS] [default: 64].
-    #[arg(long, global = true, value_name = "N")]
-    nats_shards: Option<String>,
-    /// JetStream streams the shards are split over [env: FANOUT_NATS_STREAMS] [default: 4].
-    #[arg(long, global = true, value_name = "N")]
-    nats_streams: Option<String>,
-    /// Replicas per JetStream stream [env: FANOUT_NATS_REPLICAS] [default: 1].
-    #[arg(long, global = true, value_name = "N")]
-    nats_replicas: Option<String>,
-    /// Live events buffered per NATS subscription before the client drops
-    /// them (dropped ones are then refilled from JetStream)
-    /// [env: FANOUT_NATS_SUBSCRIPTION_CAPACITY] [default: 65536].
-    #[arg(long, global = true, value_name = "N")]
-    nats_subscription_capacity: Option<String>,
-    /// Redis URL for cluster presence, e.g. redis://127.0.0.1:6379 [env: FANOUT_REDIS_URL].
-    #[arg(long, global = true, value_name = "URL")]
-    redis_url: Option<String>,
-    /// Edge heartbeat to Redis, one pipelined round trip per edge [env: FANOUT_PRESENCE_HEARTBEAT_SECS] [default: 5].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_heartbeat_secs: Option<String>,
-    /// A silent edge's users expire after this long [env: FANOUT_PRESENCE_TTL_SECS] [default: 15].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_ttl_secs: Option<String>,
-    /// How often the presence role sweeps for crashed edges [env: FANOUT_PRESENCE_SWEEP_SECS] [default: 5].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_sweep_secs: Option<String>,
-    /// Where `fanout presence` serves its gRPC API [env: FANOUT_PRESENCE_GRPC_LISTEN] [default: 127.0.0.1:50051].
-    #[arg(long, global = true, value_name = "ADDR")]
-    presence_grpc_listen: Option<String>,
-    /// PostgreSQL URL for the change stream, postgres://user:pass@host:port/db[?sslmode=require];
-    /// required by `cdc`, runs the ingester in-process in `standalone` [env: FANOUT_DATABASE_URL].
-    #[arg(long, global = true, value_name = "URL")]
-    database_url: Option<String>,
-    /// Publication the ingester streams [env: FANOUT_CDC_PUBLICATION] [default: fanout].
-    #[arg(long, global = true, value_name = "NAME")]
-    cdc_publication: Option<String>,
-    /// Logical replication slot, created if missing [env: FANOUT_CDC_SLOT] [default: fanout].
-    #[arg(long, global = true, value_name = "NAME")]
-    cdc_slot: Option<String>,
-    /// Tables routed to per-row channels, e.g. public.workshop_activities=workshop:{session_id}
-    /// (comma-separated); other tables go to db:<schema>.<table>. Edges and cdc must agree [env: FANOUT_CDC_ROUTES].
-    #[arg(long, global = true, value_name = "ROUTES")]
-    cdc_routes: Option<String>,
-    /// Change records above this size keep only small values and carry a 413 error [env: FANOUT_CDC_MAX_RECORD_BYTES] [default: 1048576].
-    #[arg(long, global = true, value_name = "BYTES")]
-    cdc_max_record_bytes: Option<String>,
-    /// Accept postgres_changes bindings (an edge fed by `fanout cdc`); on by itself with --database-url [env: FANOUT_POSTGRES_CHANGES] [default: false].
-    #[arg(long, global = true, value_name = "BOOL")]
-    postgres_changes: Option<String>,
-}
-
-impl ServerArgs {
-    /// Flag values by flag name, as [`Sources`] wants them.
-    fn flags(&self) -> BTreeMap<&'static str, String> {
-        let given = [
-            ("listen", &self.listen),
-            ("admin-listen", &self.admin_listen),
-            ("jwt-secret", &self.jwt_secret),
-            ("max-frame-bytes", &self.max_frame_bytes),
-            ("max-channels-per-connection", &self.max_channels_per_connection),
-            ("outbound-queue-frames", &self.outbound_queue_frames),
-            ("messages-per-second", &self.messages_per_second),
-            ("joins-per-second", &self.joins_per_second),
-            ("max-connections", &self.max_connections),
-            ("idle-timeout-secs", &self.idle_timeout_secs),
-            ("history-max-messages", &self.history_max_messages),
-            ("history-max-age-secs", &self.history_max_age_secs),
-            ("channel-linger-ms", &self.channel_linger_ms),
-            ("drain-secs", &self.drain_secs),
-            ("shutdown-grace-secs", &self.shutdown_grace_secs),
-            ("nats-url", &self.nats_url),
-            ("nats-credentials-file", &self.nats_credentials_file),
-            ("nats-tls-required", &self.nats_tls_required),
-            ("nats-shards", &self.nats_shards),
-            ("nats-streams", &self.nats_streams),
-            ("nats-replicas", &self.nats_replicas),
-            ("nats-subscription-capacity", &self.nats_subscription_capacity),
-            ("redis-url", &self.redis_url),
-            ("presence-heartbeat-secs", &self.presence_heartbeat_secs),
-            ("presence-ttl-secs", &self.presence_ttl_secs),
-            ("presence-sweep-secs", &self.presence_sweep_secs),
-            ("presence-grpc-listen", &self.presence_grpc_listen),
-            ("database-url", &self.database_url),
-            ("cdc-publication", &self.cdc_publication),
-            ("cdc-slot", &self.cdc_slot),
-            ("cdc-routes", &self.cdc_routes),
-            ("cdc-max-record-bytes", &self.cdc_max_record_bytes),
-            ("postgres-changes", &self.postgres_changes),
-        ];
-        debug_assert_eq!(given.len(), SETTINGS.len());
-        given
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
-            .collect()
-    }
-}
-
-fn load_config(args: &ServerArgs) -> Result<Config, ConfigErrors> {
+fn load_config(cli: &Cli) -> Result<Config, ConfigErrors> {
     let env = |k: &str| std::env::var(k).ok();
-    let path = args.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
+    let path = cli.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
     let file = match path {
         Some(p) => Sources::read_file(&p)?,
         None => toml::Table::new(),
@@ -225,13 +72,13 @@ fn load_config(args: &ServerArgs) -> Result<Config, ConfigErrors> {
     Config::load(&Sources {
         file,
         env: &env,
-        flags: args.flags(),
+        flags: cli.flags.0.clone(),
     })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load_config(&cli.server) {
+    let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fanout: {e}");
