@@ -5,8 +5,9 @@
 //! environment variable, its flag, its help and its default, so none of them
 //! can drift apart: the command line is built from the table ([`Flags`]) and
 //! the defaults the help shows are the ones used (the README's table and the
-//! Helm values follow the same keys). All problems are collected and
-//! reported together; the binary exits with 64 (`EX_USAGE`) on any of them.
+//! Helm values follow the same keys). All problems, what the chosen role
+//! needs included, are collected and reported together; the binary exits
+//! with 64 (`EX_USAGE`) on any of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fanout_core::Limits;
+
+use crate::roles::Role;
 
 /// The settings of a fanout process.
 #[derive(Debug, Clone, PartialEq)]
@@ -348,8 +351,9 @@ impl Reader<'_, '_> {
 }
 
 impl Config {
-    /// Builds the configuration from its sources, or every reason it is bad.
-    pub fn load(src: &Sources<'_>) -> Result<Self, ConfigErrors> {
+    /// Builds the configuration of `role` from its sources, or every reason
+    /// it is bad, the role's own needs included.
+    pub fn load(src: &Sources<'_>, role: Role) -> Result<Self, ConfigErrors> {
         let mut r = Reader {
             src,
             used: BTreeSet::new(),
@@ -445,11 +449,29 @@ impl Config {
                 config.listen
             ));
         }
+        errors.extend(config.role_problem(role));
         if errors.is_empty() {
             Ok(config)
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// What `role` needs that this configuration lacks, if anything.
+    fn role_problem(&self, role: Role) -> Option<String> {
+        let nats = !self.nats_urls.is_empty();
+        let problem = match role {
+            Role::Standalone => return None,
+            Role::Edge if !nats => "`fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL",
+            Role::Presence if !nats || self.redis_url.is_none() => {
+                "`fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)"
+            }
+            Role::Cdc if !nats || self.database_url.is_none() => {
+                "`fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)"
+            }
+            Role::Edge | Role::Presence | Role::Cdc => return None,
+        };
+        Some(problem.to_owned())
     }
 }
 
@@ -458,6 +480,15 @@ mod tests {
     use super::*;
 
     fn load(file: &str, env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Config, ConfigErrors> {
+        load_for(Role::Standalone, file, env, flags)
+    }
+
+    fn load_for(
+        role: Role,
+        file: &str,
+        env: &[(&str, &str)],
+        flags: &[(&'static str, &str)],
+    ) -> Result<Config, ConfigErrors> {
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let lookup = move |k: &str| env.get(k).cloned();
         let src = Sources {
@@ -465,7 +496,7 @@ mod tests {
             env: &lookup,
             flags: flags.iter().map(|(k, v)| (*k, v.to_string())).collect(),
         };
-        Config::load(&src)
+        Config::load(&src, role)
     }
 
     #[test]
@@ -519,6 +550,40 @@ mod tests {
                 "--{}",
                 s.flag
             );
+        }
+    }
+
+    #[test]
+    fn each_role_says_what_it_needs_with_every_other_problem() {
+        let needs = |role, env: &[(&str, &str)]| {
+            let err = load_for(role, "", env, &[("cdc-slot", "Bad-Slot")]).unwrap_err();
+            assert_eq!(err.0.len(), 2, "{err}");
+            assert!(err.0[0].contains("cdc.slot"), "{err}");
+            err.0[1].clone()
+        };
+        let nats = ("FANOUT_NATS_URL", "nats://127.0.0.1:4222");
+        let redis = ("FANOUT_REDIS_URL", "redis://127.0.0.1:6379");
+        let database = ("FANOUT_DATABASE_URL", "postgres://127.0.0.1/app");
+        assert_eq!(
+            needs(Role::Edge, &[]),
+            "`fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL"
+        );
+        let presence = "`fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)";
+        assert_eq!(needs(Role::Presence, &[]), presence);
+        assert_eq!(needs(Role::Presence, &[nats]), presence);
+        assert_eq!(needs(Role::Presence, &[redis]), presence);
+        let cdc = "`fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)";
+        assert_eq!(needs(Role::Cdc, &[]), cdc);
+        assert_eq!(needs(Role::Cdc, &[nats]), cdc);
+        assert_eq!(needs(Role::Cdc, &[database]), cdc);
+
+        for (role, env) in [
+            (Role::Standalone, &[][..]),
+            (Role::Edge, &[nats][..]),
+            (Role::Presence, &[nats, redis][..]),
+            (Role::Cdc, &[nats, database][..]),
+        ] {
+            load_for(role, "", env, &[]).unwrap_or_else(|e| panic!("{role:?}: {e}"));
         }
     }
 

@@ -2,12 +2,13 @@
 //! role; with no subcommand it runs `standalone`.
 
 mod config;
+mod roles;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use fanout_bus::{Bus, MemoryBus, MemoryPresence, NatsBus, NatsConfig, PresenceStore, Retention};
 use fanout_core::JwtVerifier;
 use fanout_edge::{Edge, EdgeConfig};
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors, Flags, Sources};
+use crate::roles::Role;
 
 /// jemalloc keeps memory per connection low: large buffers sit on their own
 /// pages, so their untouched parts are never resident, and its size classes
@@ -38,7 +40,7 @@ variables, then flags. Every flag below names its environment variable.",
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    role: Option<Role>,
     /// TOML config file [env: FANOUT_CONFIG].
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -47,38 +49,27 @@ struct Cli {
     flags: Flags,
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Everything in one process with an in-memory bus and presence (the default).
-    Standalone,
-    /// A stateless edge of a cluster: events go through NATS JetStream (needs --nats-url;
-    /// with --redis-url, presence is shared through Redis).
-    Edge,
-    /// The presence role: expires crashed edges' users from Redis and announces their
-    /// leaves (needs --nats-url and --redis-url; run one or more).
-    Presence,
-    /// The change-data-capture ingester: PostgreSQL changes into JetStream (needs
-    /// --database-url and --nats-url; run two for failover: one streams, the other waits).
-    Cdc,
-}
-
-fn load_config(cli: &Cli) -> Result<Config, ConfigErrors> {
+fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigErrors> {
     let env = |k: &str| std::env::var(k).ok();
     let path = cli.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
     let file = match path {
         Some(p) => Sources::read_file(&p)?,
         None => toml::Table::new(),
     };
-    Config::load(&Sources {
-        file,
-        env: &env,
-        flags: cli.flags.0.clone(),
-    })
+    Config::load(
+        &Sources {
+            file,
+            env: &env,
+            flags: cli.flags.0.clone(),
+        },
+        role,
+    )
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load_config(&cli) {
+    let role = cli.role.unwrap_or(Role::Standalone);
+    let config = match load_config(&cli, role) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fanout: {e}");
@@ -96,36 +87,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Standalone) {
-        Command::Standalone => runtime.block_on(standalone(config)),
-        Command::Edge => {
-            if config.nats_urls.is_empty() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(edge(config))
+    let result = runtime.block_on(async {
+        match role {
+            Role::Standalone => standalone(config).await,
+            Role::Edge => edge(config).await,
+            Role::Presence => presence(config).await,
+            Role::Cdc => cdc(config).await,
         }
-        Command::Presence => {
-            if config.nats_urls.is_empty() || config.redis_url.is_none() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(presence(config))
-        }
-        Command::Cdc => {
-            if config.nats_urls.is_empty() || config.database_url.is_none() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(cdc(config))
-        }
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -211,7 +180,7 @@ fn retention(config: &Config) -> Retention {
 
 async fn standalone(config: Config) -> anyhow::Result<()> {
     let bus = Arc::new(MemoryBus::new(retention(&config)));
-    serve(config, bus, "standalone").await
+    serve(config, bus, Role::Standalone).await
 }
 
 fn nats_config(config: &Config) -> NatsConfig {
@@ -259,7 +228,7 @@ fn timing(config: &Config) -> fanout_presence::Timing {
 
 async fn edge(config: Config) -> anyhow::Result<()> {
     let bus = connect_nats(&config).await?;
-    serve(config, Arc::new(bus), "edge").await
+    serve(config, Arc::new(bus), Role::Edge).await
 }
 
 /// The start shared by the roles without a public listener (`presence`,
@@ -378,7 +347,7 @@ fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
 }
 
 /// Binds the listeners and serves until SIGTERM/SIGINT.
-async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow::Result<()> {
+async fn serve(config: Config, bus: Arc<dyn Bus>, role: Role) -> anyhow::Result<()> {
     raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let metrics = install_metrics(&shutdown)?;
@@ -407,11 +376,11 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
     };
     let node = Edge::random_node();
     let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
-        (Some(url), "edge") => {
+        (Some(url), Role::Edge) => {
             let conn = connect_redis(url, &shutdown).await?;
             fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone())
         }
-        (None, "edge") => {
+        (None, Role::Edge) => {
             tracing::warn!(
                 "no --redis-url: presence is kept per edge (users on other edges are not in presence_state)"
             );
@@ -419,7 +388,7 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow:
         }
         _ => Arc::new(MemoryPresence::new(node)),
     };
-    if role == "standalone"
+    if role == Role::Standalone
         && let Some(cdc) = cdc_config(&config)
     {
         // The in-process ingester: a setup problem is logged and leaves the
