@@ -2,6 +2,7 @@
 //! role; with no subcommand it runs `standalone`.
 
 mod config;
+mod process;
 mod roles;
 
 use std::process::ExitCode;
@@ -13,9 +14,9 @@ use fanout_bus::{Bus, MemoryBus, MemoryPresence, NatsBus, NatsConfig, PresenceSt
 use fanout_core::JwtVerifier;
 use fanout_edge::{Edge, EdgeConfig};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors, Flags, Sources};
+use crate::process::Process;
 use crate::roles::Role;
 
 /// jemalloc keeps memory per connection low: large buffers sit on their own
@@ -106,8 +107,8 @@ fn main() -> ExitCode {
 }
 
 /// Installs the Prometheus recorder, describes every crate's metrics, and
-/// keeps its histograms fresh.
-fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+/// keeps its histograms fresh in a task of `process` until shutdown.
+fn install_metrics(process: &Process) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -120,8 +121,8 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
         .install_recorder()
         .context("installing the metrics recorder")?;
     let upkeep = handle.clone();
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
+    let shutdown = process.shutdown.clone();
+    process.tasks.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -139,27 +140,6 @@ fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_expor
     fanout_cdc::describe_metrics();
     // fanout_presence::describe_metrics(); (added when the presence split lands)
     Ok(handle)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Raises the open-file soft limit to the hard limit: each client socket is
@@ -204,7 +184,7 @@ async fn connect_nats(config: &Config) -> anyhow::Result<NatsBus> {
 }
 
 /// Connects to Redis, retrying until it answers or shutdown.
-async fn connect_redis(url: &str, shutdown: &CancellationToken) -> anyhow::Result<redis::aio::ConnectionManager> {
+async fn connect_redis(url: &str, process: &Process) -> anyhow::Result<redis::aio::ConnectionManager> {
     let mut delay = std::time::Duration::from_millis(200);
     loop {
         match fanout_presence::connect(url).await {
@@ -213,7 +193,7 @@ async fn connect_redis(url: &str, shutdown: &CancellationToken) -> anyhow::Resul
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => anyhow::bail!("shut down before Redis answered"),
+            () = process.shutdown.cancelled() => anyhow::bail!("shut down before Redis answered"),
         }
         delay = (delay * 2).min(std::time::Duration::from_secs(5));
     }
@@ -232,49 +212,42 @@ async fn edge(config: Config) -> anyhow::Result<()> {
 }
 
 /// The start shared by the roles without a public listener (`presence`,
-/// `cdc`): the root shutdown token (cancelled on SIGTERM/SIGINT), the
+/// `cdc`): the process (cancelled on SIGTERM/SIGINT from here on), the
 /// metrics recorder and the bound admin listener.
 async fn start_admin_only(
     config: &Config,
-) -> anyhow::Result<(
-    CancellationToken,
-    metrics_exporter_prometheus::PrometheusHandle,
-    TcpListener,
-)> {
-    let shutdown = CancellationToken::new();
-    let metrics = install_metrics(&shutdown)?;
+) -> anyhow::Result<(Process, metrics_exporter_prometheus::PrometheusHandle, TcpListener)> {
+    let process = Process::new();
+    let metrics = install_metrics(&process)?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal_token.cancel();
-    });
-    Ok((shutdown, metrics, admin))
+    process.cancel_on_signal();
+    Ok((process, metrics, admin))
 }
 
-/// Serves the admin endpoints of an admin-only role, ready while `bus` is.
+/// Serves the admin endpoints of an admin-only role in a task of `process`,
+/// ready while `bus` is.
 fn spawn_admin(
+    process: &Process,
     admin: TcpListener,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     bus: Arc<dyn Bus>,
-    shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(fanout_edge::http::serve_admin(
+) {
+    process.tasks.spawn(fanout_edge::http::serve_admin(
         admin,
         Some(metrics),
         Arc::new(move || bus.is_ready()),
-        shutdown.clone(),
-    ))
+        process.shutdown.clone(),
+    ));
 }
 
 /// The presence role: sweeps crashed edges' presences, serves the admin
 /// endpoints.
 async fn presence(config: Config) -> anyhow::Result<()> {
-    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
+    let (process, metrics, admin) = start_admin_only(&config).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &shutdown).await?;
+    let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &process).await?;
     let sweeper = fanout_presence::Sweeper::new(redis.clone(), bus.clone(), config.presence_sweep);
     let grpc = tokio::net::TcpListener::bind(config.presence_grpc_listen)
         .await
@@ -285,21 +258,20 @@ async fn presence(config: Config) -> anyhow::Result<()> {
         sweep = ?config.presence_sweep,
         "fanout presence running"
     );
-    let grpc_shutdown = shutdown.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(fanout_presence::PresenceApi::new(redis).into_service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                grpc_shutdown.cancelled_owned(),
-            ),
-    );
-    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
-    sweeper.run(shutdown.clone()).await;
-    let _ = admin_task.await;
-    if let Ok(Err(e)) = grpc_task.await {
-        tracing::warn!(error = %e, "gRPC server ended with an error");
-    }
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(fanout_presence::PresenceApi::new(redis).into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            process.shutdown.clone().cancelled_owned(),
+        );
+    process.tasks.spawn(async move {
+        if let Err(e) = grpc_server.await {
+            tracing::warn!(error = %e, "gRPC server ended with an error");
+        }
+    });
+    spawn_admin(&process, admin, metrics, bus.clone());
+    sweeper.run(process.shutdown.clone()).await;
+    process.shut_down(config.shutdown_grace).await;
     tracing::info!("fanout presence stopped");
     Ok(())
 }
@@ -310,19 +282,21 @@ fn cdc_config(config: &Config) -> Option<fanout_cdc::CdcConfig> {
     c.slot = config.cdc_slot.clone();
     c.routes = Arc::new(config.cdc_routes.clone());
     c.max_record_bytes = config.cdc_max_record_bytes;
+    c.stop_grace = config.shutdown_grace;
     Some(c)
 }
 
 /// The change-data-capture role: one streams the slot, others stand by.
 async fn cdc(config: Config) -> anyhow::Result<()> {
-    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
+    let (process, metrics, admin) = start_admin_only(&config).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
+    spawn_admin(&process, admin, metrics, bus.clone());
     let cdc = cdc_config(&config).context("database URL")?;
     tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
-    let result = fanout_cdc::run(cdc, bus, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = admin_task.await;
+    let result = fanout_cdc::run(cdc, bus, process.shutdown.clone()).await;
+    // The ingester ends on shutdown or on a fatal error; either way the
+    // admin listener stops with it.
+    process.shut_down(config.shutdown_grace).await;
     result.context("change stream")?;
     tracing::info!("fanout cdc stopped");
     Ok(())
@@ -349,8 +323,8 @@ fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
 /// Binds the listeners and serves until SIGTERM/SIGINT.
 async fn serve(config: Config, bus: Arc<dyn Bus>, role: Role) -> anyhow::Result<()> {
     raise_nofile_limit();
-    let shutdown = CancellationToken::new();
-    let metrics = install_metrics(&shutdown)?;
+    let process = Process::new();
+    let metrics = install_metrics(&process)?;
     let public = bind_with_backlog(config.listen)
         .with_context(|| format!("binding the public listener on {}", config.listen))?;
     let admin = TcpListener::bind(config.admin_listen)
@@ -377,8 +351,8 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: Role) -> anyhow::Result<
     let node = Edge::random_node();
     let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
         (Some(url), Role::Edge) => {
-            let conn = connect_redis(url, &shutdown).await?;
-            fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone())
+            let conn = connect_redis(url, &process).await?;
+            fanout_presence::RedisPresence::start(conn, node, timing(&config), process.shutdown.clone())
         }
         (None, Role::Edge) => {
             tracing::warn!(
@@ -393,28 +367,33 @@ async fn serve(config: Config, bus: Arc<dyn Bus>, role: Role) -> anyhow::Result<
     {
         // The in-process ingester: a setup problem is logged and leaves the
         // rest of the server running.
-        let (bus, shutdown) = (bus.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        let (bus, shutdown) = (bus.clone(), process.shutdown.clone());
+        process.tasks.spawn(async move {
             if let Err(e) = fanout_cdc::run(cdc, bus, shutdown).await {
                 tracing::error!("change stream stopped: {e}");
             }
         });
     }
-    let edge = Edge::new(edge_config, node, bus, presence, Some(metrics), shutdown.clone());
+    let edge = Edge::new(
+        edge_config,
+        node,
+        bus,
+        presence,
+        Some(metrics),
+        process.shutdown.clone(),
+    );
     tracing::info!(
         public = %public.local_addr()?,
         admin = %admin.local_addr()?,
         "fanout {role} listening (demo page at http://{}/)",
         public.local_addr()?
     );
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested; closing connections");
-        signal_token.cancel();
-    });
-    let grace = config.drain_window + config.shutdown_grace;
-    fanout_edge::http::serve(edge, public, admin, grace).await;
+    process.cancel_on_signal();
+    fanout_edge::http::serve(edge, public, admin, config.drain_window + config.shutdown_grace).await;
+    // The edge's own tasks are done (or their grace is over); what is left
+    // are the process's: the ingester and the metrics upkeep, which watch
+    // the same token and stop along with the edge.
+    process.shut_down(config.shutdown_grace).await;
     tracing::info!("fanout stopped");
     Ok(())
 }
