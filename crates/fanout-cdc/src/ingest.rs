@@ -143,9 +143,9 @@ pub async fn run(config: CdcConfig, bus: Arc<dyn Bus>, shutdown: CancellationTok
 /// The session watches the same token: it finishes a publish in flight
 /// (confirming it to the slot only once the bus stored it) and ends the
 /// stream cleanly. Dropping it instead would cut both short. The wait is
-/// bounded because a session that is still connecting, or waiting for the
-/// bus, does not look at the token; dropping it then loses nothing, as the
-/// slot was not confirmed past what the bus has.
+/// bounded because a publish waits for the bus, however long it takes;
+/// dropping it then loses nothing, as the slot was not confirmed past what
+/// the bus has.
 async fn stop(session: impl Future<Output = Result<(), CdcError>>, grace: Duration) {
     match tokio::time::timeout(grace, session).await {
         Ok(Ok(())) => {}
@@ -335,15 +335,24 @@ async fn session(
     bus: &dyn Bus,
     shutdown: &CancellationToken,
 ) -> Result<(), CdcError> {
-    let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
-    // The session authenticates in the background: a refused login or a
-    // missing privilege surfaces on the first query.
-    prepare(&mut client, config).await.map_err(|e| match e {
-        CdcError::Replication(e) => classify(e),
-        other => other,
-    })?;
-    client.start().await.map_err(classify)?;
-    client.wait_started().await.map_err(classify)?;
+    let setup = async {
+        let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
+        // The session authenticates in the background: a refused login or a
+        // missing privilege surfaces on the first query.
+        prepare(&mut client, config).await.map_err(|e| match e {
+            CdcError::Replication(e) => classify(e),
+            other => other,
+        })?;
+        client.start().await.map_err(classify)?;
+        client.wait_started().await.map_err(classify)?;
+        Ok::<_, CdcError>(client)
+    };
+    // Nothing is published before the stream starts, so shutdown need not
+    // wait for a setup (a connect to an unreachable server can take long).
+    let mut client = tokio::select! {
+        client = setup => client?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(slot = %config.slot, publication = %config.publication, "streaming changes");
     metrics::gauge!("fanout_cdc_active").set(1.0);
 
