@@ -33,3 +33,41 @@ pub use bus::{BoxFuture, Bus, BusError, Replay, Retention, Subscription};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};
+
+/// Describes every metric the bus emits (the NATS bus; the memory bus emits
+/// none), for the `# HELP` lines of `/metrics`. Call it once after installing
+/// the recorder.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "fanout_bus_subscriptions",
+        "Live NATS subscriptions, one per channel with local members."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_disconnects_total",
+        "Disconnections from NATS (the client reconnects by itself)."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_slow_consumer_events_total",
+        "Reports that the NATS client dropped live events of a subscription that fell behind."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_catch_ups_total",
+        "Catch-ups that refilled a subscription from JetStream, by reason (gap, resync)."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_caught_up_events_total",
+        "Events refilled from JetStream by catch-ups (dropped or late on the live path)."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_resyncs_without_catch_up_total",
+        "Subscriptions a reconnect or slow-consumer report made check, and that had missed nothing."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_live_events_skipped_total",
+        "Live events skipped, by why: at or before the subscription's start, or already refilled by a catch-up."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_decode_errors_total",
+        "Live or stored events that could not be read (skipped)."
+    );
+}

@@ -43,6 +43,9 @@ pub struct CdcConfig {
     pub max_record_bytes: usize,
     /// How often a standby checks whether the slot became free.
     pub standby_poll: Duration,
+    /// Once shutdown is requested, how long the session may take to finish a
+    /// publish in flight and stop the stream before it is dropped.
+    pub stop_grace: Duration,
 }
 
 impl CdcConfig {
@@ -54,6 +57,7 @@ impl CdcConfig {
             routes: Arc::new(Routes::default()),
             max_record_bytes: 1024 * 1024,
             standby_poll: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(10),
         }
     }
 }
@@ -90,16 +94,23 @@ const MAX_BATCH: usize = 8192;
 
 /// Runs the ingester until `shutdown`: standby while another instance holds
 /// the slot, streaming otherwise, reconnecting with backoff after transient
-/// errors. Returns a fatal error (bad URL, server not set up) at once.
+/// errors. Returns a fatal error (bad URL, server not set up) at once. On
+/// shutdown the session in progress ends by itself, within
+/// [`CdcConfig::stop_grace`].
 pub async fn run(config: CdcConfig, bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Result<(), CdcError> {
     let repl = replication_config(&config)?;
     let mut delay = Duration::from_millis(200);
     let mut said_standby = false;
     loop {
         metrics::gauge!("fanout_cdc_active").set(0.0);
+        let session = session(&config, repl.clone(), bus.as_ref(), &shutdown);
+        tokio::pin!(session);
         let result = tokio::select! {
-            r = session(&config, repl.clone(), bus.as_ref(), &shutdown) => r,
-            () = shutdown.cancelled() => return Ok(()),
+            r = &mut session => r,
+            () = shutdown.cancelled() => {
+                stop(session, config.stop_grace).await;
+                return Ok(());
+            }
         };
         let wait = match result {
             Ok(()) => return Ok(()),
@@ -124,6 +135,22 @@ pub async fn run(config: CdcConfig, bus: Arc<dyn Bus>, shutdown: CancellationTok
             () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// Lets a session that saw shutdown end by itself, within `grace`.
+///
+/// The session watches the same token: it finishes a publish in flight
+/// (confirming it to the slot only once the bus stored it) and ends the
+/// stream cleanly. Dropping it instead would cut both short. The wait is
+/// bounded because a publish waits for the bus, however long it takes;
+/// dropping it then loses nothing, as the slot was not confirmed past what
+/// the bus has.
+async fn stop(session: impl Future<Output = Result<(), CdcError>>, grace: Duration) {
+    match tokio::time::timeout(grace, session).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "change stream ended with an error while stopping"),
+        Err(_) => tracing::warn!(?grace, "change stream did not stop within the grace period; dropped"),
     }
 }
 
@@ -308,15 +335,24 @@ async fn session(
     bus: &dyn Bus,
     shutdown: &CancellationToken,
 ) -> Result<(), CdcError> {
-    let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
-    // The session authenticates in the background: a refused login or a
-    // missing privilege surfaces on the first query.
-    prepare(&mut client, config).await.map_err(|e| match e {
-        CdcError::Replication(e) => classify(e),
-        other => other,
-    })?;
-    client.start().await.map_err(classify)?;
-    client.wait_started().await.map_err(classify)?;
+    let setup = async {
+        let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
+        // The session authenticates in the background: a refused login or a
+        // missing privilege surfaces on the first query.
+        prepare(&mut client, config).await.map_err(|e| match e {
+            CdcError::Replication(e) => classify(e),
+            other => other,
+        })?;
+        client.start().await.map_err(classify)?;
+        client.wait_started().await.map_err(classify)?;
+        Ok::<_, CdcError>(client)
+    };
+    // Nothing is published before the stream starts, so shutdown need not
+    // wait for a setup (a connect to an unreachable server can take long).
+    let mut client = tokio::select! {
+        client = setup => client?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(slot = %config.slot, publication = %config.publication, "streaming changes");
     metrics::gauge!("fanout_cdc_active").set(1.0);
 
@@ -343,7 +379,9 @@ async fn session(
             tokio::select! {
                 ev = client.recv() => ev,
                 () = shutdown.cancelled() => {
-                    client.stop();
+                    // Waits for the replication worker to end the stream
+                    // (CopyDone), so the process does not exit under it.
+                    client.shutdown().await.map_err(classify)?;
                     return Ok(());
                 }
             }

@@ -178,3 +178,77 @@ impl Edge {
         }
     }
 }
+
+/// Describes every metric the edge emits, for the `# HELP` lines of
+/// `/metrics`. Call it once after installing the recorder.
+pub fn describe_metrics() {
+    metrics::describe_gauge!("fanout_connections", "Open client WebSocket connections.");
+    metrics::describe_counter!(
+        "fanout_connections_opened_total",
+        "Client WebSocket connections accepted."
+    );
+    metrics::describe_counter!(
+        "fanout_connections_closed_total",
+        "Client connections closed, by reason."
+    );
+    metrics::describe_counter!(
+        "fanout_accept_errors_total",
+        "Failed accepts on the public or admin listener (e.g. out of file descriptors)."
+    );
+    metrics::describe_counter!(
+        "fanout_handshake_rejections_total",
+        "WebSocket handshakes refused, by reason."
+    );
+    metrics::describe_gauge!("fanout_channels", "Channels with a running fan-out task on this node.");
+    metrics::describe_gauge!(
+        "fanout_channel_members",
+        "Channel memberships (connection x channel) on this node."
+    );
+    metrics::describe_counter!("fanout_joins_total", "Channel joins accepted.");
+    metrics::describe_counter!("fanout_client_messages_total", "Client messages decoded and handled.");
+    metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
+    metrics::describe_counter!(
+        "fanout_broadcasts_published_total",
+        "Broadcasts from client sockets handed to the bus."
+    );
+    metrics::describe_counter!(
+        "fanout_rest_broadcasts_total",
+        "REST broadcast requests whose events are all on the bus."
+    );
+    metrics::describe_counter!(
+        "fanout_bus_publish_errors_total",
+        "Broadcasts and presence diffs the bus did not accept."
+    );
+    metrics::describe_counter!(
+        "fanout_messages_delivered_total",
+        "Frames handed to client sockets by the fan-out."
+    );
+    metrics::describe_histogram!(
+        "fanout_publish_to_dispatch_seconds",
+        "Time from publish to the start of local fan-out."
+    );
+    metrics::describe_histogram!(
+        "fanout_shard_write_seconds",
+        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
+    );
+    metrics::describe_counter!(
+        "fanout_slow_consumer_disconnects_total",
+        "Connections closed because their outbound queue was full."
+    );
+    metrics::describe_counter!(
+        "fanout_token_expirations_total",
+        "Connections whose access token expired (their channels were closed)."
+    );
+    metrics::describe_counter!(
+        "fanout_replayed_messages_total",
+        "Events replayed to members that joined with resume."
+    );
+    metrics::describe_counter!(
+        "fanout_resync_required_total",
+        "Resumes from a position no longer in history (the member was told to resync)."
+    );
+    metrics::describe_counter!(
+        "fanout_change_filter_errors_total",
+        "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
+    );
+}

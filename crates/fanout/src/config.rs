@@ -2,10 +2,12 @@
 //! then `FANOUT_*` environment variables, then command-line flags.
 //!
 //! Every setting is declared once in [`SETTINGS`] with its file key, its
-//! environment variable and its flag, so the three can never drift apart
-//! (the README's table and the Helm values follow the same keys). All
-//! problems are collected and reported together; the binary exits with 64
-//! (`EX_USAGE`) on any of them.
+//! environment variable, its flag, its help and its default, so none of them
+//! can drift apart: the command line is built from the table ([`Flags`]) and
+//! the defaults the help shows are the ones used (the README's table and the
+//! Helm values follow the same keys). All problems, what the chosen role
+//! needs included, are collected and reported together; the binary exits
+//! with 64 (`EX_USAGE`) on any of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -14,6 +16,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fanout_core::Limits;
+
+use crate::roles::Role;
 
 /// The settings of a fanout process.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,55 +62,167 @@ pub struct Config {
     pub postgres_changes: bool,
 }
 
-/// One setting: its key in the file (dotted for tables), its environment
-/// variable and its flag. The help text lives on the flag (`fanout --help`).
+/// One setting, declared once: where it is read from (file key, environment
+/// variable, flag) and how `fanout --help` presents it.
 pub struct Setting {
+    /// Its key in the file, dotted for tables (`limits.max_frame_bytes`).
     pub key: &'static str,
+    /// Its environment variable (`FANOUT_MAX_FRAME_BYTES`).
     pub env: &'static str,
+    /// Its flag without the dashes (`max-frame-bytes`).
     pub flag: &'static str,
+    /// The placeholder of the flag's value in the help (`BYTES`).
+    pub value_name: &'static str,
+    /// The value used when no source sets it, in the syntax of a flag value;
+    /// `None` for settings that are absent by default.
+    pub default: Option<&'static str>,
+    /// What the setting does, as the help says it.
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// The help line of the flag: what it does, its environment variable and
+    /// its default.
+    fn help_line(&self) -> String {
+        match self.default {
+            Some(d) => format!("{} [env: {}] [default: {d}]", self.help, self.env),
+            None => format!("{} [env: {}]", self.help, self.env),
+        }
+    }
+
+    /// The flag as a clap argument. It has no clap default and reads no
+    /// environment itself, so it is present only when given on the command
+    /// line and [`Config::load`] keeps the precedence of its sources.
+    fn arg(&self) -> clap::Arg {
+        clap::Arg::new(self.flag)
+            .long(self.flag)
+            .global(true)
+            .action(clap::ArgAction::Set)
+            .value_parser(clap::value_parser!(String))
+            .value_name(self.value_name)
+            .help(self.help_line())
+    }
 }
 
 macro_rules! settings {
-    ($( $key:literal, $env:literal, $flag:literal; )*) => {
+    ($( $key:literal, $env:literal, $flag:literal, $value_name:literal, $default:expr, $help:literal; )*) => {
         /// Every setting fanout reads.
-        pub const SETTINGS: &[Setting] = &[ $( Setting { key: $key, env: $env, flag: $flag }, )* ];
+        pub const SETTINGS: &[Setting] = &[ $( Setting {
+            key: $key,
+            env: $env,
+            flag: $flag,
+            value_name: $value_name,
+            default: $default,
+            help: $help,
+        }, )* ];
     };
 }
 
+// Columns: file key, environment variable, flag, value name, default, help.
 settings! {
-    "listen", "FANOUT_LISTEN", "listen";
-    "admin_listen", "FANOUT_ADMIN_LISTEN", "admin-listen";
-    "jwt_secret", "FANOUT_JWT_SECRET", "jwt-secret";
-    "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes";
-    "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection";
-    "limits.outbound_queue_frames", "FANOUT_OUTBOUND_QUEUE_FRAMES", "outbound-queue-frames";
-    "limits.messages_per_second", "FANOUT_MESSAGES_PER_SECOND", "messages-per-second";
-    "limits.joins_per_second", "FANOUT_JOINS_PER_SECOND", "joins-per-second";
-    "limits.max_connections", "FANOUT_MAX_CONNECTIONS", "max-connections";
-    "limits.idle_timeout_secs", "FANOUT_IDLE_TIMEOUT_SECS", "idle-timeout-secs";
-    "history.max_messages", "FANOUT_HISTORY_MAX_MESSAGES", "history-max-messages";
-    "history.max_age_secs", "FANOUT_HISTORY_MAX_AGE_SECS", "history-max-age-secs";
-    "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms";
-    "drain_secs", "FANOUT_DRAIN_SECS", "drain-secs";
-    "shutdown_grace_secs", "FANOUT_SHUTDOWN_GRACE_SECS", "shutdown-grace-secs";
-    "nats.url", "FANOUT_NATS_URL", "nats-url";
-    "nats.credentials_file", "FANOUT_NATS_CREDENTIALS_FILE", "nats-credentials-file";
-    "nats.tls_required", "FANOUT_NATS_TLS_REQUIRED", "nats-tls-required";
-    "nats.shards", "FANOUT_NATS_SHARDS", "nats-shards";
-    "nats.streams", "FANOUT_NATS_STREAMS", "nats-streams";
-    "nats.replicas", "FANOUT_NATS_REPLICAS", "nats-replicas";
-    "nats.subscription_capacity", "FANOUT_NATS_SUBSCRIPTION_CAPACITY", "nats-subscription-capacity";
-    "redis.url", "FANOUT_REDIS_URL", "redis-url";
-    "presence.heartbeat_secs", "FANOUT_PRESENCE_HEARTBEAT_SECS", "presence-heartbeat-secs";
-    "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs";
-    "presence.sweep_secs", "FANOUT_PRESENCE_SWEEP_SECS", "presence-sweep-secs";
-    "presence.grpc_listen", "FANOUT_PRESENCE_GRPC_LISTEN", "presence-grpc-listen";
-    "database.url", "FANOUT_DATABASE_URL", "database-url";
-    "cdc.publication", "FANOUT_CDC_PUBLICATION", "cdc-publication";
-    "cdc.slot", "FANOUT_CDC_SLOT", "cdc-slot";
-    "cdc.routes", "FANOUT_CDC_ROUTES", "cdc-routes";
-    "cdc.max_record_bytes", "FANOUT_CDC_MAX_RECORD_BYTES", "cdc-max-record-bytes";
-    "postgres_changes", "FANOUT_POSTGRES_CHANGES", "postgres-changes";
+    "listen", "FANOUT_LISTEN", "listen", "ADDR", Some("127.0.0.1:4000"),
+        "Public address: WebSocket, REST broadcast, demo page";
+    "admin_listen", "FANOUT_ADMIN_LISTEN", "admin-listen", "ADDR", Some("127.0.0.1:9600"),
+        "Admin address: /metrics, /healthz, /readyz";
+    "jwt_secret", "FANOUT_JWT_SECRET", "jwt-secret", "SECRET", None,
+        "HS256 secret for client JWTs; without it fanout runs in insecure dev mode on loopback only";
+    "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes", "BYTES", Some("1048576"),
+        "Largest client message in bytes";
+    "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection", "N",
+        Some("100"),
+        "Channels one connection may join";
+    "limits.outbound_queue_frames", "FANOUT_OUTBOUND_QUEUE_FRAMES", "outbound-queue-frames", "N", Some("16384"),
+        "Frames queued per connection before it is dropped as a slow consumer";
+    "limits.messages_per_second", "FANOUT_MESSAGES_PER_SECOND", "messages-per-second", "N", Some("1000"),
+        "Messages per second per connection (bursts of twice that; 0 = unlimited)";
+    "limits.joins_per_second", "FANOUT_JOINS_PER_SECOND", "joins-per-second", "N", Some("50"),
+        "Joins per second per connection (0 = unlimited)";
+    "limits.max_connections", "FANOUT_MAX_CONNECTIONS", "max-connections", "N", Some("100000"),
+        "Client connections per process; more get HTTP 429";
+    "limits.idle_timeout_secs", "FANOUT_IDLE_TIMEOUT_SECS", "idle-timeout-secs", "SECS", Some("60"),
+        "Close connections silent for this long; clients heartbeat every 25 s";
+    "history.max_messages", "FANOUT_HISTORY_MAX_MESSAGES", "history-max-messages", "N", Some("10000"),
+        "Messages kept per channel for resume";
+    "history.max_age_secs", "FANOUT_HISTORY_MAX_AGE_SECS", "history-max-age-secs", "SECS", Some("300"),
+        "Age limit of messages kept for resume";
+    "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms", "MS", Some("2000"),
+        "Keep a channel's bus subscription this long after its last local member left";
+    "drain_secs", "FANOUT_DRAIN_SECS", "drain-secs", "SECS", Some("0"),
+        "On SIGTERM, close client sockets spread over this window";
+    "shutdown_grace_secs", "FANOUT_SHUTDOWN_GRACE_SECS", "shutdown-grace-secs", "SECS", Some("10"),
+        "After draining, wait at most this long for tasks to finish";
+    "nats.url", "FANOUT_NATS_URL", "nats-url", "URLS", None,
+        "NATS seed URLs, comma-separated; required by `edge`";
+    "nats.credentials_file", "FANOUT_NATS_CREDENTIALS_FILE", "nats-credentials-file", "FILE", None,
+        "NATS credentials (.creds) file";
+    "nats.tls_required", "FANOUT_NATS_TLS_REQUIRED", "nats-tls-required", "BOOL", Some("false"),
+        "Require TLS to NATS";
+    "nats.shards", "FANOUT_NATS_SHARDS", "nats-shards", "N", Some("64"),
+        "Channel shards; every process of a cluster must agree";
+    "nats.streams", "FANOUT_NATS_STREAMS", "nats-streams", "N", Some("4"),
+        "JetStream streams the shards are split over";
+    "nats.replicas", "FANOUT_NATS_REPLICAS", "nats-replicas", "N", Some("1"),
+        "Replicas per JetStream stream";
+    "nats.subscription_capacity", "FANOUT_NATS_SUBSCRIPTION_CAPACITY", "nats-subscription-capacity", "N",
+        Some("65536"),
+        "Live events buffered per NATS subscription before the client drops them (dropped ones are then \
+         refilled from JetStream)";
+    "redis.url", "FANOUT_REDIS_URL", "redis-url", "URL", None,
+        "Redis URL for cluster presence, e.g. redis://127.0.0.1:6379";
+    "presence.heartbeat_secs", "FANOUT_PRESENCE_HEARTBEAT_SECS", "presence-heartbeat-secs", "SECS", Some("5"),
+        "Edge heartbeat to Redis, one pipelined round trip per edge";
+    "presence.ttl_secs", "FANOUT_PRESENCE_TTL_SECS", "presence-ttl-secs", "SECS", Some("15"),
+        "A silent edge's users expire after this long";
+    "presence.sweep_secs", "FANOUT_PRESENCE_SWEEP_SECS", "presence-sweep-secs", "SECS", Some("5"),
+        "How often the presence role sweeps for crashed edges";
+    "presence.grpc_listen", "FANOUT_PRESENCE_GRPC_LISTEN", "presence-grpc-listen", "ADDR", Some("127.0.0.1:50051"),
+        "Where `fanout presence` serves its gRPC API";
+    "database.url", "FANOUT_DATABASE_URL", "database-url", "URL", None,
+        "PostgreSQL URL for the change stream, postgres://user:pass@host:port/db[?sslmode=require]; required by \
+         `cdc`, runs the ingester in-process in `standalone`";
+    "cdc.publication", "FANOUT_CDC_PUBLICATION", "cdc-publication", "NAME", Some("fanout"),
+        "Publication the ingester streams";
+    "cdc.slot", "FANOUT_CDC_SLOT", "cdc-slot", "NAME", Some("fanout"),
+        "Logical replication slot, created if missing";
+    "cdc.routes", "FANOUT_CDC_ROUTES", "cdc-routes", "ROUTES", None,
+        "Tables routed to per-row channels, e.g. public.workshop_activities=workshop:{session_id} \
+         (comma-separated); other tables go to db:<schema>.<table>. Edges and cdc must agree";
+    "cdc.max_record_bytes", "FANOUT_CDC_MAX_RECORD_BYTES", "cdc-max-record-bytes", "BYTES", Some("1048576"),
+        "Change records above this size keep only small values and carry a 413 error";
+    "postgres_changes", "FANOUT_POSTGRES_CHANGES", "postgres-changes", "BOOL", Some("false"),
+        "Accept postgres_changes bindings (an edge fed by `fanout cdc`); on by itself with --database-url";
+}
+
+/// The flags of every setting in [`SETTINGS`], as clap arguments of the
+/// whole command line (`#[command(flatten)]`): the values given, by flag name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags(pub BTreeMap<&'static str, String>);
+
+impl clap::FromArgMatches for Flags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Self::default();
+        flags.update_from_arg_matches(matches)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for s in SETTINGS {
+            if let Some(v) = matches.get_one::<String>(s.flag) {
+                self.0.insert(s.flag, v.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for Flags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.args(SETTINGS.iter().map(Setting::arg))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -158,13 +274,24 @@ impl Reader<'_, '_> {
         Some(v)
     }
 
-    /// flag, then environment, then file, then `default`.
-    fn get<T>(&mut self, key: &'static str, default: T) -> T
+    /// flag, then environment, then file, then the setting's default.
+    fn get<T>(&mut self, key: &'static str) -> T
     where
         T: FromStr + serde::de::DeserializeOwned,
         T::Err: std::fmt::Display,
     {
-        self.opt(key).unwrap_or(default)
+        if let Some(v) = self.opt(key) {
+            return v;
+        }
+        // The defaults are the table's, the same text the help shows; a
+        // setting read this way must have one that parses (the unit tests
+        // load every setting from its default).
+        let default = Self::setting(key)
+            .default
+            .unwrap_or_else(|| panic!("setting {key} has no default"));
+        default
+            .parse()
+            .unwrap_or_else(|e| panic!("default of {key} ({default:?}) does not parse: {e}"))
     }
 
     /// flag, then environment, then file; `None` when absent or invalid
@@ -224,33 +351,33 @@ impl Reader<'_, '_> {
 }
 
 impl Config {
-    /// Builds the configuration from its sources, or every reason it is bad.
-    pub fn load(src: &Sources<'_>) -> Result<Self, ConfigErrors> {
+    /// Builds the configuration of `role` from its sources, or every reason
+    /// it is bad, the role's own needs included.
+    pub fn load(src: &Sources<'_>, role: Role) -> Result<Self, ConfigErrors> {
         let mut r = Reader {
             src,
             used: BTreeSet::new(),
             errors: Vec::new(),
         };
-        let d = Limits::default();
         let limits = Limits {
-            max_frame_bytes: r.get("limits.max_frame_bytes", d.max_frame_bytes),
-            max_channels_per_connection: r.get("limits.max_channels_per_connection", d.max_channels_per_connection),
-            outbound_queue_frames: r.get("limits.outbound_queue_frames", d.outbound_queue_frames),
-            messages_per_second: r.get("limits.messages_per_second", d.messages_per_second),
-            joins_per_second: r.get("limits.joins_per_second", d.joins_per_second),
-            max_connections: r.get("limits.max_connections", d.max_connections),
-            idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs", d.idle_timeout.as_secs())),
+            max_frame_bytes: r.get("limits.max_frame_bytes"),
+            max_channels_per_connection: r.get("limits.max_channels_per_connection"),
+            outbound_queue_frames: r.get("limits.outbound_queue_frames"),
+            messages_per_second: r.get("limits.messages_per_second"),
+            joins_per_second: r.get("limits.joins_per_second"),
+            max_connections: r.get("limits.max_connections"),
+            idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs")),
         };
         let config = Config {
-            listen: r.get("listen", SocketAddr::from(([127, 0, 0, 1], 4000))),
-            admin_listen: r.get("admin_listen", SocketAddr::from(([127, 0, 0, 1], 9600))),
+            listen: r.get("listen"),
+            admin_listen: r.get("admin_listen"),
             jwt_secret: r.opt::<String>("jwt_secret").filter(|s| !s.is_empty()),
             limits,
-            history_max_messages: r.get("history.max_messages", 10_000),
-            history_max_age: Duration::from_secs(r.get("history.max_age_secs", 300)),
-            channel_linger: Duration::from_millis(r.get("channel_linger_ms", 2000)),
-            drain_window: Duration::from_secs(r.get("drain_secs", 0)),
-            shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs", 10)),
+            history_max_messages: r.get("history.max_messages"),
+            history_max_age: Duration::from_secs(r.get("history.max_age_secs")),
+            channel_linger: Duration::from_millis(r.get("channel_linger_ms")),
+            drain_window: Duration::from_secs(r.get("drain_secs")),
+            shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs")),
             nats_urls: r
                 .opt::<String>("nats.url")
                 .map(|s| {
@@ -261,25 +388,25 @@ impl Config {
                 })
                 .unwrap_or_default(),
             nats_credentials_file: r.opt::<String>("nats.credentials_file").map(Into::into),
-            nats_tls_required: r.get("nats.tls_required", false),
-            nats_shards: r.get("nats.shards", 64),
-            nats_streams: r.get("nats.streams", 4),
-            nats_replicas: r.get("nats.replicas", 1),
-            nats_subscription_capacity: r.get("nats.subscription_capacity", 65_536),
+            nats_tls_required: r.get("nats.tls_required"),
+            nats_shards: r.get("nats.shards"),
+            nats_streams: r.get("nats.streams"),
+            nats_replicas: r.get("nats.replicas"),
+            nats_subscription_capacity: r.get("nats.subscription_capacity"),
             redis_url: r.opt::<String>("redis.url").filter(|s| !s.is_empty()),
-            presence_heartbeat: Duration::from_secs(r.get("presence.heartbeat_secs", 5)),
-            presence_ttl: Duration::from_secs(r.get("presence.ttl_secs", 15)),
-            presence_sweep: Duration::from_secs(r.get("presence.sweep_secs", 5)),
-            presence_grpc_listen: r.get("presence.grpc_listen", SocketAddr::from(([127, 0, 0, 1], 50051))),
+            presence_heartbeat: Duration::from_secs(r.get("presence.heartbeat_secs")),
+            presence_ttl: Duration::from_secs(r.get("presence.ttl_secs")),
+            presence_sweep: Duration::from_secs(r.get("presence.sweep_secs")),
+            presence_grpc_listen: r.get("presence.grpc_listen"),
             database_url: r.opt::<String>("database.url").filter(|s| !s.is_empty()),
-            cdc_publication: r.get("cdc.publication", "fanout".to_owned()),
-            cdc_slot: r.get("cdc.slot", "fanout".to_owned()),
+            cdc_publication: r.get("cdc.publication"),
+            cdc_slot: r.get("cdc.slot"),
             cdc_routes: Default::default(),
-            cdc_max_record_bytes: r.get("cdc.max_record_bytes", 1024 * 1024),
-            postgres_changes: r.get("postgres_changes", false),
+            cdc_max_record_bytes: r.get("cdc.max_record_bytes"),
+            postgres_changes: r.get("postgres_changes"),
         };
         let mut config = config;
-        match fanout_core::changes::Routes::parse(&r.get("cdc.routes", String::new())) {
+        match fanout_core::changes::Routes::parse(&r.opt::<String>("cdc.routes").unwrap_or_default()) {
             Ok(routes) => config.cdc_routes = routes,
             Err(e) => r.errors.push(e.to_string()),
         }
@@ -322,11 +449,29 @@ impl Config {
                 config.listen
             ));
         }
+        errors.extend(config.role_problem(role));
         if errors.is_empty() {
             Ok(config)
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// What `role` needs that this configuration lacks, if anything.
+    fn role_problem(&self, role: Role) -> Option<String> {
+        let nats = !self.nats_urls.is_empty();
+        let problem = match role {
+            Role::Standalone => return None,
+            Role::Edge if !nats => "`fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL",
+            Role::Presence if !nats || self.redis_url.is_none() => {
+                "`fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)"
+            }
+            Role::Cdc if !nats || self.database_url.is_none() => {
+                "`fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)"
+            }
+            Role::Edge | Role::Presence | Role::Cdc => return None,
+        };
+        Some(problem.to_owned())
     }
 }
 
@@ -335,6 +480,15 @@ mod tests {
     use super::*;
 
     fn load(file: &str, env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Config, ConfigErrors> {
+        load_for(Role::Standalone, file, env, flags)
+    }
+
+    fn load_for(
+        role: Role,
+        file: &str,
+        env: &[(&str, &str)],
+        flags: &[(&'static str, &str)],
+    ) -> Result<Config, ConfigErrors> {
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let lookup = move |k: &str| env.get(k).cloned();
         let src = Sources {
@@ -342,16 +496,95 @@ mod tests {
             env: &lookup,
             flags: flags.iter().map(|(k, v)| (*k, v.to_string())).collect(),
         };
-        Config::load(&src)
+        Config::load(&src, role)
     }
 
     #[test]
     fn defaults_are_loopback_dev_mode() {
+        // Loading with no sources reads every setting from its default in the
+        // table, so a default that does not parse fails here.
         let c = load("", &[], &[]).unwrap();
         assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
         assert_eq!(c.admin_listen, "127.0.0.1:9600".parse().unwrap());
         assert_eq!(c.jwt_secret, None);
+        // The limits' defaults live in fanout-core too; the help must show
+        // the same ones.
         assert_eq!(c.limits, Limits::default());
+    }
+
+    /// The settings' flags as the binary builds them.
+    fn command() -> clap::Command {
+        <Flags as clap::Args>::augment_args(clap::Command::new("fanout"))
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_clap_accepts() {
+        command().debug_assert();
+        let unique = |f: fn(&Setting) -> &str| SETTINGS.iter().map(f).collect::<BTreeSet<_>>().len();
+        assert_eq!(unique(|s| s.key), SETTINGS.len(), "file keys are unique");
+        assert_eq!(unique(|s| s.env), SETTINGS.len(), "environment variables are unique");
+        assert_eq!(unique(|s| s.flag), SETTINGS.len(), "flags are unique");
+        for s in SETTINGS {
+            assert!(s.env.starts_with("FANOUT_"), "{}", s.env);
+            let matches = command()
+                .try_get_matches_from(["fanout", &format!("--{}", s.flag), "v"])
+                .unwrap_or_else(|e| panic!("--{}: {e}", s.flag));
+            let flags = <Flags as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+            assert_eq!(flags.0, BTreeMap::from([(s.flag, "v".to_owned())]), "--{}", s.flag);
+        }
+        let none = <Flags as clap::FromArgMatches>::from_arg_matches(&command().get_matches_from(["fanout"])).unwrap();
+        assert!(none.0.is_empty(), "flags not given are absent: {none:?}");
+    }
+
+    #[test]
+    fn the_help_names_every_environment_variable_and_default() {
+        let help = command().render_long_help().to_string();
+        for s in SETTINGS {
+            let line = match s.default {
+                Some(d) => format!("[env: {}] [default: {d}]", s.env),
+                None => format!("[env: {}]", s.env),
+            };
+            assert!(help.contains(&line), "{line:?} not in the help:\n{help}");
+            assert!(
+                help.contains(&format!("--{} <{}>", s.flag, s.value_name)),
+                "--{}",
+                s.flag
+            );
+        }
+    }
+
+    #[test]
+    fn each_role_says_what_it_needs_with_every_other_problem() {
+        let needs = |role, env: &[(&str, &str)]| {
+            let err = load_for(role, "", env, &[("cdc-slot", "Bad-Slot")]).unwrap_err();
+            assert_eq!(err.0.len(), 2, "{err}");
+            assert!(err.0[0].contains("cdc.slot"), "{err}");
+            err.0[1].clone()
+        };
+        let nats = ("FANOUT_NATS_URL", "nats://127.0.0.1:4222");
+        let redis = ("FANOUT_REDIS_URL", "redis://127.0.0.1:6379");
+        let database = ("FANOUT_DATABASE_URL", "postgres://127.0.0.1/app");
+        assert_eq!(
+            needs(Role::Edge, &[]),
+            "`fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL"
+        );
+        let presence = "`fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)";
+        assert_eq!(needs(Role::Presence, &[]), presence);
+        assert_eq!(needs(Role::Presence, &[nats]), presence);
+        assert_eq!(needs(Role::Presence, &[redis]), presence);
+        let cdc = "`fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)";
+        assert_eq!(needs(Role::Cdc, &[]), cdc);
+        assert_eq!(needs(Role::Cdc, &[nats]), cdc);
+        assert_eq!(needs(Role::Cdc, &[database]), cdc);
+
+        for (role, env) in [
+            (Role::Standalone, &[][..]),
+            (Role::Edge, &[nats][..]),
+            (Role::Presence, &[nats, redis][..]),
+            (Role::Cdc, &[nats, database][..]),
+        ] {
+            load_for(role, "", env, &[]).unwrap_or_else(|e| panic!("{role:?}: {e}"));
+        }
     }
 
     #[test]

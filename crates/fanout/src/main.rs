@@ -1,21 +1,22 @@
 //! `fanout`: the realtime fan-out server. One binary, one subcommand per
 //! role; with no subcommand it runs `standalone`.
+//!
+//! `main` parses the command line, loads the configuration for the role,
+//! sets up tracing and the runtime, and hands over to the role
+//! ([`roles`]).
 
 mod config;
+mod process;
+mod recorder;
+mod roles;
 
-use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use fanout_bus::{Bus, MemoryBus, MemoryPresence, NatsBus, NatsConfig, PresenceStore, Retention};
-use fanout_core::JwtVerifier;
-use fanout_edge::{Edge, EdgeConfig};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use clap::Parser;
 
-use crate::config::{Config, ConfigErrors, SETTINGS, Sources};
+use crate::config::{Config, ConfigErrors, Flags, Sources};
+use crate::roles::Role;
 
 /// jemalloc keeps memory per connection low: large buffers sit on their own
 /// pages, so their untouched parts are never resident, and its size classes
@@ -39,199 +40,36 @@ variables, then flags. Every flag below names its environment variable.",
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    server: ServerArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Everything in one process with an in-memory bus and presence (the default).
-    Standalone,
-    /// A stateless edge of a cluster: events go through NATS JetStream (needs --nats-url;
-    /// with --redis-url, presence is shared through Redis).
-    Edge,
-    /// The presence role: expires crashed edges' users from Redis and announces their
-    /// leaves (needs --nats-url and --redis-url; run one or more).
-    Presence,
-    /// The change-data-capture ingester: PostgreSQL changes into JetStream (needs
-    /// --database-url and --nats-url; run two for failover: one streams, the other waits).
-    Cdc,
-}
-
-#[derive(Args, Debug, Default)]
-struct ServerArgs {
+    role: Option<Role>,
     /// TOML config file [env: FANOUT_CONFIG].
     #[arg(long, global = true, value_name = "FILE")]
-    config: Option<std::path::PathBuf>,
-    /// Public address: WebSocket, REST broadcast, demo page [env: FANOUT_LISTEN] [default: 127.0.0.1:4000].
-    #[arg(long, global = true, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Admin address: /metrics, /healthz, /readyz [env: FANOUT_ADMIN_LISTEN] [default: 127.0.0.1:9600].
-    #[arg(long, global = true, value_name = "ADDR")]
-    admin_listen: Option<String>,
-    /// HS256 secret for client JWTs; without it fanout runs in insecure dev mode on loopback only [env: FANOUT_JWT_SECRET].
-    #[arg(long, global = true, value_name = "SECRET")]
-    jwt_secret: Option<String>,
-    /// Largest client message in bytes [env: FANOUT_MAX_FRAME_BYTES] [default: 1048576].
-    #[arg(long, global = true, value_name = "BYTES")]
-    max_frame_bytes: Option<String>,
-    /// Channels one connection may join [env: FANOUT_MAX_CHANNELS_PER_CONNECTION] [default: 100].
-    #[arg(long, global = true, value_name = "N")]
-    max_channels_per_connection: Option<String>,
-    /// Frames queued per connection before it is dropped as a slow consumer [env: FANOUT_OUTBOUND_QUEUE_FRAMES] [default: 16384].
-    #[arg(long, global = true, value_name = "N")]
-    outbound_queue_frames: Option<String>,
-    /// Messages per second per connection (bursts of twice that; 0 = unlimited) [env: FANOUT_MESSAGES_PER_SECOND] [default: 1000].
-    #[arg(long, global = true, value_name = "N")]
-    messages_per_second: Option<String>,
-    /// Joins per second per connection (0 = unlimited) [env: FANOUT_JOINS_PER_SECOND] [default: 50].
-    #[arg(long, global = true, value_name = "N")]
-    joins_per_second: Option<String>,
-    /// Client connections per process; more get HTTP 429 [env: FANOUT_MAX_CONNECTIONS] [default: 100000].
-    #[arg(long, global = true, value_name = "N")]
-    max_connections: Option<String>,
-    /// Close connections silent for this long; clients heartbeat every 25 s [env: FANOUT_IDLE_TIMEOUT_SECS] [default: 60].
-    #[arg(long, global = true, value_name = "SECS")]
-    idle_timeout_secs: Option<String>,
-    /// Messages kept per channel for resume [env: FANOUT_HISTORY_MAX_MESSAGES] [default: 10000].
-    #[arg(long, global = true, value_name = "N")]
-    history_max_messages: Option<String>,
-    /// Age limit of messages kept for resume [env: FANOUT_HISTORY_MAX_AGE_SECS] [default: 300].
-    #[arg(long, global = true, value_name = "SECS")]
-    history_max_age_secs: Option<String>,
-    /// Keep a channel's bus subscription this long after its last local member left [env: FANOUT_CHANNEL_LINGER_MS] [default: 2000].
-    #[arg(long, global = true, value_name = "MS")]
-    channel_linger_ms: Option<String>,
-    /// On SIGTERM, close client sockets spread over this window [env: FANOUT_DRAIN_SECS] [default: 0].
-    #[arg(long, global = true, value_name = "SECS")]
-    drain_secs: Option<String>,
-    /// After draining, wait at most this long for tasks to finish [env: FANOUT_SHUTDOWN_GRACE_SECS] [default: 10].
-    #[arg(long, global = true, value_name = "SECS")]
-    shutdown_grace_secs: Option<String>,
-    /// NATS seed URLs, comma-separated; required by `edge` [env: FANOUT_NATS_URL].
-    #[arg(long, global = true, value_name = "URLS")]
-    nats_url: Option<String>,
-    /// NATS credentials (.creds) file [env: FANOUT_NATS_CREDENTIALS_FILE].
-    #[arg(long, global = true, value_name = "FILE")]
-    nats_credentials_file: Option<String>,
-    /// Require TLS to NATS [env: FANOUT_NATS_TLS_REQUIRED] [default: false].
-    #[arg(long, global = true, value_name = "BOOL")]
-    nats_tls_required: Option<String>,
-    /// Channel shards; every process of a cluster must agree [env: FANOUT_NATS_SHARDS] [default: 64].
-    #[arg(long, global = true, value_name = "N")]
-    nats_shards: Option<String>,
-    /// JetStream streams the shards are split over [env: FANOUT_NATS_STREAMS] [default: 4].
-    #[arg(long, global = true, value_name = "N")]
-    nats_streams: Option<String>,
-    /// Replicas per JetStream stream [env: FANOUT_NATS_REPLICAS] [default: 1].
-    #[arg(long, global = true, value_name = "N")]
-    nats_replicas: Option<String>,
-    /// Live events buffered per NATS subscription before the client drops
-    /// them (dropped ones are then refilled from JetStream)
-    /// [env: FANOUT_NATS_SUBSCRIPTION_CAPACITY] [default: 65536].
-    #[arg(long, global = true, value_name = "N")]
-    nats_subscription_capacity: Option<String>,
-    /// Redis URL for cluster presence, e.g. redis://127.0.0.1:6379 [env: FANOUT_REDIS_URL].
-    #[arg(long, global = true, value_name = "URL")]
-    redis_url: Option<String>,
-    /// Edge heartbeat to Redis, one pipelined round trip per edge [env: FANOUT_PRESENCE_HEARTBEAT_SECS] [default: 5].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_heartbeat_secs: Option<String>,
-    /// A silent edge's users expire after this long [env: FANOUT_PRESENCE_TTL_SECS] [default: 15].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_ttl_secs: Option<String>,
-    /// How often the presence role sweeps for crashed edges [env: FANOUT_PRESENCE_SWEEP_SECS] [default: 5].
-    #[arg(long, global = true, value_name = "SECS")]
-    presence_sweep_secs: Option<String>,
-    /// Where `fanout presence` serves its gRPC API [env: FANOUT_PRESENCE_GRPC_LISTEN] [default: 127.0.0.1:50051].
-    #[arg(long, global = true, value_name = "ADDR")]
-    presence_grpc_listen: Option<String>,
-    /// PostgreSQL URL for the change stream, postgres://user:pass@host:port/db[?sslmode=require];
-    /// required by `cdc`, runs the ingester in-process in `standalone` [env: FANOUT_DATABASE_URL].
-    #[arg(long, global = true, value_name = "URL")]
-    database_url: Option<String>,
-    /// Publication the ingester streams [env: FANOUT_CDC_PUBLICATION] [default: fanout].
-    #[arg(long, global = true, value_name = "NAME")]
-    cdc_publication: Option<String>,
-    /// Logical replication slot, created if missing [env: FANOUT_CDC_SLOT] [default: fanout].
-    #[arg(long, global = true, value_name = "NAME")]
-    cdc_slot: Option<String>,
-    /// Tables routed to per-row channels, e.g. public.workshop_activities=workshop:{session_id}
-    /// (comma-separated); other tables go to db:<schema>.<table>. Edges and cdc must agree [env: FANOUT_CDC_ROUTES].
-    #[arg(long, global = true, value_name = "ROUTES")]
-    cdc_routes: Option<String>,
-    /// Change records above this size keep only small values and carry a 413 error [env: FANOUT_CDC_MAX_RECORD_BYTES] [default: 1048576].
-    #[arg(long, global = true, value_name = "BYTES")]
-    cdc_max_record_bytes: Option<String>,
-    /// Accept postgres_changes bindings (an edge fed by `fanout cdc`); on by itself with --database-url [env: FANOUT_POSTGRES_CHANGES] [default: false].
-    #[arg(long, global = true, value_name = "BOOL")]
-    postgres_changes: Option<String>,
+    config: Option<PathBuf>,
+    // One flag per setting, built from the settings table.
+    #[command(flatten)]
+    flags: Flags,
 }
 
-impl ServerArgs {
-    /// Flag values by flag name, as [`Sources`] wants them.
-    fn flags(&self) -> BTreeMap<&'static str, String> {
-        let given = [
-            ("listen", &self.listen),
-            ("admin-listen", &self.admin_listen),
-            ("jwt-secret", &self.jwt_secret),
-            ("max-frame-bytes", &self.max_frame_bytes),
-            ("max-channels-per-connection", &self.max_channels_per_connection),
-            ("outbound-queue-frames", &self.outbound_queue_frames),
-            ("messages-per-second", &self.messages_per_second),
-            ("joins-per-second", &self.joins_per_second),
-            ("max-connections", &self.max_connections),
-            ("idle-timeout-secs", &self.idle_timeout_secs),
-            ("history-max-messages", &self.history_max_messages),
-            ("history-max-age-secs", &self.history_max_age_secs),
-            ("channel-linger-ms", &self.channel_linger_ms),
-            ("drain-secs", &self.drain_secs),
-            ("shutdown-grace-secs", &self.shutdown_grace_secs),
-            ("nats-url", &self.nats_url),
-            ("nats-credentials-file", &self.nats_credentials_file),
-            ("nats-tls-required", &self.nats_tls_required),
-            ("nats-shards", &self.nats_shards),
-            ("nats-streams", &self.nats_streams),
-            ("nats-replicas", &self.nats_replicas),
-            ("nats-subscription-capacity", &self.nats_subscription_capacity),
-            ("redis-url", &self.redis_url),
-            ("presence-heartbeat-secs", &self.presence_heartbeat_secs),
-            ("presence-ttl-secs", &self.presence_ttl_secs),
-            ("presence-sweep-secs", &self.presence_sweep_secs),
-            ("presence-grpc-listen", &self.presence_grpc_listen),
-            ("database-url", &self.database_url),
-            ("cdc-publication", &self.cdc_publication),
-            ("cdc-slot", &self.cdc_slot),
-            ("cdc-routes", &self.cdc_routes),
-            ("cdc-max-record-bytes", &self.cdc_max_record_bytes),
-            ("postgres-changes", &self.postgres_changes),
-        ];
-        debug_assert_eq!(given.len(), SETTINGS.len());
-        given
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
-            .collect()
-    }
-}
-
-fn load_config(args: &ServerArgs) -> Result<Config, ConfigErrors> {
+fn load_config(cli: &Cli, role: Role) -> Result<Config, ConfigErrors> {
     let env = |k: &str| std::env::var(k).ok();
-    let path = args.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
+    let path = cli.config.clone().or_else(|| env("FANOUT_CONFIG").map(Into::into));
     let file = match path {
         Some(p) => Sources::read_file(&p)?,
         None => toml::Table::new(),
     };
-    Config::load(&Sources {
-        file,
-        env: &env,
-        flags: args.flags(),
-    })
+    Config::load(
+        &Sources {
+            file,
+            env: &env,
+            flags: cli.flags.0.clone(),
+        },
+        role,
+    )
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match load_config(&cli.server) {
+    let role = cli.role.unwrap_or(Role::Standalone);
+    let config = match load_config(&cli, role) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fanout: {e}");
@@ -249,37 +87,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command.unwrap_or(Command::Standalone) {
-        Command::Standalone => runtime.block_on(standalone(config)),
-        Command::Edge => {
-            if config.nats_urls.is_empty() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout edge` needs NATS: set --nats-url or FANOUT_NATS_URL"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(edge(config))
-        }
-        Command::Presence => {
-            if config.nats_urls.is_empty() || config.redis_url.is_none() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout presence` needs --nats-url (FANOUT_NATS_URL) and --redis-url (FANOUT_REDIS_URL)"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(presence(config))
-        }
-        Command::Cdc => {
-            if config.nats_urls.is_empty() || config.database_url.is_none() {
-                eprintln!(
-                    "fanout: invalid configuration:\n  - `fanout cdc` needs --database-url (FANOUT_DATABASE_URL) and --nats-url (FANOUT_NATS_URL)"
-                );
-                return ExitCode::from(EX_USAGE);
-            }
-            runtime.block_on(cdc(config))
-        }
-    };
-    match result {
+    match runtime.block_on(role.run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -289,373 +97,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// Installs the Prometheus recorder and keeps its histograms fresh.
-fn install_metrics(shutdown: &CancellationToken) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ],
-        )
-        .context("histogram buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let upkeep = handle.clone();
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => upkeep.run_upkeep(),
-                () = shutdown.cancelled() => break,
-            }
-        }
-    });
-    metrics::describe_gauge!("fanout_connections", "Open client WebSocket connections.");
-    metrics::describe_counter!(
-        "fanout_connections_opened_total",
-        "Client WebSocket connections accepted."
-    );
-    metrics::describe_counter!(
-        "fanout_connections_closed_total",
-        "Client connections closed, by reason."
-    );
-    metrics::describe_gauge!("fanout_channels", "Channels with a running fan-out task on this node.");
-    metrics::describe_gauge!(
-        "fanout_channel_members",
-        "Channel memberships (connection x channel) on this node."
-    );
-    metrics::describe_counter!(
-        "fanout_messages_delivered_total",
-        "Frames handed to client sockets by the fan-out."
-    );
-    metrics::describe_counter!(
-        "fanout_slow_consumer_disconnects_total",
-        "Connections closed because their outbound queue was full."
-    );
-    metrics::describe_histogram!(
-        "fanout_publish_to_dispatch_seconds",
-        "Time from publish to the start of local fan-out."
-    );
-    metrics::describe_histogram!(
-        "fanout_shard_write_seconds",
-        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
-    );
-    metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
-    metrics::describe_gauge!(
-        "fanout_cdc_active",
-        "1 while this process streams the replication slot, 0 on standby."
-    );
-    metrics::describe_counter!(
-        "fanout_cdc_changes_published_total",
-        "Row changes published to the bus and acknowledged."
-    );
-    metrics::describe_counter!("fanout_cdc_transactions_total", "Transactions published.");
-    metrics::describe_histogram!(
-        "fanout_cdc_commit_to_ack_seconds",
-        "From a transaction's commit in PostgreSQL to the bus acknowledging its changes."
-    );
-    metrics::describe_histogram!("fanout_cdc_publish_seconds", "Time to publish one group of changes.");
-    metrics::describe_gauge!(
-        "fanout_cdc_confirmed_lsn",
-        "The WAL position confirmed to the replication slot."
-    );
-    metrics::describe_counter!(
-        "fanout_cdc_unroutable_changes_total",
-        "Changes of a routed table without the routing column (e.g. deletes without REPLICA IDENTITY FULL)."
-    );
-    metrics::describe_counter!(
-        "fanout_change_filter_errors_total",
-        "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
-    );
-    metrics::describe_counter!(
-        "fanout_handshake_rejections_total",
-        "WebSocket handshakes refused, by reason."
-    );
-    Ok(handle)
-}
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
 
-/// Raises the open-file soft limit to the hard limit: each client socket is
-/// one file.
-fn raise_nofile_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    #[test]
+    fn setting_flags_work_before_and_after_the_role() {
+        let cli = Cli::try_parse_from(["fanout", "--listen", "127.0.0.1:1", "cdc", "--nats-url", "nats://x"]).unwrap();
+        assert_eq!(cli.role, Some(Role::Cdc));
+        assert_eq!(cli.flags.0.get("listen").map(String::as_str), Some("127.0.0.1:1"));
+        assert_eq!(cli.flags.0.get("nats-url").map(String::as_str), Some("nats://x"));
+        let cli = Cli::try_parse_from(["fanout", "--config", "f.toml"]).unwrap();
+        assert_eq!((cli.role, cli.config), (None, Some(PathBuf::from("f.toml"))));
+        assert!(cli.flags.0.is_empty());
     }
-}
-
-fn retention(config: &Config) -> Retention {
-    Retention {
-        max_messages: config.history_max_messages,
-        max_age: config.history_max_age,
-    }
-}
-
-async fn standalone(config: Config) -> anyhow::Result<()> {
-    let bus = Arc::new(MemoryBus::new(retention(&config)));
-    serve(config, bus, "standalone").await
-}
-
-fn nats_config(config: &Config) -> NatsConfig {
-    NatsConfig {
-        urls: config.nats_urls.clone(),
-        credentials_file: config.nats_credentials_file.clone(),
-        user: None,
-        tls_required: config.nats_tls_required,
-        shards: config.nats_shards,
-        streams: config.nats_streams,
-        replicas: config.nats_replicas,
-        subscription_capacity: config.nats_subscription_capacity,
-        retention: retention(config),
-    }
-}
-
-async fn connect_nats(config: &Config) -> anyhow::Result<NatsBus> {
-    let nats = nats_config(config);
-    tracing::info!(urls = ?nats.urls, shards = nats.shards, streams = nats.streams, "connecting to NATS");
-    NatsBus::connect(nats).await.context("setting up NATS JetStream")
-}
-
-/// Connects to Redis, retrying until it answers or shutdown.
-async fn connect_redis(url: &str, shutdown: &CancellationToken) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let mut delay = std::time::Duration::from_millis(200);
-    loop {
-        match fanout_presence::connect(url).await {
-            Ok(c) => return Ok(c),
-            Err(e) => tracing::warn!(error = %e, "Redis not reachable yet; retrying"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => anyhow::bail!("shut down before Redis answered"),
-        }
-        delay = (delay * 2).min(std::time::Duration::from_secs(5));
-    }
-}
-
-fn timing(config: &Config) -> fanout_presence::Timing {
-    fanout_presence::Timing {
-        heartbeat: config.presence_heartbeat,
-        ttl: config.presence_ttl,
-    }
-}
-
-async fn edge(config: Config) -> anyhow::Result<()> {
-    let bus = connect_nats(&config).await?;
-    serve(config, Arc::new(bus), "edge").await
-}
-
-/// The start shared by the roles without a public listener (`presence`,
-/// `cdc`): the root shutdown token (cancelled on SIGTERM/SIGINT), the
-/// metrics recorder and the bound admin listener.
-async fn start_admin_only(
-    config: &Config,
-) -> anyhow::Result<(
-    CancellationToken,
-    metrics_exporter_prometheus::PrometheusHandle,
-    TcpListener,
-)> {
-    let shutdown = CancellationToken::new();
-    let metrics = install_metrics(&shutdown)?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal_token.cancel();
-    });
-    Ok((shutdown, metrics, admin))
-}
-
-/// Serves the admin endpoints of an admin-only role, ready while `bus` is.
-fn spawn_admin(
-    admin: TcpListener,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-    bus: Arc<dyn Bus>,
-    shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(fanout_edge::http::serve_admin(
-        admin,
-        Some(metrics),
-        Arc::new(move || bus.is_ready()),
-        shutdown.clone(),
-    ))
-}
-
-/// The presence role: sweeps crashed edges' presences, serves the admin
-/// endpoints.
-async fn presence(config: Config) -> anyhow::Result<()> {
-    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
-    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &shutdown).await?;
-    let sweeper = fanout_presence::Sweeper::new(redis.clone(), bus.clone(), config.presence_sweep);
-    let grpc = tokio::net::TcpListener::bind(config.presence_grpc_listen)
-        .await
-        .with_context(|| format!("binding the gRPC listener on {}", config.presence_grpc_listen))?;
-    tracing::info!(
-        admin = %admin.local_addr()?,
-        grpc = %grpc.local_addr()?,
-        sweep = ?config.presence_sweep,
-        "fanout presence running"
-    );
-    let grpc_shutdown = shutdown.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(fanout_presence::PresenceApi::new(redis).into_service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                grpc_shutdown.cancelled_owned(),
-            ),
-    );
-    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
-    sweeper.run(shutdown.clone()).await;
-    let _ = admin_task.await;
-    if let Ok(Err(e)) = grpc_task.await {
-        tracing::warn!(error = %e, "gRPC server ended with an error");
-    }
-    tracing::info!("fanout presence stopped");
-    Ok(())
-}
-
-fn cdc_config(config: &Config) -> Option<fanout_cdc::CdcConfig> {
-    let mut c = fanout_cdc::CdcConfig::new(config.database_url.clone()?);
-    c.publication = config.cdc_publication.clone();
-    c.slot = config.cdc_slot.clone();
-    c.routes = Arc::new(config.cdc_routes.clone());
-    c.max_record_bytes = config.cdc_max_record_bytes;
-    Some(c)
-}
-
-/// The change-data-capture role: one streams the slot, others stand by.
-async fn cdc(config: Config) -> anyhow::Result<()> {
-    let (shutdown, metrics, admin) = start_admin_only(&config).await?;
-    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let admin_task = spawn_admin(admin, metrics, bus.clone(), &shutdown);
-    let cdc = cdc_config(&config).context("database URL")?;
-    tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
-    let result = fanout_cdc::run(cdc, bus, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = admin_task.await;
-    result.context("change stream")?;
-    tracing::info!("fanout cdc stopped");
-    Ok(())
-}
-
-/// Pending connections the public listener's accept queue holds: a burst of
-/// reconnecting clients (an edge drained or crashed) must not overflow it,
-/// or their SYNs are dropped and retried a second later. The kernel caps it
-/// at `net.core.somaxconn`.
-const ACCEPT_BACKLOG: u32 = 4096;
-
-/// Binds `addr` with [`ACCEPT_BACKLOG`] (tokio's `bind` uses a smaller one).
-fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(ACCEPT_BACKLOG)
-}
-
-/// Binds the listeners and serves until SIGTERM/SIGINT.
-async fn serve(config: Config, bus: Arc<dyn Bus>, role: &'static str) -> anyhow::Result<()> {
-    raise_nofile_limit();
-    let shutdown = CancellationToken::new();
-    let metrics = install_metrics(&shutdown)?;
-    let public = bind_with_backlog(config.listen)
-        .with_context(|| format!("binding the public listener on {}", config.listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
-    let auth = match &config.jwt_secret {
-        Some(secret) => Some(JwtVerifier::hs256(secret.as_bytes())),
-        None => {
-            tracing::warn!(
-                "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
-                 Loopback only. Never run this way in production."
-            );
-            None
-        }
-    };
-    let edge_config = EdgeConfig {
-        auth,
-        limits: config.limits.clone(),
-        channel_linger: config.channel_linger,
-        drain_window: config.drain_window,
-        changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
-        ..EdgeConfig::default()
-    };
-    let node = Edge::random_node();
-    // The Redis heartbeat ends with a last write (its liveness key deleted),
-    // which shutdown waits for.
-    let presence_tasks = tokio_util::task::TaskTracker::new();
-    let presence: Arc<dyn PresenceStore> = match (&config.redis_url, role) {
-        (Some(url), "edge") => {
-            let conn = connect_redis(url, &shutdown).await?;
-            fanout_presence::RedisPresence::start(conn, node, timing(&config), shutdown.clone(), &presence_tasks)
-        }
-        (None, "edge") => {
-            tracing::warn!(
-                "no --redis-url: presence is kept per edge (users on other edges are not in presence_state)"
-            );
-            Arc::new(MemoryPresence::new(node))
-        }
-        _ => Arc::new(MemoryPresence::new(node)),
-    };
-    if role == "standalone"
-        && let Some(cdc) = cdc_config(&config)
-    {
-        // The in-process ingester: a setup problem is logged and leaves the
-        // rest of the server running.
-        let (bus, shutdown) = (bus.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fanout_cdc::run(cdc, bus, shutdown).await {
-                tracing::error!("change stream stopped: {e}");
-            }
-        });
-    }
-    let edge = Edge::new(edge_config, node, bus, presence, Some(metrics), shutdown.clone());
-    tracing::info!(
-        public = %public.local_addr()?,
-        admin = %admin.local_addr()?,
-        "fanout {role} listening (demo page at http://{}/)",
-        public.local_addr()?
-    );
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested; closing connections");
-        signal_token.cancel();
-    });
-    let grace = config.drain_window + config.shutdown_grace;
-    fanout_edge::http::serve(edge, public, admin, grace).await;
-    presence_tasks.close();
-    let _ = tokio::time::timeout(config.shutdown_grace, presence_tasks.wait()).await;
-    tracing::info!("fanout stopped");
-    Ok(())
 }

@@ -1,0 +1,180 @@
+//! The roles that hold client sockets: `standalone` (everything in memory,
+//! with the ingester in-process when a database URL is set) and `edge` (a
+//! cluster edge over NATS, with Redis presence when configured).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use fanout_bus::{Bus, MemoryBus, MemoryPresence, PresenceStore};
+use fanout_core::JwtVerifier;
+use fanout_edge::{Edge, EdgeConfig};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use super::{Role, bind_admin, cdc_config, connect_nats, connect_redis, retention};
+use crate::config::Config;
+use crate::process::Process;
+
+pub async fn standalone(config: Config) -> anyhow::Result<()> {
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(retention(&config)));
+    let start = Start::bind(&config).await?;
+    let node = Edge::random_node();
+    if let Some(cdc) = cdc_config(&config) {
+        // The in-process ingester: a setup problem is logged and leaves the
+        // rest of the server running.
+        let (bus, shutdown) = (bus.clone(), start.process.shutdown.clone());
+        start.process.tasks.spawn(async move {
+            if let Err(e) = fanout_cdc::run(cdc, bus, shutdown).await {
+                tracing::error!("change stream stopped: {e}");
+            }
+        });
+    }
+    let presence = Arc::new(MemoryPresence::new(node));
+    start.serve(&config, Role::Standalone, bus, node, presence).await
+}
+
+pub async fn edge(config: Config) -> anyhow::Result<()> {
+    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
+    let start = Start::bind(&config).await?;
+    let node = Edge::random_node();
+    let presence: Arc<dyn PresenceStore> = match &config.redis_url {
+        Some(url) => {
+            let conn = connect_redis(url, &start.process).await?;
+            fanout_presence::RedisPresence::start(
+                conn,
+                node,
+                timing(&config),
+                start.process.shutdown.clone(),
+                &start.process.tasks,
+            )
+        }
+        None => {
+            tracing::warn!(
+                "no --redis-url: presence is kept per edge (users on other edges are not in presence_state)"
+            );
+            Arc::new(MemoryPresence::new(node))
+        }
+    };
+    start.serve(&config, Role::Edge, bus, node, presence).await
+}
+
+fn timing(config: &Config) -> fanout_presence::Timing {
+    fanout_presence::Timing {
+        heartbeat: config.presence_heartbeat,
+        ttl: config.presence_ttl,
+    }
+}
+
+/// Pending connections the public listener's accept queue holds: a burst of
+/// reconnecting clients (an edge drained or crashed) must not overflow it,
+/// or their SYNs are dropped and retried a second later. The kernel caps it
+/// at `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`ACCEPT_BACKLOG`] (tokio's `bind` uses a smaller one).
+fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
+/// An edge role up to the choice of its bus and presence: the process, the
+/// metrics recorder, both listeners bound and the edge's settings.
+struct Start {
+    process: Process,
+    metrics: PrometheusHandle,
+    public: TcpListener,
+    admin: TcpListener,
+    edge_config: EdgeConfig,
+}
+
+impl Start {
+    async fn bind(config: &Config) -> anyhow::Result<Self> {
+        raise_nofile_limit();
+        let process = Process::new();
+        let metrics = crate::recorder::install(&process)?;
+        let public = bind_with_backlog(config.listen)
+            .with_context(|| format!("binding the public listener on {}", config.listen))?;
+        let admin = bind_admin(config).await?;
+        let auth = match &config.jwt_secret {
+            Some(secret) => Some(JwtVerifier::hs256(secret.as_bytes())),
+            None => {
+                tracing::warn!(
+                    "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
+                     Loopback only. Never run this way in production."
+                );
+                None
+            }
+        };
+        let edge_config = EdgeConfig {
+            auth,
+            limits: config.limits.clone(),
+            channel_linger: config.channel_linger,
+            drain_window: config.drain_window,
+            changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
+            ..EdgeConfig::default()
+        };
+        Ok(Self {
+            process,
+            metrics,
+            public,
+            admin,
+            edge_config,
+        })
+    }
+
+    /// Serves an edge over `bus` and `presence` until SIGTERM/SIGINT, then
+    /// waits for the edge's tasks (in `http::serve`) and the process's.
+    async fn serve(
+        self,
+        config: &Config,
+        role: Role,
+        bus: Arc<dyn Bus>,
+        node: u64,
+        presence: Arc<dyn PresenceStore>,
+    ) -> anyhow::Result<()> {
+        let Self {
+            process,
+            metrics,
+            public,
+            admin,
+            edge_config,
+        } = self;
+        let edge = Edge::new(
+            edge_config,
+            node,
+            bus,
+            presence,
+            Some(metrics),
+            process.shutdown.clone(),
+        );
+        tracing::info!(
+            public = %public.local_addr()?,
+            admin = %admin.local_addr()?,
+            "fanout {role} listening (demo page at http://{}/)",
+            public.local_addr()?
+        );
+        process.cancel_on_signal();
+        fanout_edge::http::serve(edge, public, admin, config.drain_window + config.shutdown_grace).await;
+        // The edge's own tasks are done (or their grace is over); what is
+        // left are the process's: the ingester and the metrics upkeep, which
+        // watch the same token and stop along with the edge.
+        process.shut_down(config.shutdown_grace).await;
+        tracing::info!("fanout stopped");
+        Ok(())
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: each client socket is
+/// one file.
+fn raise_nofile_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
