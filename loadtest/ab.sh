@@ -17,7 +17,8 @@ out=$(mktemp -d /tmp/fanout-ab.XXXXXX)
 port=4690 admin=9790
 
 run() { # binary scenario tag
-  local bin=$1 scenario=$2 tag=$3 dir="$out/$tag"
+  local bin=$1 scenario=$2 tag=$3
+  local dir="$out/$tag"
   "$bin" --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin >"$out/$tag.server.log" 2>&1 &
   local pid=$!
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
