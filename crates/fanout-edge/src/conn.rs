@@ -30,6 +30,24 @@ use crate::ratelimit::TokenBucket;
 use crate::reader::{FrameReader, Incoming};
 use crate::writer::{ConnWriter, SocketWrite};
 
+/// Every `reason` of `fanout_client_errors_total`: why a client message was
+/// refused.
+pub(crate) const CLIENT_ERROR_LABELS: &[&str] = &[
+    "malformed",
+    "rate_limited",
+    "bad_topic",
+    "bad_payload",
+    "bad_binding",
+    "unsupported",
+    "unauthorized",
+    "too_many_channels",
+    "unavailable",
+    "unmatched_topic",
+    "unknown_event",
+    "bus_error",
+    "presence_error",
+];
+
 /// What a connection knows about one joined channel.
 #[derive(Debug)]
 struct Joined {
@@ -40,7 +58,12 @@ struct Joined {
     join_ref: Option<String>,
     ack: bool,
     presence_key: String,
-    tracked: bool,
+    /// This socket gets `presence_state` and diffs: asked for at join, or
+    /// turned on by its first `track`.
+    presence: bool,
+    /// The payload of this socket's current `track`, if any: tracking the
+    /// same payload again changes nothing.
+    tracked: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 struct Conn {
@@ -371,6 +394,7 @@ impl Conn {
             Some(k) if !k.is_empty() => k.clone(),
             _ => uuid::Uuid::new_v4().to_string(),
         };
+        let presence = config.presence.enabled.unwrap_or(true);
         let topic: Arc<str> = Arc::from(m.topic.as_str());
         let Some(feeds) = self.join_feeds(&topic, bindings.feeds).await else {
             return self.reply_err(
@@ -387,7 +411,8 @@ impl Conn {
                 join_ref: m.join_ref.clone(),
                 ack: config.broadcast.ack,
                 presence_key,
-                tracked: false,
+                presence,
+                tracked: None,
             },
         );
         let response = serde_json::json!({ "postgres_changes": bindings.reply }).to_string();
@@ -412,7 +437,7 @@ impl Conn {
                     origin: self.origin,
                     vsn: self.vsn,
                     receive_own: config.broadcast.self_,
-                    presence: config.presence.enabled.unwrap_or(true),
+                    presence,
                     skip_through: 0,
                     feed_topic: None,
                     changes: (!bindings.own.is_empty()).then(|| bindings.own.into()),
@@ -525,7 +550,7 @@ impl Conn {
         for (source, id) in &joined.feeds {
             self.edge.hub.leave(source, *id);
         }
-        if joined.tracked {
+        if joined.tracked.is_some() {
             self.untrack(&joined.channel).await;
         }
     }
@@ -575,8 +600,17 @@ impl Conn {
         let channel = joined.channel.clone();
         match change {
             PresenceChange::Track(meta) => {
+                if joined.tracked.as_ref() == Some(meta) {
+                    // The same payload again: no update and no diff, as in
+                    // Supabase Realtime.
+                    return self.reply_ok(m, "{}");
+                }
                 let key = joined.presence_key.clone();
-                joined.tracked = true;
+                joined.tracked = Some(meta.clone());
+                // A channel joined without presence gets it from its first
+                // track (realtime-js asks for none when the channel has no
+                // presence listener yet, and apps track such channels).
+                let enable = !joined.presence;
                 match self
                     .edge
                     .presence
@@ -585,13 +619,17 @@ impl Conn {
                 {
                     Ok(diff) => {
                         self.publish_diff(&channel, diff).await;
+                        if enable && let Some(joined) = self.joined.get_mut(&m.topic) {
+                            joined.presence = true;
+                            self.edge.hub.enable_presence(&channel, self.id, self.vsn);
+                        }
                         self.reply_ok(m, "{}");
                     }
                     Err(e) => self.reply_err(m, "presence_error", &e.to_string()),
                 }
             }
             PresenceChange::Untrack => {
-                joined.tracked = false;
+                joined.tracked = None;
                 self.untrack(&channel).await;
                 self.reply_ok(m, "{}");
             }
@@ -1085,6 +1123,68 @@ mod tests {
             }
         }
         assert!(got < n, "closed before it got everything ({got})");
+    }
+
+    /// realtime-js asks for no presence when a channel has no presence
+    /// listener at subscribe; its first track turns presence on for that
+    /// socket (state first, then diffs), as Supabase Realtime does.
+    #[tokio::test]
+    async fn the_first_track_turns_presence_on_and_the_same_payload_again_is_a_no_op() {
+        let edge = edge(Limits::default());
+        let (mut a, mut b) = (connect(&edge, 1 << 16), connect(&edge, 1 << 16));
+        a.join("realtime:room", json!({"presence": {"enabled": false, "key": "ann"}}))
+            .await;
+        b.join("realtime:room", json!({"presence": {"enabled": false, "key": "bob"}}))
+            .await;
+        let track = |name: &str| json!({"type": "presence", "event": "track", "payload": {"name": name}});
+
+        a.push("realtime:room", "presence", track("Ann")).await;
+        // Ann's socket now gets the state (with Ann), then diffs.
+        let mut state = None;
+        while state.is_none() {
+            let v = a.recv().await.json();
+            if v["event"] == "presence_state" {
+                state = Some(v);
+            }
+        }
+        assert_eq!(state.unwrap()["payload"]["ann"]["metas"][0]["name"], "Ann");
+
+        b.push("realtime:room", "presence", track("Bob")).await;
+        let diff = a.recv_event("presence_diff").await;
+        let diff = if diff["payload"]["joins"]["bob"].is_null() {
+            a.recv_event("presence_diff").await
+        } else {
+            diff
+        };
+        assert_eq!(
+            diff["payload"]["joins"]["bob"]["metas"][0]["name"], "Bob",
+            "Ann sees Bob join"
+        );
+        let state = b.recv_event("presence_state").await;
+        assert_eq!(
+            state["payload"]["ann"]["metas"][0]["name"], "Ann",
+            "Bob sees Ann already there"
+        );
+
+        // The same payload again: ok, and no diff reaches anyone.
+        let r = a.push("realtime:room", "presence", track("Ann")).await;
+        let reply = a.recv_event("phx_reply").await;
+        assert_eq!(
+            (reply["ref"].as_str(), reply["payload"]["status"].as_str()),
+            (Some(r.as_str()), Some("ok"))
+        );
+        // A changed payload is an update: a leave of the old meta and a join of the new.
+        a.push("realtime:room", "presence", track("Ann B.")).await;
+        // (Bob may still see the diff of his own track first.)
+        let mut update = b.recv().await.json();
+        while update["event"] != "presence_diff" || update["payload"]["joins"]["ann"].is_null() {
+            update = b.recv().await.json();
+        }
+        assert_eq!(
+            update["payload"]["joins"]["ann"]["metas"][0]["name"], "Ann B.",
+            "the first diff Bob sees after the repeat is the update"
+        );
+        assert_eq!(update["payload"]["leaves"]["ann"]["metas"][0]["name"], "Ann");
     }
 
     #[tokio::test]

@@ -72,6 +72,7 @@ pub struct JoinRequest {
 enum Command {
     Join(JoinRequest),
     Leave { conn: u64 },
+    EnablePresence { conn: u64, vsn: Vsn },
 }
 
 struct Entry {
@@ -166,6 +167,16 @@ impl Hub {
         // The task only exits after removing its entry under this lock, so
         // the receiver is alive.
         let _ = entry.tx.send(Command::Join(request));
+    }
+
+    /// Turns presence on for a member that joined without it (its first
+    /// `track` does, as in Supabase Realtime): it gets the channel's
+    /// `presence_state` now, in order with its other frames, then every
+    /// `presence_diff`.
+    pub fn enable_presence(&self, channel: &ChannelName, conn: u64, vsn: Vsn) {
+        if let Some(entry) = self.lock().get(channel) {
+            let _ = entry.tx.send(Command::EnablePresence { conn, vsn });
+        }
     }
 
     /// Removes a member (no-op if it was already dropped as a slow consumer).
@@ -294,6 +305,11 @@ enum ShardCommand {
     Remove {
         conn: u64,
     },
+    /// Send `state` to `conn`, then deliver presence diffs to it.
+    EnablePresence {
+        conn: u64,
+        state: Bytes,
+    },
     Deliver {
         batch: Arc<Batch>,
         channel_topic: Arc<str>,
@@ -340,6 +356,7 @@ impl ChannelTask {
                             idle_since = Some(Instant::now());
                         }
                     }
+                    Some(Command::EnablePresence { conn, vsn }) => self.enable_presence(conn, vsn).await,
                     None => break,
                 },
                 ev = sub.events.recv() => match ev {
@@ -410,10 +427,7 @@ impl ChannelTask {
         let enc = Encoder(member.vsn);
         let mut preface = reply;
         if member.presence {
-            preface.push(match self.hub.inner.presence.state(&self.channel).await {
-                Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
-                Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.as_str()),
-            });
+            preface.push(self.presence_state(enc).await);
         }
         if let Some(after) = resume_after {
             match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
@@ -463,6 +477,25 @@ impl ChannelTask {
         if let Some(ready) = ready {
             let _ = ready.send(());
         }
+    }
+
+    /// The channel's `presence_state` frame (or the store's error, as a
+    /// `system` message).
+    async fn presence_state(&self, enc: Encoder) -> Bytes {
+        match self.hub.inner.presence.state(&self.channel).await {
+            Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
+            Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.as_str()),
+        }
+    }
+
+    /// The state is read here, between two batches, so the member misses
+    /// no diff after it: diffs dispatched before are in the state.
+    async fn enable_presence(&mut self, conn: u64, vsn: Vsn) {
+        let Some(&shard) = self.index.get(&conn) else {
+            return;
+        };
+        let state = self.presence_state(Encoder(vsn)).await;
+        let _ = self.shards[shard].tx.send(ShardCommand::EnablePresence { conn, state });
     }
 
     fn remove(&mut self, conn: u64) {
@@ -534,6 +567,13 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                 if let Some(i) = members.iter().position(|m| m.conn == conn) {
                     members.swap_remove(i);
                     metrics::gauge!("fanout_channel_members").decrement(1.0);
+                }
+            }
+            ShardCommand::EnablePresence { conn, state } => {
+                if let Some(m) = members.iter_mut().find(|m| m.conn == conn) {
+                    m.presence = true;
+                    // A failed send means the connection is closing.
+                    let _ = m.writer.send(state);
                 }
             }
             ShardCommand::Deliver { batch, channel_topic } => {
