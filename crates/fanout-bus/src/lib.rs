@@ -24,6 +24,8 @@
 //! `fanout-presence`, behind [`PresenceStore`], so a role that needs no
 //! presence links no Redis client.
 
+use fanout_core::metric::Metric;
+
 pub mod bus;
 pub mod memory;
 pub mod nats;
@@ -34,40 +36,41 @@ pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};
 
-/// Describes every metric the bus emits (the NATS bus; the memory bus emits
-/// none), for the `# HELP` lines of `/metrics`. Call it once after installing
-/// the recorder.
-pub fn describe_metrics() {
-    metrics::describe_gauge!(
+/// Every metric the bus (the NATS bus; the memory bus emits none) emits, for the binary to describe and register
+/// at zero when it installs the recorder (see [`fanout_core::metric`]).
+pub const METRICS: &[Metric] = &[
+    Metric::gauge(
         "fanout_bus_subscriptions",
-        "Live NATS subscriptions, one per channel with local members."
-    );
-    metrics::describe_counter!(
+        "Live NATS subscriptions, one per channel with local members.",
+    ),
+    Metric::counter(
         "fanout_bus_disconnects_total",
-        "Disconnections from NATS (the client reconnects by itself)."
-    );
-    metrics::describe_counter!(
+        "Disconnections from NATS (the client reconnects by itself).",
+    ),
+    Metric::counter(
         "fanout_bus_slow_consumer_events_total",
-        "Reports that the NATS client dropped live events of a subscription that fell behind."
-    );
-    metrics::describe_counter!(
+        "Reports that the NATS client dropped live events of a subscription that fell behind.",
+    ),
+    Metric::counter(
         "fanout_bus_catch_ups_total",
-        "Catch-ups that refilled a subscription from JetStream, by reason (gap, resync)."
-    );
-    metrics::describe_counter!(
+        "Catch-ups that refilled a subscription from JetStream, by reason (gap, resync).",
+    )
+    .labelled("reason", &["gap", "resync"]),
+    Metric::counter(
         "fanout_bus_caught_up_events_total",
-        "Events refilled from JetStream by catch-ups (dropped or late on the live path)."
-    );
-    metrics::describe_counter!(
+        "Events refilled from JetStream by catch-ups (dropped or late on the live path).",
+    ),
+    Metric::counter(
         "fanout_bus_resyncs_without_catch_up_total",
-        "Subscriptions a reconnect or slow-consumer report made check, and that had missed nothing."
-    );
-    metrics::describe_counter!(
+        "Subscriptions a reconnect or slow-consumer report made check, and that had missed nothing.",
+    ),
+    Metric::counter(
         "fanout_bus_live_events_skipped_total",
-        "Live events skipped, by why: at or before the subscription's start, or already refilled by a catch-up."
-    );
-    metrics::describe_counter!(
+        "Live events skipped, by why: at or before the subscription's start, or already refilled by a catch-up.",
+    )
+    .labelled("why", &["before_start", "refilled"]),
+    Metric::counter(
         "fanout_bus_decode_errors_total",
-        "Live or stored events that could not be read (skipped)."
-    );
-}
+        "Live or stored events that could not be read (skipped).",
+    ),
+];

@@ -19,6 +19,8 @@
 //! standalone runs it in-process over the memory bus and cluster mode over
 //! JetStream.
 
+use fanout_core::metric::Metric;
+
 pub mod ingest;
 pub mod pgoutput;
 pub mod record;
@@ -26,37 +28,37 @@ pub mod value;
 
 pub use ingest::{CdcConfig, CdcError, run};
 
-/// Describes every metric the ingester emits, for the `# HELP` lines of
-/// `/metrics`. Call it once after installing the recorder.
-pub fn describe_metrics() {
-    metrics::describe_gauge!(
+/// Every metric the ingester emits, for the binary to describe and register
+/// at zero when it installs the recorder (see [`fanout_core::metric`]).
+pub const METRICS: &[Metric] = &[
+    Metric::gauge(
         "fanout_cdc_active",
-        "1 while this process streams the replication slot, 0 on standby."
-    );
-    metrics::describe_counter!(
+        "1 while this process streams the replication slot, 0 on standby.",
+    ),
+    Metric::counter(
         "fanout_cdc_changes_published_total",
-        "Row changes published to the bus and acknowledged."
-    );
-    metrics::describe_counter!("fanout_cdc_transactions_total", "Transactions published.");
-    metrics::describe_histogram!(
+        "Row changes published to the bus and acknowledged.",
+    ),
+    Metric::counter("fanout_cdc_transactions_total", "Transactions published."),
+    Metric::histogram(
         "fanout_cdc_commit_to_ack_seconds",
-        "From a transaction's commit in PostgreSQL to the bus acknowledging its changes."
-    );
-    metrics::describe_histogram!("fanout_cdc_publish_seconds", "Time to publish one group of changes.");
-    metrics::describe_gauge!(
+        "From a transaction's commit in PostgreSQL to the bus acknowledging its changes.",
+    ),
+    Metric::histogram("fanout_cdc_publish_seconds", "Time to publish one group of changes."),
+    Metric::gauge(
         "fanout_cdc_confirmed_lsn",
-        "The WAL position confirmed to the replication slot."
-    );
-    metrics::describe_counter!(
+        "The WAL position confirmed to the replication slot.",
+    ),
+    Metric::counter(
         "fanout_cdc_unroutable_changes_total",
-        "Changes of a routed table without the routing column (e.g. deletes without REPLICA IDENTITY FULL)."
-    );
-    metrics::describe_counter!(
+        "Changes of a routed table without the routing column (e.g. deletes without REPLICA IDENTITY FULL).",
+    ),
+    Metric::counter(
         "fanout_cdc_truncates_skipped_total",
-        "Truncate messages skipped (Supabase Realtime does not deliver truncates either)."
-    );
-    metrics::describe_counter!(
+        "Truncate messages skipped (Supabase Realtime does not deliver truncates either).",
+    ),
+    Metric::counter(
         "fanout_cdc_reconnects_total",
-        "Replication sessions that failed with a transient error and were started again."
-    );
-}
+        "Replication sessions that failed with a transient error and were started again.",
+    ),
+];

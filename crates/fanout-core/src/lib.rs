@@ -19,6 +19,7 @@
 //! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
 //!   `presence_state` / `presence_diff` semantics.
 //! - [`limits`]: the [`Limits`] on everything a client controls.
+//! - [`metric`]: [`metric::Metric`], how a crate declares the metrics it emits.
 //!
 //! # What it does not do
 //! `fanout-core` does no I/O: it knows nothing about sockets, NATS, Redis or
@@ -31,6 +32,7 @@ pub mod changes;
 pub mod channel;
 pub mod event;
 pub mod limits;
+pub mod metric;
 pub mod presence;
 pub mod record;
 

@@ -97,6 +97,10 @@ impl CloseReason {
     }
 }
 
+/// Every `label` a [`CloseReason`] takes (the `reason` values of
+/// `fanout_connections_closed_total`).
+pub const CLOSE_LABELS: &[&str] = &["eof", "client", "server", "shutdown", "idle", "protocol", "too_big"];
+
 /// WebSocket close codes fanout uses.
 pub mod close_code {
     /// Normal closure (after the client's own close).

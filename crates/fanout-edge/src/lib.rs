@@ -22,6 +22,8 @@
 //! `config.resume` for history).
 
 mod conn;
+use fanout_core::metric::Metric;
+
 pub mod frame;
 pub mod http;
 pub mod hub;
@@ -179,76 +181,79 @@ impl Edge {
     }
 }
 
-/// Describes every metric the edge emits, for the `# HELP` lines of
-/// `/metrics`. Call it once after installing the recorder.
-pub fn describe_metrics() {
-    metrics::describe_gauge!("fanout_connections", "Open client WebSocket connections.");
-    metrics::describe_counter!(
+/// Every metric the edge emits, for the binary to describe and register
+/// at zero when it installs the recorder (see [`fanout_core::metric`]).
+pub const METRICS: &[Metric] = &[
+    Metric::gauge("fanout_connections", "Open client WebSocket connections."),
+    Metric::counter(
         "fanout_connections_opened_total",
-        "Client WebSocket connections accepted."
-    );
-    metrics::describe_counter!(
+        "Client WebSocket connections accepted.",
+    ),
+    Metric::counter(
         "fanout_connections_closed_total",
-        "Client connections closed, by reason."
-    );
-    metrics::describe_counter!(
+        "Client connections closed, by reason.",
+    )
+    .labelled("reason", frame::CLOSE_LABELS),
+    Metric::counter(
         "fanout_accept_errors_total",
-        "Failed accepts on the public or admin listener (e.g. out of file descriptors)."
-    );
-    metrics::describe_counter!(
+        "Failed accepts on the public or admin listener (e.g. out of file descriptors).",
+    ),
+    Metric::counter(
         "fanout_handshake_rejections_total",
-        "WebSocket handshakes refused, by reason."
-    );
-    metrics::describe_gauge!("fanout_channels", "Channels with a running fan-out task on this node.");
-    metrics::describe_gauge!(
+        "WebSocket handshakes refused, by reason.",
+    )
+    .labelled("reason", &["unauthorized", "bad_request", "draining", "too_many"]),
+    Metric::gauge("fanout_channels", "Channels with a running fan-out task on this node."),
+    Metric::gauge(
         "fanout_channel_members",
-        "Channel memberships (connection x channel) on this node."
-    );
-    metrics::describe_counter!("fanout_joins_total", "Channel joins accepted.");
-    metrics::describe_counter!("fanout_client_messages_total", "Client messages decoded and handled.");
-    metrics::describe_counter!("fanout_client_errors_total", "Client messages refused, by reason.");
-    metrics::describe_counter!(
+        "Channel memberships (connection x channel) on this node.",
+    ),
+    Metric::counter("fanout_joins_total", "Channel joins accepted."),
+    Metric::counter("fanout_client_messages_total", "Client messages decoded and handled."),
+    Metric::counter("fanout_client_errors_total", "Client messages refused, by reason.")
+        .labelled("reason", conn::CLIENT_ERROR_LABELS),
+    Metric::counter(
         "fanout_broadcasts_published_total",
-        "Broadcasts from client sockets handed to the bus."
-    );
-    metrics::describe_counter!(
+        "Broadcasts from client sockets handed to the bus.",
+    ),
+    Metric::counter(
         "fanout_rest_broadcasts_total",
-        "REST broadcast requests whose events are all on the bus."
-    );
-    metrics::describe_counter!(
+        "REST broadcast requests whose events are all on the bus.",
+    ),
+    Metric::counter(
         "fanout_bus_publish_errors_total",
-        "Broadcasts and presence diffs the bus did not accept."
-    );
-    metrics::describe_counter!(
+        "Broadcasts and presence diffs the bus did not accept.",
+    ),
+    Metric::counter(
         "fanout_messages_delivered_total",
-        "Frames handed to client sockets by the fan-out."
-    );
-    metrics::describe_histogram!(
+        "Frames handed to client sockets by the fan-out.",
+    ),
+    Metric::histogram(
         "fanout_publish_to_dispatch_seconds",
-        "Time from publish to the start of local fan-out."
-    );
-    metrics::describe_histogram!(
+        "Time from publish to the start of local fan-out.",
+    ),
+    Metric::histogram(
         "fanout_shard_write_seconds",
-        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it."
-    );
-    metrics::describe_counter!(
+        "Time from a batch's dispatch until a shard (up to 256 members) finished writing it.",
+    ),
+    Metric::counter(
         "fanout_slow_consumer_disconnects_total",
-        "Connections closed because their outbound queue was full."
-    );
-    metrics::describe_counter!(
+        "Connections closed because their outbound queue was full.",
+    ),
+    Metric::counter(
         "fanout_token_expirations_total",
-        "Connections whose access token expired (their channels were closed)."
-    );
-    metrics::describe_counter!(
+        "Connections whose access token expired (their channels were closed).",
+    ),
+    Metric::counter(
         "fanout_replayed_messages_total",
-        "Events replayed to members that joined with resume."
-    );
-    metrics::describe_counter!(
+        "Events replayed to members that joined with resume.",
+    ),
+    Metric::counter(
         "fanout_resync_required_total",
-        "Resumes from a position no longer in history (the member was told to resync)."
-    );
-    metrics::describe_counter!(
+        "Resumes from a position no longer in history (the member was told to resync).",
+    ),
+    Metric::counter(
         "fanout_change_filter_errors_total",
-        "postgres_changes filters that could not be evaluated on a row (the binding skipped it)."
-    );
-}
+        "postgres_changes filters that could not be evaluated on a row (the binding skipped it).",
+    ),
+];

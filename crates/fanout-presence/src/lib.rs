@@ -34,8 +34,10 @@
 //! (or Sentinel) deployment, not Redis Cluster.
 //!
 //! This crate binds no sockets; the binary wires it to the edge and to the
-//! presence role, and calls [`describe_metrics`] for the help text of the
-//! counters it emits.
+//! presence role, and registers [`STORE_METRICS`] and [`SWEEPER_METRICS`]
+//! (the help text, and the series at zero, of the counters it emits).
+
+use fanout_core::metric::Metric;
 
 mod api;
 mod store;
@@ -45,24 +47,28 @@ pub use api::PresenceApi;
 pub use store::{RedisError, RedisPresence, Timing, connect};
 pub use sweeper::Sweeper;
 
-/// Describes every metric this crate emits to the installed `metrics`
-/// recorder; call it once, after the recorder is installed (descriptions
-/// given before are lost).
-pub fn describe_metrics() {
-    metrics::describe_counter!(
+/// The metrics of [`RedisPresence`], emitted by edges with Redis presence,
+/// for the binary to describe and register at zero when it installs the
+/// recorder (see [`fanout_core::metric`]).
+pub const STORE_METRICS: &[Metric] = &[
+    Metric::counter(
         "fanout_presence_heartbeats_total",
-        "Liveness heartbeats this edge wrote to Redis."
-    );
-    metrics::describe_counter!(
+        "Liveness heartbeats this edge wrote to Redis.",
+    ),
+    Metric::counter(
         "fanout_presence_store_errors_total",
-        "Presence store operations on Redis that failed (presence is degraded until one succeeds)."
-    );
-    metrics::describe_counter!(
+        "Presence store operations on Redis that failed (presence is degraded until one succeeds).",
+    ),
+];
+
+/// The metrics of [`Sweeper`], emitted by the presence role.
+pub const SWEEPER_METRICS: &[Metric] = &[
+    Metric::counter(
         "fanout_presence_expired_total",
-        "Presences of crashed edges this sweeper removed and announced as leaves."
-    );
-    metrics::describe_counter!(
+        "Presences of crashed edges this sweeper removed and announced as leaves.",
+    ),
+    Metric::counter(
         "fanout_presence_sweep_errors_total",
-        "Presence sweeps that failed on Redis."
-    );
-}
+        "Presence sweeps that failed on Redis.",
+    ),
+];

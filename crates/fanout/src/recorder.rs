@@ -1,13 +1,15 @@
 //! The Prometheus recorder behind `/metrics`, installed once per process.
 
 use anyhow::Context;
+use fanout_core::metric::{Metric, MetricKind};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::process::Process;
 
-/// Installs the Prometheus recorder, describes every crate's metrics, and
-/// keeps its histograms fresh in a task of `process` until shutdown.
-pub fn install(process: &Process) -> anyhow::Result<PrometheusHandle> {
+/// Installs the Prometheus recorder, registers `tables` (the metrics of the
+/// crates this role runs: see `Role::metrics`), and keeps its histograms
+/// fresh in a task of `process` until shutdown.
+pub fn install(process: &Process, tables: &[&'static [Metric]]) -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
@@ -29,13 +31,35 @@ pub fn install(process: &Process) -> anyhow::Result<PrometheusHandle> {
             }
         }
     });
-    // Descriptions go to the installed recorder, so they come after it. Each
-    // crate describes the metrics it emits; every role describes them all,
-    // and the exporter shows a description only with a metric the process
-    // emitted.
-    fanout_edge::describe_metrics();
-    fanout_bus::describe_metrics();
-    fanout_cdc::describe_metrics();
-    fanout_presence::describe_metrics();
+    // Descriptions and series go to the installed recorder, so they come
+    // after it.
+    for metric in tables.iter().flat_map(|t| t.iter()) {
+        register(metric);
+    }
     Ok(handle)
+}
+
+/// Describes `metric` and creates its series at zero (one per label value),
+/// so the first scrape already shows it: a counter at 0, a gauge at 0, a
+/// histogram with empty buckets.
+fn register(metric: &Metric) {
+    let name = metric.name;
+    match metric.kind {
+        MetricKind::Counter => metrics::describe_counter!(name, metric.help),
+        MetricKind::Gauge => metrics::describe_gauge!(name, metric.help),
+        MetricKind::Histogram => metrics::describe_histogram!(name, metric.help),
+    }
+    let series: Vec<Vec<metrics::Label>> = match metric.label {
+        None => vec![Vec::new()],
+        Some((key, values)) => values.iter().map(|v| vec![metrics::Label::new(key, *v)]).collect(),
+    };
+    for labels in series {
+        match metric.kind {
+            MetricKind::Counter => metrics::counter!(name, labels).increment(0),
+            MetricKind::Gauge => metrics::gauge!(name, labels).increment(0.0),
+            // Registering is enough: the exporter renders a histogram with
+            // its buckets at 0 until the first sample.
+            MetricKind::Histogram => drop(metrics::histogram!(name, labels)),
+        }
+    }
 }

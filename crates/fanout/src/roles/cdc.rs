@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use fanout_bus::Bus;
 
-use super::{AdminOnly, cdc_config, connect_nats};
+use super::{AdminOnly, Role, cdc_config, connect_nats};
 use crate::config::Config;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let start = AdminOnly::start(&config).await?;
+    let start = AdminOnly::start(&config, Role::Cdc).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
     let process = start.serve_admin(bus.clone());
     let cdc = cdc_config(&config).context("database URL")?;

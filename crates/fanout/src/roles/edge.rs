@@ -17,7 +17,7 @@ use crate::process::Process;
 
 pub async fn standalone(config: Config) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(retention(&config)));
-    let start = Start::bind(&config).await?;
+    let start = Start::bind(&config, Role::Standalone).await?;
     let node = Edge::random_node();
     if let Some(cdc) = cdc_config(&config) {
         // The in-process ingester: a setup problem is logged and leaves the
@@ -35,7 +35,7 @@ pub async fn standalone(config: Config) -> anyhow::Result<()> {
 
 pub async fn edge(config: Config) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
-    let start = Start::bind(&config).await?;
+    let start = Start::bind(&config, Role::Edge).await?;
     let node = Edge::random_node();
     let presence: Arc<dyn PresenceStore> = match &config.redis_url {
         Some(url) => {
@@ -94,10 +94,10 @@ struct Start {
 }
 
 impl Start {
-    async fn bind(config: &Config) -> anyhow::Result<Self> {
+    async fn bind(config: &Config, role: Role) -> anyhow::Result<Self> {
         raise_nofile_limit();
         let process = Process::new();
-        let metrics = crate::recorder::install(&process)?;
+        let metrics = crate::recorder::install(&process, &role.metrics(config))?;
         let public = bind_with_backlog(config.listen)
             .with_context(|| format!("binding the public listener on {}", config.listen))?;
         let admin = bind_admin(config).await?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fanout_bus::{Bus, NatsBus, NatsConfig, Retention};
+use fanout_core::metric::Metric;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
@@ -33,6 +34,26 @@ pub enum Role {
 }
 
 impl Role {
+    /// The metrics this role emits with `config`, by crate: registered at
+    /// zero when it starts, so its first scrape shows every one of them.
+    pub fn metrics(self, config: &Config) -> Vec<&'static [Metric]> {
+        match self {
+            // The memory bus and presence emit nothing of their own.
+            Self::Standalone if config.database_url.is_some() => vec![fanout_edge::METRICS, fanout_cdc::METRICS],
+            Self::Standalone => vec![fanout_edge::METRICS],
+            Self::Edge if config.redis_url.is_some() => {
+                vec![
+                    fanout_edge::METRICS,
+                    fanout_bus::METRICS,
+                    fanout_presence::STORE_METRICS,
+                ]
+            }
+            Self::Edge => vec![fanout_edge::METRICS, fanout_bus::METRICS],
+            Self::Presence => vec![fanout_bus::METRICS, fanout_presence::SWEEPER_METRICS],
+            Self::Cdc => vec![fanout_bus::METRICS, fanout_cdc::METRICS],
+        }
+    }
+
     /// The subcommand's name.
     pub fn name(self) -> &'static str {
         match self {
@@ -131,9 +152,9 @@ struct AdminOnly {
 }
 
 impl AdminOnly {
-    async fn start(config: &Config) -> anyhow::Result<Self> {
+    async fn start(config: &Config, role: Role) -> anyhow::Result<Self> {
         let process = Process::new();
-        let metrics = crate::recorder::install(&process)?;
+        let metrics = crate::recorder::install(&process, &role.metrics(config))?;
         let admin = bind_admin(config).await?;
         process.cancel_on_signal();
         Ok(Self {

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use fanout_bus::Bus;
 
-use super::{AdminOnly, connect_nats, connect_redis};
+use super::{AdminOnly, Role, connect_nats, connect_redis};
 use crate::config::Config;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let start = AdminOnly::start(&config).await?;
+    let start = AdminOnly::start(&config, Role::Presence).await?;
     let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
     let redis = connect_redis(config.redis_url.as_deref().unwrap_or_default(), &start.process).await?;
     let sweeper = fanout_presence::Sweeper::new(redis.clone(), bus.clone(), config.presence_sweep);
