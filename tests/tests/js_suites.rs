@@ -38,16 +38,20 @@ fn realtime_js_protocol_suite() {
     run_node_suite("protocol/");
 }
 
-/// The same realtime-js suite against a cluster-mode edge (`fanout edge`)
-/// on a private `nats-server -js`.
+/// The same realtime-js suite against cluster-mode edges (`fanout edge`) on
+/// a private `nats-server -js`, sharing presence through a private Redis.
 #[tokio::test]
 async fn realtime_js_protocol_suite_against_a_cluster_edge() {
     let nats = fanout_tests::Nats::start().await.expect("nats-server starts");
-    let url = nats.url();
-    tokio::task::spawn_blocking(move || run_node_suite_with("protocol/", &[("FANOUT_TEST_NATS_URL", url)]))
+    let redis = fanout_tests::Redis::start().await.expect("redis-server starts");
+    let env = [
+        ("FANOUT_TEST_NATS_URL", nats.url()),
+        ("FANOUT_TEST_REDIS_URL", redis.url()),
+    ];
+    tokio::task::spawn_blocking(move || run_node_suite_with("protocol/", &env))
         .await
         .expect("suite ran");
-    drop(nats);
+    drop((nats, redis));
 }
 
 #[test]

@@ -92,8 +92,12 @@ export async function startFanout({ port, adminPort, env = {}, args = [] } = {})
   adminPort = adminPort ?? (await freePort());
   // With FANOUT_TEST_NATS_URL set, the same tests run against a cluster-mode
   // edge on that (private) NATS server instead of standalone.
+  // With FANOUT_TEST_REDIS_URL too, edges share presence through Redis.
   const nats = process.env.FANOUT_TEST_NATS_URL;
-  const role = nats ? ['edge', '--nats-url', nats, '--nats-shards', '8', '--nats-streams', '2'] : ['standalone'];
+  const redis = process.env.FANOUT_TEST_REDIS_URL;
+  const role = nats
+    ? ['edge', '--nats-url', nats, '--nats-shards', '8', '--nats-streams', '2', ...(redis ? ['--redis-url', redis] : [])]
+    : ['standalone'];
   const child = spawn(
     fanoutBin(),
     [...role, '--listen', `127.0.0.1:${port}`, '--admin-listen', `127.0.0.1:${adminPort}`, ...args],
