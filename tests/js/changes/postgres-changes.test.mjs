@@ -6,7 +6,19 @@
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { startServer, makeClient, subscribe, subscribeOutcome, disconnectAll, waitFor, sleep } from '../protocol/helpers.mjs';
+import {
+  startServer,
+  makeClient,
+  subscribe,
+  subscribeOutcome,
+  disconnectAll,
+  waitFor,
+  sleep,
+  safeJson,
+  loadBalancer,
+  supabaseClient,
+  subscribed,
+} from '../protocol/helpers.mjs';
 
 const DB = process.env.FANOUT_TEST_DATABASE_URL;
 const ROUTES =
@@ -188,4 +200,52 @@ test('an invalid binding fails the join with the reason', async () => {
   const err = outcome.find((o) => o.status === 'CHANNEL_ERROR');
   assert.ok(err, `statuses: ${JSON.stringify(outcome)}`);
   assert.match(JSON.stringify(outcome), /filter/);
+});
+
+test('supabase-js resume through a load balancer replays the database changes routed to the joined channel', async () => {
+  const s = newSession();
+  const lb = await loadBalancer([server]);
+  const [sub, pub] = [supabaseClient(lb.url), supabaseClient(server.url)];
+  const activities = { event: 'INSERT', schema: 'public', table: 'workshop_activities', filter: `session_id=eq.${s}` };
+  try {
+    const seen = [];
+    const ch = sub
+      .channel(`workshop:${s}`)
+      .on('broadcast', { event: 'mark' }, ({ payload, meta }) => {
+        seen.push(`mark ${payload.n}${meta.replayed ? ' (replayed)' : ''}`);
+        // The README's snippet: the next (re)join resumes after this position.
+        const { config } = ch.joinPush.payload();
+        ch.updateJoinPayload({ config: { ...config, resume: { after: meta.id } } });
+      })
+      .on('postgres_changes', activities, (p) => seen.push(`row ${p.new.seq}`));
+    await subscribed(ch);
+    // The publisher also watches the rows, to know when they are on the channel.
+    const stored = [];
+    const pch = pub
+      .channel(`workshop:${s}`, { config: { broadcast: { ack: true } } })
+      .on('postgres_changes', activities, (p) => stored.push(p.new.seq));
+    await subscribed(pch);
+    assert.equal(await pch.send({ type: 'broadcast', event: 'mark', payload: { n: 1 } }), 'ok');
+    await waitFor(() => seen.length === 1, 5000, 'the first mark arrives live');
+
+    lb.down();
+    await waitFor(() => !sub.realtime.isConnected(), 5000, 'the subscriber noticed the drop');
+    sql(`INSERT INTO workshop_activities (session_id, kind, seq) VALUES (${s}, 'chat', 1), (${s}, 'chat', 2)`);
+    await waitFor(() => stored.length === 2, 10000, 'the rows reached the channel');
+    assert.equal(await pch.send({ type: 'broadcast', event: 'mark', payload: { n: 2 } }), 'ok');
+    lb.up();
+    await waitFor(() => seen.length >= 4, 10000, 'the missed rows and mark arrive after the rejoin').catch((e) =>
+      assert.fail(`${e.message}: saw ${safeJson(seen)}`),
+    );
+    await sleep(300);
+    assert.deepEqual(
+      seen,
+      ['mark 1', 'row 1', 'row 2', 'mark 2 (replayed)'],
+      `the missed rows and mark once each, in channel order: ${safeJson(seen)}`,
+    );
+  } finally {
+    lb.down();
+    await lb.close();
+    for (const c of [sub, pub]) await Promise.race([c.removeAllChannels(), sleep(2000)]).catch(() => {});
+  }
 });

@@ -3,7 +3,9 @@
 // process started through ../lib/server.mjs.
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
+import net from 'node:net';
 import { RealtimeClient } from '@supabase/realtime-js';
+import { createClient } from '@supabase/supabase-js';
 import { startFanout, signJwt, waitFor, sleep } from '../lib/server.mjs';
 
 export { waitFor, sleep, signJwt, WebSocket };
@@ -454,3 +456,72 @@ export function closeAllRaw() {
   for (const c of rawConns) c.close();
   rawConns.clear();
 }
+
+// ---------------------------------------------------------------------------
+// supabase-js clients and a load balancer
+// ---------------------------------------------------------------------------
+
+/**
+ * A @supabase/supabase-js client as an app makes one, against `baseUrl`
+ * (http://host:port; it connects to <baseUrl>/realtime/v1/websocket), with
+ * the ws transport Node 20 needs. The caller closes it.
+ */
+export function supabaseClient(baseUrl, realtime = {}) {
+  return createClient(baseUrl, makeToken(), {
+    realtime: { transport: WebSocket, reconnectAfterMs: () => 200, ...realtime },
+    auth: { persistSession: false, autoRefreshToken: false },
+  });
+}
+
+/** Subscribes a supabase-js channel; resolves on SUBSCRIBED, rejects otherwise or after 5 s. */
+export function subscribed(channel) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${channel.topic} not SUBSCRIBED in 5 s`)), 5000);
+    channel.subscribe((status, err) => {
+      if (status === 'SUBSCRIBED') {
+        clearTimeout(timer);
+        resolve();
+      } else if (status !== 'CLOSED') {
+        clearTimeout(timer);
+        reject(new Error(`${channel.topic}: ${status} ${err?.message ?? ''}`));
+      }
+    });
+  });
+}
+
+/**
+ * A TCP load balancer in front of `targets`: each new connection goes to the
+ * next target in turn; `down()` cuts every connection and refuses new ones
+ * until `up()`.
+ */
+export async function loadBalancer(targets) {
+  let next = 0;
+  let accepting = true;
+  const open = new Set();
+  const server = net.createServer((client) => {
+    if (!accepting) return client.destroy();
+    const target = targets[next++ % targets.length];
+    const upstream = net.connect(target.port, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      open.add(s);
+      s.on('close', () => open.delete(s));
+      s.on('error', () => {});
+    }
+    client.pipe(upstream).pipe(client);
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    down() {
+      accepting = false;
+      for (const s of open) s.destroy();
+    },
+    up() {
+      accepting = true;
+    },
+    close: () => new Promise((r) => server.close(r)),
+  };
+}
+

@@ -10,9 +10,8 @@
 // edge on the same NATS (and Redis, when FANOUT_TEST_REDIS_URL is set).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { createClient } from '@supabase/supabase-js';
-import { startServer, makeToken, uniqueRoom, waitFor, sleep, safeJson, WebSocket } from './helpers.mjs';
+import { startServer, uniqueRoom, waitFor, sleep, safeJson, loadBalancer, supabaseClient, subscribed } from './helpers.mjs';
 
 const cluster = Boolean(process.env.FANOUT_TEST_NATS_URL);
 let servers = [];
@@ -29,29 +28,11 @@ after(async () => {
   for (const s of new Set(servers)) await s.stop();
 });
 
-/** A supabase-js client as an app makes one, against `baseUrl` (http://host:port). */
-function supabase(baseUrl, realtime = {}) {
-  const sb = createClient(baseUrl, makeToken(), {
-    realtime: { transport: WebSocket, reconnectAfterMs: () => 200, ...realtime },
-    auth: { persistSession: false, autoRefreshToken: false },
-  });
+/** A supabase-js client (closed after the file's tests). */
+function supabase(baseUrl) {
+  const sb = supabaseClient(baseUrl);
   clients.push(sb);
   return sb;
-}
-
-function subscribed(channel) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${channel.topic} not SUBSCRIBED in 5 s`)), 5000);
-    channel.subscribe((status, err) => {
-      if (status === 'SUBSCRIBED') {
-        clearTimeout(timer);
-        resolve();
-      } else if (status !== 'CLOSED') {
-        clearTimeout(timer);
-        reject(new Error(`${channel.topic}: ${status} ${err?.message ?? ''}`));
-      }
-    });
-  });
 }
 
 const keys = (ch) => Object.values(ch.presenceState()).flatMap((metas) => metas.map((m) => m.name)).sort();
@@ -95,42 +76,6 @@ test('a channel subscribed without a presence listener gets presence from its fi
   const ann = Object.values(chb.presenceState()).flat().filter((m) => m.name === 'ann');
   assert.equal(ann.length, 1, `one ann, updated: ${safeJson(chb.presenceState())}`);
 });
-
-/**
- * A TCP load balancer in front of `targets`: each new connection goes to the
- * next target in turn; `down()` cuts every connection and refuses new ones
- * until `up()`.
- */
-async function loadBalancer(targets) {
-  let next = 0;
-  let accepting = true;
-  const open = new Set();
-  const server = net.createServer((client) => {
-    if (!accepting) return client.destroy();
-    const target = targets[next++ % targets.length];
-    const upstream = net.connect(target.port, '127.0.0.1');
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on('close', () => open.delete(s));
-      s.on('error', () => {});
-    }
-    client.pipe(upstream).pipe(client);
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
-  });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    down() {
-      accepting = false;
-      for (const s of open) s.destroy();
-    },
-    up() {
-      accepting = true;
-    },
-    close: () => new Promise((r) => server.close(r)),
-  };
-}
 
 test('resume through a load balancer: updateJoinPayload keeps config.resume.after current, the rejoin replays what was missed, then live', async () => {
   const room = uniqueRoom('resume-lb');
