@@ -54,6 +54,18 @@ async fn realtime_js_protocol_suite_against_a_cluster_edge() {
     drop((nats, redis));
 }
 
+/// supabase-js behind a TCP load balancer in front of two cluster edges,
+/// the subscriber's edge killed with SIGKILL mid-stream (`tests/js/cluster`).
+#[tokio::test]
+async fn supabase_js_resumes_across_a_killed_edge() {
+    let nats = fanout_tests::Nats::start().await.expect("nats-server starts");
+    let env = [("FANOUT_TEST_NATS_URL", nats.url())];
+    tokio::task::spawn_blocking(move || run_node_suite_with("cluster/", &env))
+        .await
+        .expect("suite ran");
+    drop(nats);
+}
+
 #[test]
 fn demo_page_in_headless_chromium() {
     run_node_suite("browser/");

@@ -18,6 +18,7 @@ import {
   loadBalancer,
   supabaseClient,
   subscribed,
+  makeToken,
 } from '../protocol/helpers.mjs';
 
 const DB = process.env.FANOUT_TEST_DATABASE_URL;
@@ -247,5 +248,75 @@ test('supabase-js resume through a load balancer replays the database changes ro
     lb.down();
     await lb.close();
     for (const c of [sub, pub]) await Promise.race([c.removeAllChannels(), sleep(2000)]).catch(() => {});
+  }
+});
+
+test('supabase-js as the workshop apps use it: one channel per workshop with four bindings, shared-key presence, self broadcasts, setAuth and removeChannel', async () => {
+  const s = newSession();
+  const users = [0, 1, 2].map(() => supabaseClient(server.url));
+  const changes = { workshop_sessions: [], workshop_participants: [], workshop_activities: [], workshop_stage_submissions: [] };
+  const chats = [];
+  const channels = users.map((sb, i) => {
+    const ch = sb.channel(`workshop-session:${s}`, { config: { presence: { key: 'team-blue' }, broadcast: { self: true } } });
+    if (i === 0) {
+      ch.on('postgres_changes', { event: '*', schema: 'public', table: 'workshop_sessions', filter: `id=eq.${s}` }, (p) =>
+        changes.workshop_sessions.push(p),
+      );
+      for (const table of ['workshop_participants', 'workshop_activities', 'workshop_stage_submissions']) {
+        ch.on('postgres_changes', { event: '*', schema: 'public', table, filter: `session_id=eq.${s}` }, (p) => changes[table].push(p));
+      }
+      ch.on('broadcast', { event: 'chat' }, ({ payload }) => chats.push(payload.text));
+    }
+    ch.on('presence', { event: 'sync' }, () => {});
+    return ch;
+  });
+  try {
+    for (const ch of channels) await subscribed(ch);
+    for (const [i, ch] of channels.entries()) assert.equal(await ch.track({ user: i }), 'ok');
+    const teamMetas = () => (channels[0].presenceState()['team-blue'] ?? []).map((m) => m.user).sort();
+    await waitFor(() => teamMetas().join() === '0,1,2', 5000, 'three users under one key').catch((e) =>
+      assert.fail(`${e.message}: ${safeJson(channels[0].presenceState())}`),
+    );
+
+    const user = '7b2e4f9a-1c3d-4e5f-8a9b-0c1d2e3f4a5b';
+    const pid = sql(`INSERT INTO workshop_participants (session_id, user_id, display_name) VALUES (${s}, '${user}', 'Ann') RETURNING id`);
+    sql(`INSERT INTO workshop_activities (session_id, participant_id, kind, body, seq) VALUES (${s}, ${pid}, 'chat', '{"text":"hi","n":[1,2]}', 1)`);
+    sql(`INSERT INTO workshop_stage_submissions (session_id, participant_id, stage, content, score, tags) VALUES (${s}, ${pid}, 'ideas', 'idea', 4.5, '{a,b}')`);
+    sql(`UPDATE workshop_sessions SET stage = 'vote' WHERE id = ${s}`);
+    await waitFor(() => Object.values(changes).every((c) => c.length >= 1), 10000, 'a change of each table').catch((e) =>
+      assert.fail(`${e.message}: ${safeJson(Object.fromEntries(Object.entries(changes).map(([k, v]) => [k, v.length])))}`),
+    );
+    const [participant] = changes.workshop_participants;
+    assert.equal(participant.eventType, 'INSERT');
+    assert.equal(participant.new.user_id, user);
+    assert.equal(participant.new.session_id, s, 'bigint as a number');
+    const [activity] = changes.workshop_activities;
+    assert.deepEqual(activity.new.body, { text: 'hi', n: [1, 2] }, 'jsonb as an object');
+    const [submission] = changes.workshop_stage_submissions;
+    assert.equal(submission.new.score, 4.5, 'numeric as a number');
+    assert.deepEqual(submission.new.tags, ['a', 'b'], 'text[] as an array');
+    // (The session's own INSERT, committed just before the join, may come too.)
+    await waitFor(() => changes.workshop_sessions.some((c) => c.eventType === 'UPDATE'), 10000, 'the session update');
+    const session = changes.workshop_sessions.find((c) => c.eventType === 'UPDATE');
+    assert.equal(session.new.stage, 'vote');
+
+    assert.equal(await channels[0].send({ type: 'broadcast', event: 'chat', payload: { text: 'mine' } }), 'ok');
+    await waitFor(() => chats.includes('mine'), 5000, 'self: true delivers my own broadcast');
+
+    // A fresh token keeps every channel alive (realtime-js sends it to each).
+    await users[0].realtime.setAuth(makeToken({ sub: 'user-1' }));
+    sql(`INSERT INTO workshop_activities (session_id, kind, seq) VALUES (${s}, 'chat', 2)`);
+    await waitFor(() => changes.workshop_activities.length >= 2, 10000, 'changes after setAuth');
+    assert.equal(channels[0].state, 'joined', 'still joined after setAuth');
+    assert.equal(await channels[0].send({ type: 'broadcast', event: 'chat', payload: { text: 'after' } }), 'ok');
+    await waitFor(() => chats.includes('after'), 5000, 'broadcasts after setAuth');
+
+    // removeChannel leaves cleanly, and the others see one meta fewer.
+    assert.equal(await users[2].removeChannel(channels[2]), 'ok');
+    await waitFor(() => teamMetas().join() === '0,1', 5000, 'the removed channel left presence').catch((e) =>
+      assert.fail(`${e.message}: ${safeJson(channels[0].presenceState())}`),
+    );
+  } finally {
+    for (const sb of users) await Promise.race([sb.removeAllChannels(), sleep(2000)]).catch(() => {});
   }
 });

@@ -491,25 +491,34 @@ export function subscribed(channel) {
 
 /**
  * A TCP load balancer in front of `targets`: each new connection goes to the
- * next target in turn; `down()` cuts every connection and refuses new ones
- * until `up()`.
+ * next target in turn, skipping one that refuses (a killed edge); `down()`
+ * cuts every connection and refuses new ones until `up()`.
  */
 export async function loadBalancer(targets) {
   let next = 0;
   let accepting = true;
   const open = new Set();
-  const server = net.createServer((client) => {
-    if (!accepting) return client.destroy();
+  const track = (s) => {
+    open.add(s);
+    s.on('close', () => open.delete(s));
+    s.on('error', () => {});
+  };
+  const forward = (client, tries) => {
     const target = targets[next++ % targets.length];
     const upstream = net.connect(target.port, '127.0.0.1');
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on('close', () => open.delete(s));
-      s.on('error', () => {});
-    }
-    client.pipe(upstream).pipe(client);
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
+    upstream.once('error', () => (tries > 1 && !client.destroyed ? forward(client, tries - 1) : client.destroy()));
+    upstream.once('connect', () => {
+      track(upstream);
+      client.pipe(upstream).pipe(client);
+      client.on('close', () => upstream.destroy());
+      upstream.on('close', () => client.destroy());
+    });
+  };
+  const server = net.createServer((client) => {
+    if (!accepting) return client.destroy();
+    track(client);
+    client.pause();
+    forward(client, targets.length);
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   return {
@@ -524,4 +533,3 @@ export async function loadBalancer(targets) {
     close: () => new Promise((r) => server.close(r)),
   };
 }
-

@@ -75,6 +75,18 @@ test('a channel subscribed without a presence listener gets presence from its fi
   await waitFor(() => Object.values(chb.presenceState()).flat().some((m) => m.name === 'ann' && m.status === 'away'), 5000, "bob's state has the update");
   const ann = Object.values(chb.presenceState()).flat().filter((m) => m.name === 'ann');
   assert.equal(ann.length, 1, `one ann, updated: ${safeJson(chb.presenceState())}`);
+
+  // untrack reaches the other side, and so does a disconnect.
+  assert.equal(await cha.untrack(), 'ok');
+  await waitFor(() => keys(chb).join() === 'bob', 5000, "bob sees ann's untrack").catch((e) =>
+    assert.fail(`${e.message}: ${safeJson(chb.presenceState())}`),
+  );
+  assert.equal(await cha.track({ name: 'ann' }), 'ok');
+  await waitFor(() => keys(chb).join() === 'ann,bob', 5000, 'bob sees ann again');
+  await a.realtime.disconnect();
+  await waitFor(() => keys(chb).join() === 'bob', 5000, "bob sees ann's disconnect").catch((e) =>
+    assert.fail(`${e.message}: ${safeJson(chb.presenceState())}`),
+  );
 });
 
 test('resume through a load balancer: updateJoinPayload keeps config.resume.after current, the rejoin replays what was missed, then live', async () => {
