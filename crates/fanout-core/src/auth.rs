@@ -2,8 +2,14 @@
 //!
 //! Clients present a JWT as the `apikey` query parameter when they connect
 //! and, optionally, as `access_token` in each join and in later
-//! `access_token` refreshes. fanout checks the signature (HS256 with a shared
-//! secret) and `exp`, with no leeway.
+//! `access_token` refreshes. A [`JwtVerifier`] holds every key a token may be
+//! signed with: HS256 secrets (several, so a secret can be rotated) and
+//! RS256 / ES256 / EdDSA public keys (PEM). Each key is bound to one
+//! algorithm, so a token cannot pick a weaker or different one (no `alg:
+//! none`, no HS256 token checked against an RSA public key used as an HMAC
+//! secret). A token's `kid` selects the key; without a `kid`, every key of
+//! the token's algorithm is tried. `exp` is required, `nbf` honoured, and
+//! `aud` / `iss` checked when configured, all with the configured leeway.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -15,16 +21,31 @@ pub enum AuthError {
     Missing,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("invalid token signature")]
     BadSignature,
     #[error("token has no exp claim")]
     MissingExp,
+    #[error("token has an unknown key id {0:?}")]
+    UnknownKey(String),
+    #[error("token algorithm {0} is not accepted (no key for it)")]
+    Algorithm(String),
+    #[error("token audience is not accepted")]
+    Audience,
+    #[error("token issuer is not accepted")]
+    Issuer,
     #[error("malformed token: {0}")]
     Malformed(String),
 }
 
+/// A key that could not be loaded. The message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
 /// The claims fanout reads from a token. Unknown claims are kept in `extra`
-/// (row policies read them in later versions).
+/// (policies read them).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Claims {
     #[serde(default)]
@@ -40,46 +61,187 @@ pub struct Claims {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Verifies HS256 tokens against one shared secret.
+/// The public-key algorithms a PEM key can be bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicKeyAlg {
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+impl std::str::FromStr for PublicKeyAlg {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s {
+            "RS256" => Ok(Self::Rs256),
+            "ES256" => Ok(Self::Es256),
+            "EdDSA" => Ok(Self::EdDsa),
+            other => Err(KeyError(format!(
+                "unknown key algorithm {other:?}: expected RS256, ES256 or EdDSA"
+            ))),
+        }
+    }
+}
+
+/// One key, bound to its algorithm and, optionally, a key id.
+#[derive(Clone)]
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens against a set of keys. See the module docs.
 #[derive(Clone)]
 pub struct JwtVerifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Vec<Key>,
+    leeway_secs: u64,
+    audience: Vec<String>,
+    issuer: Vec<String>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").finish_non_exhaustive()
+        let keys: Vec<_> = self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
+        f.debug_struct("JwtVerifier")
+            .field("keys", &keys)
+            .field("leeway_secs", &self.leeway_secs)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+impl Default for JwtVerifier {
+    /// No keys yet (every token is refused until one is added).
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            leeway_secs: 0,
+            audience: Vec::new(),
+            issuer: Vec::new(),
+        }
     }
 }
 
 impl JwtVerifier {
     /// A verifier for HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp"]);
-        Self {
-            key: DecodingKey::from_secret(secret),
-            validation,
-        }
+        Self::default().with_hs256(None, secret)
     }
 
-    /// Checks the signature and expiry and returns the claims.
+    /// Adds an HS256 secret (with the key id tokens signed with it carry, if any).
+    pub fn with_hs256(mut self, kid: Option<&str>, secret: &[u8]) -> Self {
+        self.keys.push(Key {
+            kid: kid.map(str::to_owned),
+            alg: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret),
+        });
+        self
+    }
+
+    /// Adds a PEM public key for `alg`.
+    pub fn with_public_key(mut self, kid: Option<&str>, alg: PublicKeyAlg, pem: &[u8]) -> Result<Self, KeyError> {
+        let (alg, key) = match alg {
+            PublicKeyAlg::Rs256 => (Algorithm::RS256, DecodingKey::from_rsa_pem(pem)),
+            PublicKeyAlg::Es256 => (Algorithm::ES256, DecodingKey::from_ec_pem(pem)),
+            PublicKeyAlg::EdDsa => (Algorithm::EdDSA, DecodingKey::from_ed_pem(pem)),
+        };
+        let key = key.map_err(|e| KeyError(format!("not a {alg:?} public key in PEM: {e}")))?;
+        self.keys.push(Key {
+            kid: kid.map(str::to_owned),
+            alg,
+            key,
+        });
+        Ok(self)
+    }
+
+    /// Seconds of clock difference accepted on `exp` and `nbf`.
+    pub fn with_leeway(mut self, secs: u64) -> Self {
+        self.leeway_secs = secs;
+        self
+    }
+
+    /// Accepted audiences: a token must name one of them in `aud`.
+    pub fn with_audience(mut self, audience: Vec<String>) -> Self {
+        self.audience = audience;
+        self
+    }
+
+    /// Accepted issuers: a token's `iss` must be one of them.
+    pub fn with_issuer(mut self, issuer: Vec<String>) -> Self {
+        self.issuer = issuer;
+        self
+    }
+
+    /// How many keys it holds.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway_secs;
+        v.validate_nbf = true;
+        // A configured audience or issuer is required, not only checked when present.
+        let mut required = vec!["exp"];
+        if self.audience.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audience);
+            required.push("aud");
+        }
+        if !self.issuer.is_empty() {
+            v.set_issuer(&self.issuer);
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
+        v
+    }
+
+    /// Checks the signature (with the key the token's `kid` and algorithm
+    /// select), expiry, `nbf`, audience and issuer; returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::MissingExp,
-                _ => AuthError::Malformed(e.to_string()),
-            })
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let by_kid: Vec<&Key> = match &header.kid {
+            Some(kid) => {
+                let keys: Vec<&Key> = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
+                if keys.is_empty() {
+                    return Err(AuthError::UnknownKey(kid.clone()));
+                }
+                keys
+            }
+            None => self.keys.iter().collect(),
+        };
+        let candidates: Vec<&Key> = by_kid.into_iter().filter(|k| k.alg == header.alg).collect();
+        if candidates.is_empty() {
+            return Err(AuthError::Algorithm(format!("{:?}", header.alg)));
+        }
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation(key.alg)) {
+                Ok(data) => return Ok(data.claims),
+                // Another key of the same algorithm may be the one (rotation).
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                // The signature was good (it is checked first): the claims are not.
+                Err(e) => {
+                    return Err(match e.kind() {
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                        ErrorKind::InvalidAudience => AuthError::Audience,
+                        ErrorKind::InvalidIssuer => AuthError::Issuer,
+                        ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::MissingExp,
+                        ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
+                        ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
+                        _ => AuthError::Malformed(e.to_string()),
+                    });
+                }
+            }
+        }
+        Err(AuthError::BadSignature)
     }
 }
 
@@ -121,5 +283,178 @@ mod tests {
         assert_eq!(v.verify(&no_exp), Err(AuthError::MissingExp));
         assert_eq!(v.verify(""), Err(AuthError::Missing));
         assert!(matches!(v.verify("not.a.jwt"), Err(AuthError::Malformed(_))));
+    }
+
+    const KEYS: [(&str, &str); 3] = [
+        (
+            include_str!("../testdata/keys/rsa.key"),
+            include_str!("../testdata/keys/rsa.pub"),
+        ),
+        (
+            include_str!("../testdata/keys/ec.key"),
+            include_str!("../testdata/keys/ec.pub"),
+        ),
+        (
+            include_str!("../testdata/keys/ed.key"),
+            include_str!("../testdata/keys/ed.pub"),
+        ),
+    ];
+
+    fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: serde_json::Value) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        encode(&header, &claims, key).unwrap()
+    }
+
+    fn private(i: usize) -> EncodingKey {
+        let pem = KEYS[i].0.as_bytes();
+        match i {
+            0 => EncodingKey::from_rsa_pem(pem).unwrap(),
+            1 => EncodingKey::from_ec_pem(pem).unwrap(),
+            _ => EncodingKey::from_ed_pem(pem).unwrap(),
+        }
+    }
+
+    fn all_keys() -> JwtVerifier {
+        JwtVerifier::default()
+            .with_hs256(None, b"old-secret")
+            .with_hs256(None, b"new-secret")
+            .with_public_key(Some("rsa-1"), PublicKeyAlg::Rs256, KEYS[0].1.as_bytes())
+            .unwrap()
+            .with_public_key(Some("ec-1"), PublicKeyAlg::Es256, KEYS[1].1.as_bytes())
+            .unwrap()
+            .with_public_key(Some("ed-1"), PublicKeyAlg::EdDsa, KEYS[2].1.as_bytes())
+            .unwrap()
+    }
+
+    #[test]
+    fn every_configured_key_verifies_its_own_tokens() {
+        let v = all_keys();
+        let claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+        for secret in [&b"old-secret"[..], b"new-secret"] {
+            let t = token(secret, claims.clone());
+            assert_eq!(
+                v.verify(&t).unwrap().sub.as_deref(),
+                Some("u1"),
+                "rotation: both secrets work"
+            );
+        }
+        for (i, (alg, kid)) in [
+            (Algorithm::RS256, "rsa-1"),
+            (Algorithm::ES256, "ec-1"),
+            (Algorithm::EdDSA, "ed-1"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = signed(alg, Some(kid), &private(i), claims.clone());
+            assert_eq!(v.verify(&t).unwrap().sub.as_deref(), Some("u1"), "{alg:?}");
+            // Without a kid, every key of the algorithm is tried.
+            let t = signed(alg, None, &private(i), claims.clone());
+            assert!(v.verify(&t).is_ok(), "{alg:?} without kid");
+        }
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused_by_name() {
+        let v = all_keys();
+        let claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+        let check = |t: String, want: AuthError| assert_eq!(v.verify(&t), Err(want));
+        check(
+            signed(Algorithm::RS256, Some("nope"), &private(0), claims.clone()),
+            AuthError::UnknownKey("nope".into()),
+        );
+        // The right key id, another algorithm: the key is bound to its own.
+        check(
+            signed(
+                Algorithm::HS256,
+                Some("rsa-1"),
+                &EncodingKey::from_secret(KEYS[0].1.as_bytes()),
+                claims.clone(),
+            ),
+            AuthError::Algorithm("HS256".into()),
+        );
+        // HS/RS confusion: an HMAC over the RSA public key, without a kid,
+        // only meets the HS256 secrets, which it does not match.
+        check(token(KEYS[0].1.as_bytes(), claims.clone()), AuthError::BadSignature);
+        check(
+            signed(
+                Algorithm::ES256,
+                Some("ec-1"),
+                &private(1),
+                serde_json::json!({"exp": now() - 5}),
+            ),
+            AuthError::Expired,
+        );
+        check(
+            signed(
+                Algorithm::ES256,
+                Some("ec-1"),
+                &private(1),
+                serde_json::json!({"exp": now() + 60, "nbf": now() + 30}),
+            ),
+            AuthError::NotYetValid,
+        );
+        // A key of another kind under the same algorithm fails the signature.
+        let other_ec = signed(Algorithm::ES256, Some("ed-1"), &private(1), claims.clone());
+        check(other_ec, AuthError::Algorithm("ES256".into()));
+        // alg none: no key accepts it (jsonwebtoken has no such algorithm).
+        // {"alg":"none","typ":"JWT"} . {"sub":"u1","exp":9999999999} . (no signature)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(
+            matches!(v.verify(none), Err(AuthError::Malformed(_))),
+            "{:?}",
+            v.verify(none)
+        );
+    }
+
+    #[test]
+    fn audience_issuer_and_leeway() {
+        let v = JwtVerifier::hs256(b"s")
+            .with_audience(vec!["fanout".into()])
+            .with_issuer(vec!["https://auth.example".into()]);
+        let ok = serde_json::json!({"exp": now() + 60, "aud": "fanout", "iss": "https://auth.example"});
+        assert!(v.verify(&token(b"s", ok)).is_ok());
+        let t = token(
+            b"s",
+            serde_json::json!({"exp": now() + 60, "aud": "other", "iss": "https://auth.example"}),
+        );
+        assert_eq!(v.verify(&t), Err(AuthError::Audience));
+        let t = token(
+            b"s",
+            serde_json::json!({"exp": now() + 60, "iss": "https://auth.example"}),
+        );
+        assert_eq!(v.verify(&t), Err(AuthError::Audience), "aud required when configured");
+        let t = token(
+            b"s",
+            serde_json::json!({"exp": now() + 60, "aud": "fanout", "iss": "https://evil"}),
+        );
+        assert_eq!(v.verify(&t), Err(AuthError::Issuer));
+        let lenient = JwtVerifier::hs256(b"s").with_leeway(30);
+        assert!(
+            lenient
+                .verify(&token(b"s", serde_json::json!({"exp": now() - 10})))
+                .is_ok(),
+            "within leeway"
+        );
+        assert_eq!(
+            lenient.verify(&token(b"s", serde_json::json!({"exp": now() - 60}))),
+            Err(AuthError::Expired)
+        );
+    }
+
+    #[test]
+    fn bad_keys_and_algorithms_are_named() {
+        assert!(
+            "HS512"
+                .parse::<PublicKeyAlg>()
+                .unwrap_err()
+                .to_string()
+                .contains("HS512")
+        );
+        let e = JwtVerifier::default()
+            .with_public_key(None, PublicKeyAlg::Rs256, b"not a pem")
+            .unwrap_err();
+        assert!(e.to_string().contains("RS256"), "{e}");
     }
 }

@@ -15,7 +15,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fanout_core::Limits;
+use fanout_core::auth::PublicKeyAlg;
+use fanout_core::{JwtVerifier, Limits};
 
 use crate::roles::Role;
 
@@ -26,6 +27,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// HS256 secret for client JWTs; `None` is insecure dev mode.
     pub jwt_secret: Option<String>,
+    /// Token keys and checks beyond `jwt_secret` (`auth.*`).
+    pub auth: AuthKeys,
     pub limits: Limits,
     pub history_max_messages: usize,
     pub history_max_age: Duration,
@@ -125,7 +128,17 @@ settings! {
     "admin_listen", "FANOUT_ADMIN_LISTEN", "admin-listen", "ADDR", Some("127.0.0.1:9600"),
         "Admin address: /metrics, /healthz, /readyz";
     "jwt_secret", "FANOUT_JWT_SECRET", "jwt-secret", "SECRET", None,
-        "HS256 secret for client JWTs; without it fanout runs in insecure dev mode on loopback only";
+        "HS256 secret for client JWTs; without it (or another key) fanout runs in insecure dev mode on loopback only";
+    "auth.hs256_secrets", "FANOUT_AUTH_HS256_SECRETS", "auth-hs256-secrets", "SECRETS", None,
+        "More HS256 secrets, comma-separated, each accepted (for rotation)";
+    "auth.public_keys", "FANOUT_AUTH_PUBLIC_KEYS", "auth-public-keys", "KEYS", None,
+        "Public keys for RS256/ES256/EdDSA tokens, comma-separated [kid=]ALG:/path/key.pem";
+    "auth.audience", "FANOUT_AUTH_AUDIENCE", "auth-audience", "AUD", None,
+        "Accepted token audiences, comma-separated; when set, aud is required";
+    "auth.issuer", "FANOUT_AUTH_ISSUER", "auth-issuer", "ISS", None,
+        "Accepted token issuers, comma-separated; when set, iss is required";
+    "auth.leeway_secs", "FANOUT_AUTH_LEEWAY_SECS", "auth-leeway-secs", "SECS", Some("0"),
+        "Clock difference accepted on exp and nbf";
     "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes", "BYTES", Some("1048576"),
         "Largest client message in bytes";
     "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection", "N",
@@ -223,6 +236,86 @@ impl clap::Args for Flags {
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
         Self::augment_args(cmd)
     }
+}
+
+/// The token keys and checks of `auth.*`, with the public keys' PEM read
+/// (and parsed) at load, so a bad key file is a configuration error.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthKeys {
+    pub hs256_secrets: Vec<String>,
+    /// (key id, algorithm, PEM bytes).
+    pub public_keys: Vec<(Option<String>, PublicKeyAlg, Vec<u8>)>,
+    pub audience: Vec<String>,
+    pub issuer: Vec<String>,
+    pub leeway_secs: u64,
+}
+
+impl AuthKeys {
+    /// Reads `auth.public_keys` entries (`[kid=]ALG:path`), each file once.
+    fn read_public_keys(spec: &str, errors: &mut Vec<String>) -> Vec<(Option<String>, PublicKeyAlg, Vec<u8>)> {
+        let mut keys = Vec::new();
+        for entry in list(spec) {
+            let (kid, rest) = match entry.split_once('=') {
+                Some((kid, rest)) => (Some(kid.to_owned()), rest),
+                None => (None, entry.as_str()),
+            };
+            let Some((alg, path)) = rest.split_once(':') else {
+                errors.push(format!(
+                    "auth.public_keys entry {entry:?}: expected [kid=]ALG:/path/key.pem"
+                ));
+                continue;
+            };
+            let alg = match alg.parse::<PublicKeyAlg>() {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(format!("auth.public_keys entry {entry:?}: {e}"));
+                    continue;
+                }
+            };
+            let pem = match std::fs::read(path) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(format!("auth.public_keys: cannot read {path}: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = JwtVerifier::default().with_public_key(kid.as_deref(), alg, &pem) {
+                errors.push(format!("auth.public_keys: {path}: {e}"));
+                continue;
+            }
+            keys.push((kid, alg, pem));
+        }
+        keys
+    }
+
+    /// The verifier for `jwt_secret` and these keys; `None` when there is no
+    /// key at all (insecure dev mode).
+    pub fn verifier(&self, jwt_secret: Option<&str>) -> Option<JwtVerifier> {
+        let secrets = jwt_secret
+            .into_iter()
+            .chain(self.hs256_secrets.iter().map(String::as_str));
+        let mut v = JwtVerifier::default();
+        for secret in secrets {
+            v = v.with_hs256(None, secret.as_bytes());
+        }
+        for (kid, alg, pem) in &self.public_keys {
+            // Parsed once already, at load.
+            v = v.with_public_key(kid.as_deref(), *alg, pem).ok()?;
+        }
+        (v.key_count() > 0).then(|| {
+            v.with_audience(self.audience.clone())
+                .with_issuer(self.issuer.clone())
+                .with_leeway(self.leeway_secs)
+        })
+    }
+}
+
+/// A comma-separated list, trimmed, without empty entries.
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_owned())
+        .filter(|x| !x.is_empty())
+        .collect()
 }
 
 /// Everything wrong with a configuration, reported at once.
@@ -368,25 +461,28 @@ impl Config {
             max_connections: r.get("limits.max_connections"),
             idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs")),
         };
+        let public_keys = r.opt::<String>("auth.public_keys");
         let config = Config {
             listen: r.get("listen"),
             admin_listen: r.get("admin_listen"),
             jwt_secret: r.opt::<String>("jwt_secret").filter(|s| !s.is_empty()),
+            auth: AuthKeys {
+                hs256_secrets: r
+                    .opt::<String>("auth.hs256_secrets")
+                    .map(|s| list(&s))
+                    .unwrap_or_default(),
+                public_keys: Vec::new(),
+                audience: r.opt::<String>("auth.audience").map(|s| list(&s)).unwrap_or_default(),
+                issuer: r.opt::<String>("auth.issuer").map(|s| list(&s)).unwrap_or_default(),
+                leeway_secs: r.get("auth.leeway_secs"),
+            },
             limits,
             history_max_messages: r.get("history.max_messages"),
             history_max_age: Duration::from_secs(r.get("history.max_age_secs")),
             channel_linger: Duration::from_millis(r.get("channel_linger_ms")),
             drain_window: Duration::from_secs(r.get("drain_secs")),
             shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs")),
-            nats_urls: r
-                .opt::<String>("nats.url")
-                .map(|s| {
-                    s.split(',')
-                        .map(|u| u.trim().to_owned())
-                        .filter(|u| !u.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            nats_urls: r.opt::<String>("nats.url").map(|s| list(&s)).unwrap_or_default(),
             nats_credentials_file: r.opt::<String>("nats.credentials_file").map(Into::into),
             nats_tls_required: r.get("nats.tls_required"),
             nats_shards: r.get("nats.shards"),
@@ -443,7 +539,12 @@ impl Config {
         if config.presence_sweep.is_zero() {
             errors.push("presence.sweep_secs must be at least 1".into());
         }
-        if config.jwt_secret.is_none() && !config.listen.ip().is_loopback() {
+        if let Some(spec) = public_keys {
+            config.auth.public_keys = AuthKeys::read_public_keys(&spec, &mut errors);
+        }
+        let no_key =
+            config.jwt_secret.is_none() && config.auth.hs256_secrets.is_empty() && config.auth.public_keys.is_empty();
+        if no_key && !config.listen.ip().is_loopback() {
             errors.push(format!(
                 "refusing to listen on {} without a JWT secret: set FANOUT_JWT_SECRET (or --jwt-secret), or listen on a loopback address for insecure dev mode",
                 config.listen
@@ -630,6 +731,47 @@ mod tests {
         assert!(err.0[0].contains("without a JWT secret"), "{err}");
         let ok = load("", &[("FANOUT_JWT_SECRET", "s3cret")], &[("listen", "0.0.0.0:4000")]).unwrap();
         assert_eq!(ok.jwt_secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn token_keys_from_file_and_environment() {
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout-core/testdata/keys");
+        let file = format!(
+            "[auth]\npublic_keys = \"ec-1=ES256:{keys}/ec.pub, EdDSA:{keys}/ed.pub\"\naudience = \"fanout, app\"\nleeway_secs = 5\n"
+        );
+        let c = load(
+            &file,
+            &[("FANOUT_AUTH_HS256_SECRETS", "old, new")],
+            &[("listen", "0.0.0.0:4000")],
+        )
+        .unwrap();
+        assert_eq!(c.auth.hs256_secrets, ["old", "new"]);
+        assert_eq!(c.auth.audience, ["fanout", "app"]);
+        assert_eq!(c.auth.leeway_secs, 5);
+        let kinds: Vec<_> = c
+            .auth
+            .public_keys
+            .iter()
+            .map(|(kid, alg, _)| (kid.as_deref(), *alg))
+            .collect();
+        assert_eq!(
+            kinds,
+            [(Some("ec-1"), PublicKeyAlg::Es256), (None, PublicKeyAlg::EdDsa)]
+        );
+        let v = c.auth.verifier(None).expect("keys make a verifier");
+        assert_eq!(v.key_count(), 4, "two secrets and two public keys");
+        assert!(AuthKeys::default().verifier(None).is_none(), "no key: dev mode");
+
+        let err = load(
+            "",
+            &[(
+                "FANOUT_AUTH_PUBLIC_KEYS",
+                &format!("ES256:{keys}/rsa.pub,nonsense,XS1:{keys}/ec.pub"),
+            )],
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "each bad entry named: {err}");
     }
 
     #[test]

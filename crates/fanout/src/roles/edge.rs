@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fanout_bus::{Bus, MemoryBus, MemoryPresence, PresenceStore};
-use fanout_core::JwtVerifier;
 use fanout_edge::{Edge, EdgeConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -101,16 +100,13 @@ impl Start {
         let public = bind_with_backlog(config.listen)
             .with_context(|| format!("binding the public listener on {}", config.listen))?;
         let admin = bind_admin(config).await?;
-        let auth = match &config.jwt_secret {
-            Some(secret) => Some(JwtVerifier::hs256(secret.as_bytes())),
-            None => {
-                tracing::warn!(
-                    "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
-                     Loopback only. Never run this way in production."
-                );
-                None
-            }
-        };
+        let auth = config.auth.verifier(config.jwt_secret.as_deref());
+        if auth.is_none() {
+            tracing::warn!(
+                "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
+                 Loopback only. Never run this way in production."
+            );
+        }
         let edge_config = EdgeConfig {
             auth,
             limits: config.limits.clone(),
