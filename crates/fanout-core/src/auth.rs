@@ -35,6 +35,10 @@ pub enum AuthError {
     Audience,
     #[error("token issuer is not accepted")]
     Issuer,
+    /// A refreshed token names another user than the one the channel was
+    /// joined as.
+    #[error("token is for another user ({}) than the one this channel was joined as ({expected})", .got.as_deref().unwrap_or("no sub"))]
+    OtherSubject { got: Option<String>, expected: String },
     #[error("malformed token: {0}")]
     Malformed(String),
 }

@@ -58,6 +58,9 @@ struct Joined {
     join_ref: Option<String>,
     ack: bool,
     presence_key: String,
+    /// The user (`sub`) the channel was joined as: the join's
+    /// `access_token`, or the connection's token. A refresh must keep it.
+    sub: Option<String>,
     /// This socket gets `presence_state` and diffs: asked for at join, or
     /// turned on by its first `track`.
     presence: bool,
@@ -78,6 +81,8 @@ struct Conn {
     /// Expiry (seconds since the epoch) of the newest valid token, if auth
     /// is on.
     token_exp: Option<u64>,
+    /// The user (`sub`) of the token the connection was opened with.
+    sub: Option<String>,
     /// The token expired and no fresh one arrived yet.
     expired: bool,
     messages: TokenBucket,
@@ -122,7 +127,8 @@ pub(crate) async fn serve<R>(
         enc: Encoder(vsn),
         writer: writer.clone(),
         joined: HashMap::new(),
-        token_exp: claims.and_then(|c| c.exp),
+        token_exp: claims.as_ref().and_then(|c| c.exp),
+        sub: claims.and_then(|c| c.sub),
         expired: false,
         messages: TokenBucket::new(limits.messages_per_second),
         joins: TokenBucket::new(limits.joins_per_second),
@@ -350,12 +356,11 @@ impl Conn {
                 "private channels are not supported by this server; join with private: false",
             );
         }
-        match payload.access_token.as_deref() {
-            Some(token) => {
-                if let Err(e) = self.check_token(token) {
-                    return self.reply_err(m, "unauthorized", &format!("invalid access_token: {e}"));
-                }
-            }
+        let sub = match payload.access_token.as_deref() {
+            Some(token) => match self.check_token(token, None) {
+                Ok(sub) => sub,
+                Err(e) => return self.reply_err(m, "unauthorized", &format!("invalid access_token: {e}")),
+            },
             None if self.expired => {
                 return self.reply_err(
                     m,
@@ -363,8 +368,8 @@ impl Conn {
                     "access token has expired: join with a fresh access_token",
                 );
             }
-            None => {}
-        }
+            None => self.sub.clone(),
+        };
         let rejoin = self.joined.contains_key(&m.topic);
         if !rejoin && self.joined.len() >= self.edge.config.limits.max_channels_per_connection {
             return self.reply_err(
@@ -411,6 +416,7 @@ impl Conn {
                 join_ref: m.join_ref.clone(),
                 ack: config.broadcast.ack,
                 presence_key,
+                sub,
                 presence,
                 tracked: None,
             },
@@ -659,22 +665,34 @@ impl Conn {
             Ok(t) => t,
             Err(e) => return self.reply_bad(m, e),
         };
-        if let Err(e) = self.check_token(token) {
+        let expected = self.joined.get(&m.topic).and_then(|j| j.sub.clone());
+        if let Err(e) = self.check_token(token, expected.as_deref()) {
             metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
             self.end_channel(&m.topic.clone(), &format!("invalid access_token: {e}"))
                 .await;
         }
     }
 
-    /// Verifies a token (if auth is on) and, if valid, adopts its expiry.
-    fn check_token(&mut self, token: &str) -> Result<(), fanout_core::AuthError> {
+    /// Verifies a token (if auth is on) and, if valid, adopts its expiry;
+    /// returns its `sub`. With `expected`, a token for another user is
+    /// refused: a refresh may extend a channel's session, never change whose
+    /// it is.
+    fn check_token(&mut self, token: &str, expected: Option<&str>) -> Result<Option<String>, fanout_core::AuthError> {
         let Some(verifier) = &self.edge.config.auth else {
-            return Ok(());
+            return Ok(None);
         };
         let claims = verifier.verify(token)?;
+        if let Some(expected) = expected
+            && claims.sub.as_deref() != Some(expected)
+        {
+            return Err(fanout_core::AuthError::OtherSubject {
+                got: claims.sub,
+                expected: expected.to_owned(),
+            });
+        }
         self.token_exp = claims.exp;
         self.expired = false;
-        Ok(())
+        Ok(claims.sub)
     }
 
     /// The token expired: every joined channel ends with a system message
@@ -788,6 +806,11 @@ mod tests {
     }
 
     fn connect_vsn(edge: &Arc<Edge>, capacity: usize, vsn: Vsn) -> Client {
+        connect_as(edge, capacity, vsn, None)
+    }
+
+    /// A connection authenticated on connect with `claims`.
+    fn connect_as(edge: &Arc<Edge>, capacity: usize, vsn: Vsn, claims: Option<Claims>) -> Client {
         assert!(edge.try_open_connection());
         let (client, server) = tokio::io::duplex(capacity);
         let (read, write) = tokio::io::split(server);
@@ -797,7 +820,7 @@ mod tests {
             Box::new(MemorySocket::new(write)),
             Bytes::new(),
             vsn,
-            None,
+            claims,
         ));
         let (rx, tx) = tokio::io::split(client);
         Client { rx, tx, next_ref: 1 }
@@ -1123,6 +1146,91 @@ mod tests {
             }
         }
         assert!(got < n, "closed before it got everything ({got})");
+    }
+
+    /// A refreshed token may extend the session, not change whose it is.
+    #[tokio::test]
+    async fn a_token_for_another_user_is_refused() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let secret = b"test-secret";
+        let token = |sub: &str| {
+            let claims = json!({"sub": sub, "exp": fanout_core::now_ms() / 1000 + 600});
+            encode(&Header::default(), &claims, &EncodingKey::from_secret(secret)).unwrap()
+        };
+        let edge = Edge::new(
+            EdgeConfig {
+                auth: Some(fanout_core::JwtVerifier::hs256(secret)),
+                ..EdgeConfig::default()
+            },
+            7,
+            Arc::new(MemoryBus::new(Retention::default())),
+            Arc::new(MemoryPresence::new(7)),
+            None,
+            CancellationToken::new(),
+        );
+        let ann = edge.config.auth.as_ref().unwrap().verify(&token("ann")).unwrap();
+        let mut c = connect_as(&edge, 1 << 16, Vsn::V1, Some(ann));
+        // A channel joined without an access_token is the connection's user's.
+        c.join("realtime:ann-room", json!({})).await;
+        // A join may carry another user's token (realtime-js after setAuth),
+        // and that channel is then that user's.
+        let r = c
+            .push(
+                "realtime:bob-room",
+                "phx_join",
+                json!({"config": {}, "access_token": token("bob")}),
+            )
+            .await;
+        let reply = c.recv().await.json();
+        assert_eq!(
+            (reply["ref"].as_str(), reply["payload"]["status"].as_str()),
+            (Some(r.as_str()), Some("ok"))
+        );
+        assert_eq!(c.recv().await.json()["event"], "presence_state");
+
+        // Refreshing with the channel's own user's token is silent; with
+        // another user's it ends that channel with the reason.
+        c.push(
+            "realtime:ann-room",
+            "access_token",
+            json!({"access_token": token("ann")}),
+        )
+        .await;
+        c.push(
+            "realtime:bob-room",
+            "access_token",
+            json!({"access_token": token("bob")}),
+        )
+        .await;
+        c.push(
+            "realtime:ann-room",
+            "access_token",
+            json!({"access_token": token("bob")}),
+        )
+        .await;
+        let system = c.recv().await.json();
+        assert_eq!(
+            (system["event"].as_str(), system["topic"].as_str()),
+            (Some("system"), Some("realtime:ann-room")),
+            "the matching refreshes said nothing: {system}"
+        );
+        let message = system["payload"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("another user (bob)") && message.contains("(ann)"),
+            "{message}"
+        );
+        assert_eq!(c.recv().await.json()["event"], "phx_close");
+        // bob's channel goes on.
+        let r = c
+            .push(
+                "realtime:bob-room",
+                "broadcast",
+                json!({"type": "broadcast", "event": "e"}),
+            )
+            .await;
+        let r2 = c.push("phoenix", "heartbeat", json!({})).await;
+        let v = c.recv().await.json();
+        assert_eq!(v["ref"], r2.as_str(), "bob-room still joined (no error for {r}): {v}");
     }
 
     /// realtime-js asks for no presence when a channel has no presence
