@@ -11,16 +11,21 @@ use anyhow::{Context, Result};
 use fanout_core::metric::{Metric, MetricKind};
 use fanout_tests::{Fanout, Nats, Postgres, Redis, repo_root};
 
+/// A kind as Prometheus's `# TYPE` line and the `metrics::…!` macros name it.
+fn kind_name(kind: MetricKind) -> &'static str {
+    match kind {
+        MetricKind::Counter => "counter",
+        MetricKind::Gauge => "gauge",
+        MetricKind::Histogram => "histogram",
+    }
+}
+
 /// Checks that `text` (a first scrape) has every series of `tables` at zero
 /// and that promtool finds nothing wrong with it.
 fn assert_all_at_zero(text: &str, tables: &[&[Metric]]) -> Result<()> {
     let mut missing = Vec::new();
     for m in tables.iter().flat_map(|t| t.iter()) {
-        let kind = match m.kind {
-            MetricKind::Counter => "counter",
-            MetricKind::Gauge => "gauge",
-            MetricKind::Histogram => "histogram",
-        };
+        let kind = kind_name(m.kind);
         if !text.contains(&format!("# TYPE {} {kind}\n", m.name)) {
             missing.push(format!("{} ({kind})", m.name));
             continue;
@@ -174,11 +179,7 @@ fn every_emitted_metric_and_label_is_declared() -> Result<()> {
         anyhow::ensure!(!names.is_empty(), "found no metrics in {dir}: the scan is broken");
         for (name, kind) in &names {
             let found = declared.iter().find(|m| m.name == name);
-            let declared_kind = found.map(|m| match m.kind {
-                MetricKind::Counter => "counter",
-                MetricKind::Gauge => "gauge",
-                MetricKind::Histogram => "histogram",
-            });
+            let declared_kind = found.map(|m| kind_name(m.kind));
             if declared_kind != Some(*kind) {
                 problems.push(format!("{dir} emits {kind} {name}, declared as {declared_kind:?}"));
             }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fanout_core::auth::PublicKeyAlg;
+use fanout_core::auth::{KeyError, PublicKeyAlg};
 use fanout_core::{JwtVerifier, Limits};
 
 use crate::roles::Role;
@@ -289,8 +289,9 @@ impl AuthKeys {
     }
 
     /// The verifier for `jwt_secret` and these keys; `None` when there is no
-    /// key at all (insecure dev mode).
-    pub fn verifier(&self, jwt_secret: Option<&str>) -> Option<JwtVerifier> {
+    /// key at all (insecure dev mode). A key that no longer parses is an
+    /// error, never a fall-back to dev mode.
+    pub fn verifier(&self, jwt_secret: Option<&str>) -> Result<Option<JwtVerifier>, KeyError> {
         let secrets = jwt_secret
             .into_iter()
             .chain(self.hs256_secrets.iter().map(String::as_str));
@@ -299,14 +300,13 @@ impl AuthKeys {
             v = v.with_hs256(None, secret.as_bytes());
         }
         for (kid, alg, pem) in &self.public_keys {
-            // Parsed once already, at load.
-            v = v.with_public_key(kid.as_deref(), *alg, pem).ok()?;
+            v = v.with_public_key(kid.as_deref(), *alg, pem)?;
         }
-        (v.key_count() > 0).then(|| {
+        Ok((v.key_count() > 0).then(|| {
             v.with_audience(self.audience.clone())
                 .with_issuer(self.issuer.clone())
                 .with_leeway(self.leeway_secs)
-        })
+        }))
     }
 }
 
@@ -758,9 +758,12 @@ mod tests {
             kinds,
             [(Some("ec-1"), PublicKeyAlg::Es256), (None, PublicKeyAlg::EdDsa)]
         );
-        let v = c.auth.verifier(None).expect("keys make a verifier");
+        let v = c.auth.verifier(None).unwrap().expect("keys make a verifier");
         assert_eq!(v.key_count(), 4, "two secrets and two public keys");
-        assert!(AuthKeys::default().verifier(None).is_none(), "no key: dev mode");
+        assert!(
+            AuthKeys::default().verifier(None).unwrap().is_none(),
+            "no key: dev mode"
+        );
 
         let err = load(
             "",

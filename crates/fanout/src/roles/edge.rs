@@ -100,7 +100,10 @@ impl Start {
         let public = bind_with_backlog(config.listen)
             .with_context(|| format!("binding the public listener on {}", config.listen))?;
         let admin = bind_admin(config).await?;
-        let auth = config.auth.verifier(config.jwt_secret.as_deref());
+        let auth = config
+            .auth
+            .verifier(config.jwt_secret.as_deref())
+            .context("loading the token keys")?;
         if auth.is_none() {
             tracing::warn!(
                 "INSECURE DEV MODE: no JWT secret configured (FANOUT_JWT_SECRET); any client may connect. \
