@@ -251,6 +251,8 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
         "[limits]",
         "max_connections = 50000",
         "max_age_secs = 600",
+        "bind_presence_key = true",
+        r#"channels = [{ "pattern" = "workshop:{id}", "read" = "{id} in claims.workshops", "write" = "{id} in claims.workshops and claims.role == 'facilitator'" }]"#,
     ] {
         assert!(toml.lines().any(|l| l == line), "{line:?} not in\n{toml}");
     }
@@ -262,14 +264,26 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
     // environment and the file) point the edge at loopback instead, and the
     // NATS credentials file is not mounted. An unknown key or a bad value in
     // either would stop the edge (exit 64).
+    // The PEM keys the chart mounts from auth.keysSecret are the test key
+    // files here.
+    let keys_dir = repo_root().join("crates/fanout-core/testdata/keys/");
     let env: Vec<(String, String)> = container_env(edge, "chart-test-secret")
         .into_iter()
         .filter(|(k, _)| k != "FANOUT_NATS_CREDENTIALS_FILE")
         .map(|(k, v)| match k.as_str() {
             "FANOUT_CONFIG" => (k, config.display().to_string()),
+            "FANOUT_AUTH_PUBLIC_KEYS" => {
+                assert_eq!(v, "2026-12=ES256:/etc/fanout/keys/ec.pub");
+                let v = v.replace("/etc/fanout/keys/", &keys_dir.display().to_string());
+                (k, v)
+            }
             _ => (k, v),
         })
         .collect();
+    assert!(
+        env.iter().any(|(k, _)| k == "FANOUT_AUTH_PROJECT_KEYS"),
+        "project keys from their Secret"
+    );
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (nurl, rurl) = (nats.url(), redis.url());
     let mut args = nats_args(&nurl).to_vec();

@@ -184,6 +184,7 @@ mod tests {
             origin: None,
             position: 0,
             published_at_ms: now_ms(),
+            sender: None,
         }
     }
 

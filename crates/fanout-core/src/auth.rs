@@ -65,6 +65,33 @@ pub struct Claims {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+impl Claims {
+    /// Every claim as one JSON object, as policies read them.
+    pub fn to_value(&self) -> serde_json::Value {
+        let mut m = self.extra.clone();
+        if let Some(sub) = &self.sub {
+            m.insert("sub".into(), sub.clone().into());
+        }
+        if let Some(role) = &self.role {
+            m.insert("role".into(), role.clone().into());
+        }
+        if let Some(exp) = self.exp {
+            m.insert("exp".into(), exp.into());
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// Claims of a request that carries no user token: role `anon`.
+    pub fn anon() -> Self {
+        Self {
+            sub: None,
+            role: Some("anon".into()),
+            exp: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
 /// The public-key algorithms a PEM key can be bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublicKeyAlg {
@@ -99,6 +126,10 @@ struct Key {
 #[derive(Clone)]
 pub struct JwtVerifier {
     keys: Vec<Key>,
+    /// Opaque project keys (supabase-js's publishable keys are not JWTs):
+    /// a connection that presents one runs as role `anon` until a join's
+    /// `access_token` says who the user is.
+    project_keys: Vec<Vec<u8>>,
     leeway_secs: u64,
     audience: Vec<String>,
     issuer: Vec<String>,
@@ -109,6 +140,7 @@ impl std::fmt::Debug for JwtVerifier {
         let keys: Vec<_> = self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
         f.debug_struct("JwtVerifier")
             .field("keys", &keys)
+            .field("project_keys", &self.project_keys.len())
             .field("leeway_secs", &self.leeway_secs)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
@@ -121,6 +153,7 @@ impl Default for JwtVerifier {
     fn default() -> Self {
         Self {
             keys: Vec::new(),
+            project_keys: Vec::new(),
             leeway_secs: 0,
             audience: Vec::new(),
             issuer: Vec::new(),
@@ -141,6 +174,12 @@ impl JwtVerifier {
             alg: Algorithm::HS256,
             key: DecodingKey::from_secret(secret),
         });
+        self
+    }
+
+    /// Adds an opaque project key (see [`Self::verify_apikey`]).
+    pub fn with_project_key(mut self, key: &str) -> Self {
+        self.project_keys.push(key.as_bytes().to_vec());
         self
     }
 
@@ -179,8 +218,9 @@ impl JwtVerifier {
     }
 
     /// How many keys it holds.
+    /// Token keys and project keys.
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.project_keys.len()
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -201,6 +241,25 @@ impl JwtVerifier {
         }
         v.set_required_spec_claims(&required);
         v
+    }
+
+    /// Checks a connection's `apikey`: one of the opaque project keys
+    /// (compared in constant time) runs as role `anon`; anything else must
+    /// be a valid JWT.
+    pub fn verify_apikey(&self, key: &str) -> Result<Claims, AuthError> {
+        if self.is_project_key(key) {
+            return Ok(Claims::anon());
+        }
+        self.verify(key)
+    }
+
+    /// Whether `key` is one of the opaque project keys.
+    pub fn is_project_key(&self, key: &str) -> bool {
+        // Every key is compared, whatever matched, so the time taken says
+        // nothing about which bytes were right.
+        self.project_keys
+            .iter()
+            .fold(false, |found, k| constant_time_eq(k, key.as_bytes()) | found)
     }
 
     /// Checks the signature (with the key the token's `kid` and algorithm
@@ -247,6 +306,14 @@ impl JwtVerifier {
         }
         Err(AuthError::BadSignature)
     }
+}
+
+/// Equal bytes, in time that depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -460,5 +527,25 @@ mod tests {
             .with_public_key(None, PublicKeyAlg::Rs256, b"not a pem")
             .unwrap_err();
         assert!(e.to_string().contains("RS256"), "{e}");
+    }
+
+    #[test]
+    fn an_opaque_project_key_runs_as_anon_and_is_not_a_token() {
+        let v = JwtVerifier::hs256(b"s").with_project_key("sb_publishable_abc123");
+        assert_eq!(v.verify_apikey("sb_publishable_abc123"), Ok(Claims::anon()));
+        assert!(matches!(
+            v.verify_apikey("sb_publishable_abc124"),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(
+            v.verify_apikey("sb_publishable_abc12"),
+            Err(AuthError::Malformed(_))
+        ));
+        // A project key is never accepted where a user token is expected.
+        assert!(v.verify("sb_publishable_abc123").is_err());
+        let user = token(b"s", serde_json::json!({"exp": now() + 60, "sub": "u1"}));
+        assert_eq!(v.verify_apikey(&user).unwrap().sub.as_deref(), Some("u1"));
+        assert!(!format!("{v:?}").contains("abc123"), "keys are never printed");
+        assert_eq!(v.key_count(), 2);
     }
 }

@@ -18,10 +18,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::channel::{ChannelError, ChannelName};
+use crate::policy::RowRule;
 
 /// Which row events a binding wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -237,6 +239,11 @@ pub struct Binding {
     pub schema: String,
     pub table: String,
     pub filter: Option<Filter>,
+    /// The table's row rule bound to the subscriber's claims (see
+    /// [`crate::policy`]); `None` when every row may be sent.
+    pub access: Option<Arc<RowRule>>,
+    /// The table's column allow-list; `None` sends every column.
+    pub columns: Option<Arc<[String]>>,
 }
 
 impl Binding {
@@ -258,6 +265,8 @@ impl Binding {
             schema: schema.to_owned(),
             table: table.to_owned(),
             filter,
+            access: None,
+            columns: None,
         })
     }
 

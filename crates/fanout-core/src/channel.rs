@@ -27,7 +27,18 @@ pub enum ChannelError {
     ControlCharacter,
 }
 
+/// The first character of a private channel's internal name. Client names
+/// cannot contain control characters, so no public name collides with a
+/// private one.
+const PRIVATE_MARK: char = '\u{1}';
+
 /// A validated channel name (the part after `realtime:`), cheap to clone.
+///
+/// A private channel (joined with `config.private: true`) is a namespace of
+/// its own, as in Supabase Realtime: `workshop:42` joined privately is not
+/// the public `workshop:42`. Its internal name ([`Self::as_str`], used for
+/// shards, subjects and keys) carries a mark; [`Self::name`] and
+/// [`Self::topic`] are what clients see.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelName(Arc<str>);
 
@@ -46,6 +57,35 @@ impl ChannelName {
         Ok(Self(Arc::from(name)))
     }
 
+    /// The private channel of a bare name.
+    pub fn private(name: &str) -> Result<Self, ChannelError> {
+        Ok(Self::new(name)?.to_private())
+    }
+
+    /// The private channel of the same name.
+    pub fn to_private(&self) -> Self {
+        if self.is_private() {
+            self.clone()
+        } else {
+            Self(Arc::from(format!("{PRIVATE_MARK}{}", self.0)))
+        }
+    }
+
+    /// This channel, or the private one of the same name.
+    pub fn with_privacy(self, private: bool) -> Self {
+        if private { self.to_private() } else { self }
+    }
+
+    /// Reads back an internal name ([`Self::as_str`]) that travelled between
+    /// fanout processes: a private channel's mark is accepted here, never
+    /// from a client.
+    pub fn from_internal(s: &str) -> Result<Self, ChannelError> {
+        match s.strip_prefix(PRIVATE_MARK) {
+            Some(name) => Self::private(name),
+            None => Self::new(s),
+        }
+    }
+
     /// Parses a client topic `realtime:<name>`.
     pub fn from_topic(topic: &str) -> Result<Self, ChannelError> {
         let name = topic.strip_prefix(TOPIC_PREFIX).ok_or(ChannelError::MissingPrefix)?;
@@ -61,25 +101,45 @@ impl ChannelName {
         }
     }
 
+    /// The internal name: unique across public and private channels. Shards,
+    /// bus subjects and store keys are derived from it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
+    /// The name clients know the channel by.
+    pub fn name(&self) -> &str {
+        self.0.strip_prefix(PRIVATE_MARK).unwrap_or(&self.0)
+    }
+
+    /// Joined with `config.private: true`.
+    pub fn is_private(&self) -> bool {
+        self.0.starts_with(PRIVATE_MARK)
+    }
+
     /// The client topic, `realtime:<name>`.
     pub fn topic(&self) -> String {
-        format!("{TOPIC_PREFIX}{}", self.0)
+        format!("{TOPIC_PREFIX}{}", self.name())
     }
 }
 
 impl fmt::Debug for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.0)
+        if self.is_private() {
+            write!(f, "private {:?}", self.name())
+        } else {
+            write!(f, "{:?}", &*self.0)
+        }
     }
 }
 
 impl fmt::Display for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        if self.is_private() {
+            write!(f, "{} (private)", self.name())
+        } else {
+            f.write_str(&self.0)
+        }
     }
 }
 
@@ -157,6 +217,26 @@ mod tests {
         assert_eq!(
             ChannelName::from_name_or_topic("room").unwrap().topic(),
             "realtime:room"
+        );
+        // A private channel is apart from the public one, and a client
+        // cannot forge its mark.
+        let private = ChannelName::private("workshop:42").unwrap();
+        let public = ChannelName::new("workshop:42").unwrap();
+        assert_ne!(private, public);
+        assert_eq!(
+            (private.name(), private.topic().as_str()),
+            ("workshop:42", "realtime:workshop:42")
+        );
+        assert!(private.is_private() && !public.is_private());
+        assert_eq!(ChannelName::from_internal(private.as_str()), Ok(private.clone()));
+        assert_eq!(ChannelName::from_internal(public.as_str()), Ok(public));
+        assert_eq!(
+            ChannelName::from_topic(&format!("realtime:{}", private.as_str())),
+            Err(ChannelError::ControlCharacter)
+        );
+        assert_eq!(
+            ChannelName::from_internal(&format!("{PRIVATE_MARK}{PRIVATE_MARK}x")),
+            Err(ChannelError::ControlCharacter)
         );
     }
 

@@ -54,6 +54,9 @@ pub struct Event {
     /// Milliseconds since the Unix epoch when the event entered the bus;
     /// used for publish-to-deliver latency metrics.
     pub published_at_ms: u64,
+    /// The verified `sub` of the client that sent a broadcast, when the
+    /// edge stamps senders; clients see it as `meta.sub`.
+    pub sender: Option<Arc<str>>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -107,6 +110,7 @@ impl Event {
             origin,
             position: 0,
             published_at_ms: now_ms(),
+            sender: None,
         }
     }
 }

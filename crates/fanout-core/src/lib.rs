@@ -15,7 +15,9 @@
 //!   and the edge reads it.
 //! - [`changes`]: `postgres_changes` bindings, row [`changes::Filter`]s and
 //!   the [`changes::Routes`] from a table's rows to channels.
-//! - [`auth`]: HS256 JWT verification and [`Claims`].
+//! - [`auth`]: JWT verification against a key set, and [`Claims`].
+//! - [`policy`]: channel and row policies decided from claims, and their
+//!   rule language ([`policy::expr`]).
 //! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
 //!   `presence_state` / `presence_diff` semantics.
 //! - [`limits`]: the [`Limits`] on everything a client controls.
@@ -33,6 +35,7 @@ pub mod channel;
 pub mod event;
 pub mod limits;
 pub mod metric;
+pub mod policy;
 pub mod presence;
 pub mod record;
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::changes::Binding;
+use fanout_core::policy::{Access, Policy};
 use fanout_core::{ChannelName, Claims, Event, Origin, Position};
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
@@ -40,6 +41,7 @@ pub(crate) const CLIENT_ERROR_LABELS: &[&str] = &[
     "bad_binding",
     "unsupported",
     "unauthorized",
+    "forbidden",
     "too_many_channels",
     "unavailable",
     "unmatched_topic",
@@ -48,19 +50,33 @@ pub(crate) const CLIENT_ERROR_LABELS: &[&str] = &[
     "presence_error",
 ];
 
+/// A change feed joined for a topic's `postgres_changes` bindings.
+#[derive(Debug)]
+struct Feed {
+    /// The channel whose changes it reads.
+    source: ChannelName,
+    /// Its membership id in that channel.
+    id: u64,
+    bindings: Arc<[Binding]>,
+}
+
 /// What a connection knows about one joined channel.
 #[derive(Debug)]
 struct Joined {
     channel: ChannelName,
-    /// Change feeds joined for this topic's `postgres_changes` bindings:
-    /// (source channel, membership id).
-    feeds: Vec<(ChannelName, u64)>,
+    /// Bindings served by the channel itself.
+    own: Arc<[Binding]>,
+    feeds: Vec<Feed>,
     join_ref: Option<String>,
     ack: bool,
-    presence_key: String,
+    /// The key this socket tracks under; `None` when presence keys are
+    /// bound to a claim the token lacks (tracking is then refused).
+    presence_key: Option<String>,
     /// The user (`sub`) the channel was joined as: the join's
     /// `access_token`, or the connection's token. A refresh must keep it.
     sub: Option<String>,
+    /// May broadcast and track (the channel policy's `write`).
+    write: bool,
     /// This socket gets `presence_state` and diffs: asked for at join, or
     /// turned on by its first `track`.
     presence: bool,
@@ -81,8 +97,9 @@ struct Conn {
     /// Expiry (seconds since the epoch) of the newest valid token, if auth
     /// is on.
     token_exp: Option<u64>,
-    /// The user (`sub`) of the token the connection was opened with.
-    sub: Option<String>,
+    /// The claims of the token the connection was opened with (role `anon`
+    /// for an opaque project key); `None` in insecure dev mode.
+    claims: Option<Arc<Claims>>,
     /// The token expired and no fresh one arrived yet.
     expired: bool,
     messages: TokenBucket,
@@ -128,7 +145,7 @@ pub(crate) async fn serve<R>(
         writer: writer.clone(),
         joined: HashMap::new(),
         token_exp: claims.as_ref().and_then(|c| c.exp),
-        sub: claims.and_then(|c| c.sub),
+        claims: claims.map(Arc::new),
         expired: false,
         messages: TokenBucket::new(limits.messages_per_second),
         joins: TokenBucket::new(limits.joins_per_second),
@@ -345,20 +362,15 @@ impl Conn {
             Err(e) => return self.reply_bad(m, e),
         };
         let config = &payload.config;
-        let bindings = match self.parse_bindings(&channel, &config.postgres_changes) {
+        // A private channel is a namespace apart from the public one.
+        let channel = channel.with_privacy(config.private);
+        let mut bindings = match self.parse_bindings(&channel, &config.postgres_changes) {
             Ok(b) => b,
             Err(reason) => return self.reply_err(m, "bad_binding", &reason),
         };
-        if config.private {
-            return self.reply_err(
-                m,
-                "unsupported",
-                "private channels are not supported by this server; join with private: false",
-            );
-        }
-        let sub = match payload.access_token.as_deref() {
+        let claims = match payload.access_token.as_deref() {
             Some(token) => match self.check_token(token, None) {
-                Ok(sub) => sub,
+                Ok(claims) => claims,
                 Err(e) => return self.reply_err(m, "unauthorized", &format!("invalid access_token: {e}")),
             },
             None if self.expired => {
@@ -368,7 +380,12 @@ impl Conn {
                     "access token has expired: join with a fresh access_token",
                 );
             }
-            None => self.sub.clone(),
+            None => self.claims.as_deref().cloned(),
+        };
+        let sub = claims.as_ref().and_then(|c| c.sub.clone());
+        let grant = match self.authorize(&channel, claims.as_ref(), &mut bindings) {
+            Ok(grant) => grant,
+            Err(reason) => return self.reply_err(m, "forbidden", &reason),
         };
         let rejoin = self.joined.contains_key(&m.topic);
         if !rejoin && self.joined.len() >= self.edge.config.limits.max_channels_per_connection {
@@ -395,12 +412,25 @@ impl Conn {
         if rejoin {
             self.leave(&m.topic).await;
         }
-        let presence_key = match &config.presence.key {
-            Some(k) if !k.is_empty() => k.clone(),
-            _ => uuid::Uuid::new_v4().to_string(),
+        let asked = config.presence.key.as_deref().filter(|k| !k.is_empty());
+        let presence_key = match (&grant.presence_key, asked) {
+            (Some(Some(bound)), Some(asked)) if asked != bound => {
+                let claim = self.edge.config.policy.presence_key_claim.as_deref().unwrap_or("sub");
+                return self.reply_err(
+                    m,
+                    "forbidden",
+                    &format!(
+                        "presence key {asked:?} refused: keys are bound to the token's {claim} claim ({bound:?}); leave config.presence.key empty"
+                    ),
+                );
+            }
+            (Some(bound), _) => bound.clone(),
+            (None, Some(asked)) => Some(asked.to_owned()),
+            (None, None) => Some(uuid::Uuid::new_v4().to_string()),
         };
         let presence = config.presence.enabled.unwrap_or(true);
         let topic: Arc<str> = Arc::from(m.topic.as_str());
+        let own: Arc<[Binding]> = bindings.own.into();
         let Some(feeds) = self.join_feeds(&topic, bindings.feeds).await else {
             return self.reply_err(
                 m,
@@ -412,11 +442,13 @@ impl Conn {
             m.topic.clone(),
             Joined {
                 channel: channel.clone(),
+                own: own.clone(),
                 feeds,
                 join_ref: m.join_ref.clone(),
                 ack: config.broadcast.ack,
                 presence_key,
                 sub,
+                write: grant.access.write,
                 presence,
                 tracked: None,
             },
@@ -432,7 +464,7 @@ impl Conn {
                 "postgres_changes",
                 true,
                 "Subscribed to PostgreSQL",
-                channel.as_str(),
+                channel.name(),
             ));
         }
         self.edge.hub.join(
@@ -446,7 +478,7 @@ impl Conn {
                     presence,
                     skip_through: 0,
                     feed_topic: None,
-                    changes: (!bindings.own.is_empty()).then(|| bindings.own.into()),
+                    changes: (!own.is_empty()).then_some(own),
                     writer: self.writer.clone(),
                 },
                 reply,
@@ -498,15 +530,12 @@ impl Conn {
     /// Joins the change feeds of a topic's bindings and waits until each is
     /// live, so every change committed after the join reply is delivered.
     /// `None` if they did not go live within the feed timeout.
-    async fn join_feeds(
-        &mut self,
-        topic: &Arc<str>,
-        feeds: Vec<(ChannelName, Vec<Binding>)>,
-    ) -> Option<Vec<(ChannelName, u64)>> {
+    async fn join_feeds(&mut self, topic: &Arc<str>, feeds: Vec<(ChannelName, Vec<Binding>)>) -> Option<Vec<Feed>> {
         let mut joined = Vec::with_capacity(feeds.len());
         let mut waits = Vec::with_capacity(feeds.len());
         for (source, bindings) in feeds {
             let id = self.edge.next_conn_id();
+            let bindings: Arc<[Binding]> = bindings.into();
             let (ready, wait) = oneshot::channel();
             self.edge.hub.join(
                 &source,
@@ -519,7 +548,7 @@ impl Conn {
                         presence: false,
                         skip_through: 0,
                         feed_topic: Some(topic.clone()),
-                        changes: Some(bindings.into()),
+                        changes: Some(bindings.clone()),
                         writer: self.writer.clone(),
                     },
                     reply: Vec::new(),
@@ -527,7 +556,7 @@ impl Conn {
                     ready: Some(ready),
                 },
             );
-            joined.push((source, id));
+            joined.push(Feed { source, id, bindings });
             waits.push(wait);
         }
         let all_live = async {
@@ -539,8 +568,8 @@ impl Conn {
         match tokio::time::timeout(self.edge.config.feed_timeout, all_live).await {
             Ok(Some(())) => Some(joined),
             _ => {
-                for (source, id) in &joined {
-                    self.edge.hub.leave(source, *id);
+                for feed in &joined {
+                    self.edge.hub.leave(&feed.source, feed.id);
                 }
                 None
             }
@@ -553,8 +582,8 @@ impl Conn {
             return;
         };
         self.edge.hub.leave(&joined.channel, self.id);
-        for (source, id) in &joined.feeds {
-            self.edge.hub.leave(source, *id);
+        for feed in &joined.feeds {
+            self.edge.hub.leave(&feed.source, feed.id);
         }
         if joined.tracked.is_some() {
             self.untrack(&joined.channel).await;
@@ -576,14 +605,30 @@ impl Conn {
         let Some(joined) = self.joined.get(&m.topic) else {
             return;
         };
+        if !joined.write {
+            let reason = format!(
+                "not allowed to broadcast on {}: this token may only read it",
+                joined.channel
+            );
+            return self.reply_err(m, "forbidden", &reason);
+        }
         let ack = joined.ack;
-        let ev = Event::broadcast(
+        let mut ev = Event::broadcast(
             joined.channel.clone(),
             &b.event,
             b.payload.clone(),
             b.binary,
             Some(self.origin),
         );
+        if self.enforcing() && self.edge.config.policy.stamp_sender {
+            match joined.sub.as_deref() {
+                Some(sub) if sub.len() > MAX_STAMPED_SUB => {
+                    let reason = format!("cannot stamp the sender: sub is longer than {MAX_STAMPED_SUB} bytes");
+                    return self.reply_err(m, "forbidden", &reason);
+                }
+                sub => ev.sender = sub.map(Arc::from),
+            }
+        }
         metrics::counter!("fanout_broadcasts_published_total").increment(1);
         match self.edge.bus.publish(ev).await {
             Ok(_) if ack => self.reply_ok(m, "{}"),
@@ -605,13 +650,22 @@ impl Conn {
         };
         let channel = joined.channel.clone();
         match change {
+            PresenceChange::Track(_) if !joined.write => {
+                let reason = format!("not allowed to track presence on {channel}: this token may only read it");
+                self.reply_err(m, "forbidden", &reason)
+            }
+            PresenceChange::Track(_) if joined.presence_key.is_none() => {
+                let claim = self.edge.config.policy.presence_key_claim.as_deref().unwrap_or("sub");
+                let reason = format!("presence keys are bound to the token's {claim} claim, which this token lacks");
+                self.reply_err(m, "forbidden", &reason)
+            }
             PresenceChange::Track(meta) => {
                 if joined.tracked.as_ref() == Some(meta) {
                     // The same payload again: no update and no diff, as in
                     // Supabase Realtime.
                     return self.reply_ok(m, "{}");
                 }
-                let key = joined.presence_key.clone();
+                let key = joined.presence_key.clone().unwrap_or_default();
                 joined.tracked = Some(meta.clone());
                 // A channel joined without presence gets it from its first
                 // track (realtime-js asks for none when the channel has no
@@ -666,18 +720,117 @@ impl Conn {
             Err(e) => return self.reply_bad(m, e),
         };
         let expected = self.joined.get(&m.topic).and_then(|j| j.sub.clone());
-        if let Err(e) = self.check_token(token, expected.as_deref()) {
-            metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
-            self.end_channel(&m.topic.clone(), &format!("invalid access_token: {e}"))
-                .await;
+        match self.check_token(token, expected.as_deref()) {
+            Err(e) => {
+                metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
+                self.end_channel(&m.topic.clone(), &format!("invalid access_token: {e}"))
+                    .await;
+            }
+            Ok(claims) => self.reauthorize(&m.topic, claims.as_ref()).await,
+        }
+    }
+
+    /// Policies are enforced: a key is configured (not insecure dev mode).
+    fn enforcing(&self) -> bool {
+        self.edge.config.auth.is_some()
+    }
+
+    /// Decides a join under the policies: the channel's access, each
+    /// binding's row rule and columns (set on `bindings`), and the presence
+    /// key. Errors are the refusal's reason.
+    fn authorize(
+        &self,
+        channel: &ChannelName,
+        claims: Option<&Claims>,
+        bindings: &mut JoinBindings,
+    ) -> Result<Grant, String> {
+        if !self.enforcing() {
+            return Ok(Grant {
+                access: Access::ALL,
+                presence_key: None,
+            });
+        }
+        let policy = &self.edge.config.policy;
+        let claims = claims.map_or(serde_json::Value::Null, Claims::to_value);
+        let access = policy.channel_access(channel.name(), channel.is_private(), &claims);
+        if !access.read {
+            return Err(if channel.is_private() {
+                format!(
+                    "not allowed to join private channel {:?}: no policy grants it to this token (claim {:?} or an [[auth.channels]] rule)",
+                    channel.name(),
+                    policy.channels_claim
+                )
+            } else {
+                "public channels are closed on this server: join with config.private: true".to_owned()
+            });
+        }
+        for b in bindings
+            .own
+            .iter_mut()
+            .chain(bindings.feeds.iter_mut().flat_map(|(_, b)| b.iter_mut()))
+        {
+            bind_row_rule(policy, &claims, b)?;
+        }
+        let presence_key = policy
+            .presence_key_claim
+            .as_deref()
+            .map(|claim| claim_text(&claims, claim));
+        Ok(Grant { access, presence_key })
+    }
+
+    /// A refreshed token for a joined channel: its claims now decide the
+    /// channel's access and the row rules of its bindings. A channel the
+    /// new token may no longer read ends.
+    async fn reauthorize(&mut self, topic: &str, claims: Option<&Claims>) {
+        if !self.enforcing() {
+            return;
+        }
+        let Some(joined) = self.joined.get_mut(topic) else {
+            return;
+        };
+        let policy = self.edge.config.policy.clone();
+        let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
+        let access = policy.channel_access(joined.channel.name(), joined.channel.is_private(), &value);
+        let rebind = |bindings: &Arc<[Binding]>| -> Result<Arc<[Binding]>, String> {
+            let mut out = bindings.to_vec();
+            for b in &mut out {
+                bind_row_rule(&policy, &value, b)?;
+            }
+            Ok(out.into())
+        };
+        let own = rebind(&joined.own);
+        let feeds: Result<Vec<_>, String> = joined.feeds.iter().map(|f| rebind(&f.bindings)).collect();
+        let (own, feeds) = match (access.read, own, feeds) {
+            (true, Ok(own), Ok(feeds)) => (own, feeds),
+            (false, ..) => {
+                let message = format!(
+                    "access revoked: the refreshed token may no longer read {}",
+                    joined.channel
+                );
+                metrics::counter!("fanout_client_errors_total", "reason" => "forbidden").increment(1);
+                return self.end_channel(topic, &message).await;
+            }
+            (_, Err(e), _) | (_, _, Err(e)) => {
+                metrics::counter!("fanout_client_errors_total", "reason" => "forbidden").increment(1);
+                return self.end_channel(topic, &format!("access revoked: {e}")).await;
+            }
+        };
+        joined.write = access.write;
+        if !own.is_empty() {
+            self.edge.hub.set_changes(&joined.channel, self.id, own.clone());
+        }
+        joined.own = own;
+        for (feed, bindings) in joined.feeds.iter_mut().zip(feeds) {
+            self.edge.hub.set_changes(&feed.source, feed.id, bindings.clone());
+            feed.bindings = bindings;
         }
     }
 
     /// Verifies a token (if auth is on) and, if valid, adopts its expiry;
-    /// returns its `sub`. With `expected`, a token for another user is
-    /// refused: a refresh may extend a channel's session, never change whose
-    /// it is.
-    fn check_token(&mut self, token: &str, expected: Option<&str>) -> Result<Option<String>, fanout_core::AuthError> {
+    /// returns its claims (`None` in insecure dev mode). With `expected`,
+    /// a token for another user is refused: a refresh may extend a
+    /// channel's session, never change whose it is.
+    fn check_token(&mut self, token: &str, expected: Option<&str>) -> Result<Option<Claims>, fanout_core::AuthError> {
         let Some(verifier) = &self.edge.config.auth else {
             return Ok(None);
         };
@@ -692,7 +845,7 @@ impl Conn {
         }
         self.token_exp = claims.exp;
         self.expired = false;
-        Ok(claims.sub)
+        Ok(Some(claims))
     }
 
     /// The token expired: every joined channel ends with a system message
@@ -715,7 +868,7 @@ impl Conn {
     async fn end_channel(&mut self, topic: &str, message: &str) {
         let Some(joined) = self.joined.get(topic) else { return };
         let (channel, join_ref) = (joined.channel.clone(), joined.join_ref.clone());
-        self.send(self.enc.system(topic, "system", false, message, channel.as_str()));
+        self.send(self.enc.system(topic, "system", false, message, channel.name()));
         self.send(self.enc.close_channel(join_ref.as_deref(), topic));
         self.leave(topic).await;
     }
@@ -730,6 +883,47 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The longest `sub` stamped into a broadcast's `meta` (which a vsn 2.0.0
+/// frame limits to 255 bytes).
+const MAX_STAMPED_SUB: usize = 128;
+
+/// What the policies granted a join.
+struct Grant {
+    access: Access,
+    /// `Some` when presence keys are bound to a claim: its value, if the
+    /// token has it.
+    presence_key: Option<Option<String>>,
+}
+
+/// Sets a binding's row rule and columns from its table's policy; a table
+/// without one is refused (the bypass role sees every table whole).
+fn bind_row_rule(policy: &Policy, claims: &serde_json::Value, b: &mut Binding) -> Result<(), String> {
+    if policy.bypasses(claims) {
+        b.access = None;
+        b.columns = None;
+        return Ok(());
+    }
+    let Some(rule) = policy.table(&b.schema, &b.table) else {
+        return Err(format!(
+            "changes of table {schema}.{table} are not allowed: it has no read rule (configure [auth.tables.\"{schema}.{table}\"]; read = \"public\" opens it)",
+            schema = b.schema,
+            table = b.table
+        ));
+    };
+    b.access = rule.read.bind(claims).map(Arc::new);
+    b.columns = rule.columns.clone();
+    Ok(())
+}
+
+/// A claim as presence-key text: strings as they are, numbers in decimal.
+fn claim_text(claims: &serde_json::Value, claim: &str) -> Option<String> {
+    match claims.get(claim)? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 
@@ -757,6 +951,8 @@ mod tests {
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
     use tokio_util::sync::CancellationToken;
+
+    mod policy;
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -913,7 +1109,12 @@ mod tests {
                 (reply["event"].as_str(), reply["ref"].as_str()),
                 (Some("phx_reply"), Some(r.as_str()))
             );
-            if presence && reply["payload"]["status"] == "ok" {
+            let ok = reply["payload"]["status"] == "ok";
+            if ok && config["postgres_changes"].as_array().is_some_and(|b| !b.is_empty()) {
+                // "Subscribed to PostgreSQL" comes right after the reply.
+                assert_eq!(self.recv().await.json()["event"], "system");
+            }
+            if presence && ok {
                 assert_eq!(self.recv().await.json()["event"], "presence_state");
             }
             reply

@@ -240,21 +240,29 @@ fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The token from `apikey` (query or header) or `Authorization: Bearer`.
-fn request_token<'a>(req: &'a Request<Incoming>, query: &'a str) -> Option<std::borrow::Cow<'a, str>> {
-    if let Some(k) = query_param(query, "apikey") {
-        return Some(k);
-    }
-    if let Some(k) = req.headers().get("apikey").and_then(|v| v.to_str().ok()) {
-        return Some(k.into());
-    }
-    req.headers()
+/// The request's `apikey` (query parameter or header) and its
+/// `Authorization: Bearer` token.
+fn request_keys<'a>(
+    req: &'a Request<Incoming>,
+    query: &'a str,
+) -> (Option<std::borrow::Cow<'a, str>>, Option<&'a str>) {
+    let apikey = query_param(query, "apikey").or_else(|| {
+        req.headers()
+            .get("apikey")
+            .and_then(|v| v.to_str().ok())
+            .map(Into::into)
+    });
+    let bearer = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(Into::into)
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    (apikey, bearer)
 }
 
-/// Checks the request's token when auth is on.
+/// Checks the request's credentials when auth is on: a user token in
+/// `Authorization` (supabase-js sends the session's there) wins; otherwise
+/// the `apikey`, a JWT or an opaque project key (role `anon`).
 fn authenticate(
     edge: &Edge,
     req: &Request<Incoming>,
@@ -263,8 +271,38 @@ fn authenticate(
     let Some(verifier) = &edge.config.auth else {
         return Ok(None);
     };
-    let token = request_token(req, query).unwrap_or_default();
-    verifier.verify(&token).map(Some)
+    match request_keys(req, query) {
+        (_, Some(bearer)) if !verifier.is_project_key(bearer) => verifier.verify(bearer).map(Some),
+        (Some(apikey), _) => verifier.verify_apikey(&apikey).map(Some),
+        (None, Some(bearer)) => verifier.verify_apikey(bearer).map(Some),
+        (None, None) => Err(fanout_core::AuthError::Missing),
+    }
+}
+
+/// Why a REST broadcast to `channel` is refused under the channel
+/// policies, if it is; stamps the sender when configured.
+fn refuse_write(edge: &Edge, ev: &mut Event, claims: Option<&fanout_core::Claims>) -> Option<String> {
+    edge.config.auth.as_ref()?;
+    let policy = &edge.config.policy;
+    let value = claims.map_or(serde_json::Value::Null, fanout_core::Claims::to_value);
+    if !policy
+        .channel_access(ev.channel.name(), ev.channel.is_private(), &value)
+        .write
+    {
+        return Some(format!(
+            "not allowed to broadcast on {}: no policy grants it to this token",
+            ev.channel
+        ));
+    }
+    if policy.stamp_sender {
+        ev.sender = claims.and_then(|c| c.sub.as_deref()).map(Arc::from);
+    }
+    None
+}
+
+fn forbidden(reason: &str) -> Response<Body> {
+    metrics::counter!("fanout_client_errors_total", "reason" => "forbidden").increment(1);
+    json_error(StatusCode::FORBIDDEN, reason)
 }
 
 fn unauthorized(e: fanout_core::AuthError) -> Response<Body> {
@@ -350,9 +388,10 @@ struct RestMessage<'a> {
 /// → 202 once every message is on the bus.
 async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_owned();
-    if let Err(e) = authenticate(&edge, &req, &query) {
-        return unauthorized(e);
-    }
+    let claims = match authenticate(&edge, &req, &query) {
+        Ok(c) => c,
+        Err(e) => return unauthorized(e),
+    };
     let Some(body) = read_body(&edge, req.into_body()).await else {
         return too_large(&edge);
     };
@@ -367,16 +406,10 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
     };
     let mut events = Vec::with_capacity(parsed.messages.len());
     for (i, m) in parsed.messages.iter().enumerate() {
-        let channel = match ChannelName::from_name_or_topic(&m.topic) {
+        let channel = match ChannelName::from_name_or_topic(&m.topic).map(|c| c.with_privacy(m.private)) {
             Ok(c) => c,
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("messages[{i}].topic: {e}")),
         };
-        if m.private {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("messages[{i}]: private channels are not supported"),
-            );
-        }
         if m.event.is_empty() || m.event.len() > 255 {
             return json_error(
                 StatusCode::BAD_REQUEST,
@@ -387,7 +420,11 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
             || Bytes::from_static(b"{}"),
             |p| Bytes::copy_from_slice(p.get().as_bytes()),
         );
-        events.push(Event::broadcast(channel, &m.event, payload, false, None));
+        let mut ev = Event::broadcast(channel, &m.event, payload, false, None);
+        if let Some(reason) = refuse_write(&edge, &mut ev, claims.as_ref()) {
+            return forbidden(&format!("messages[{i}]: {reason}"));
+        }
+        events.push(ev);
     }
     publish_rest(&edge, events).await
 }
@@ -397,9 +434,10 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
 /// realtime-js's `channel.httpSend()`. 202 once it is on the bus.
 async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_owned();
-    if let Err(e) = authenticate(&edge, &req, &query) {
-        return unauthorized(e);
-    }
+    let claims = match authenticate(&edge, &req, &query) {
+        Ok(c) => c,
+        Err(e) => return unauthorized(e),
+    };
     let path = req
         .uri()
         .path()
@@ -412,10 +450,8 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let (channel, event) = (percent_decode(channel).into_owned(), percent_decode(event).into_owned());
-    if query_param(&query, "private").as_deref() == Some("true") {
-        return json_error(StatusCode::BAD_REQUEST, "private channels are not supported");
-    }
-    let channel = match ChannelName::from_name_or_topic(&channel) {
+    let private = query_param(&query, "private").as_deref() == Some("true");
+    let channel = match ChannelName::from_name_or_topic(&channel).map(|c| c.with_privacy(private)) {
         Ok(c) => c,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("channel: {e}")),
     };
@@ -433,7 +469,10 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
     if !binary && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}"));
     }
-    let ev = Event::broadcast(channel, &event, body, binary, None);
+    let mut ev = Event::broadcast(channel, &event, body, binary, None);
+    if let Some(reason) = refuse_write(&edge, &mut ev, claims.as_ref()) {
+        return forbidden(&reason);
+    }
     publish_rest(&edge, vec![ev]).await
 }
 

@@ -73,6 +73,7 @@ enum Command {
     Join(JoinRequest),
     Leave { conn: u64 },
     EnablePresence { conn: u64, vsn: Vsn },
+    SetChanges { conn: u64, changes: Arc<[Binding]> },
 }
 
 struct Entry {
@@ -179,6 +180,14 @@ impl Hub {
         }
     }
 
+    /// Replaces a member's `postgres_changes` bindings (their row rules
+    /// re-bound to a refreshed token's claims); changes after this use them.
+    pub fn set_changes(&self, channel: &ChannelName, conn: u64, changes: Arc<[Binding]>) {
+        if let Some(entry) = self.lock().get(channel) {
+            let _ = entry.tx.send(Command::SetChanges { conn, changes });
+        }
+    }
+
     /// Removes a member (no-op if it was already dropped as a slow consumer).
     pub fn leave(&self, channel: &ChannelName, conn: u64) {
         let mut channels = self.lock();
@@ -234,38 +243,53 @@ impl Batch {
     }
 
     /// The frame of database change `i` for `m`, if any of its bindings
-    /// matches.
+    /// matches (filter and row rule).
     fn change_frame(&self, i: usize, m: &Member, channel_topic: &Arc<str>) -> Option<Bytes> {
         let bindings = m.changes.as_deref()?;
         let change = self.changes[i]
             .get_or_init(|| Change::decode(&self.events[i].payload))
             .as_ref()?;
-        let ids = change.matching(bindings);
-        if ids.is_empty() {
+        let matched = change.matching(bindings);
+        if matched.ids.is_empty() {
             return None;
         }
         let topic = m.feed_topic.as_ref().unwrap_or(channel_topic).clone();
         let mut frames = self.change_frames.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (i, topic, ids, m.vsn);
+        let key = (i, topic, matched.ids, m.vsn);
         if let Some(f) = frames.get(&key) {
             return Some(f.clone());
         }
-        let f = Encoder(m.vsn).change(&key.1, &self.events[i], &key.2, false);
+        let data = change.data(&self.events[i].payload, matched.columns.as_deref());
+        let f = Encoder(m.vsn).change(&key.1, &self.events[i], &data, &key.2, false);
         frames.insert(key, f.clone());
         Some(f)
     }
 }
 
-/// (event index, topic, matching binding ids, protocol version).
+/// (event index, topic, matching binding ids, protocol version). The
+/// column allow-list is the table's, the same for every binding of it.
 type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn);
 
 /// A database change, decoded once per batch for its bindings.
-struct Change(ChangeRecord);
+struct Change {
+    record: ChangeRecord,
+    /// The record with only the allow-listed columns, made once.
+    trimmed: OnceLock<Bytes>,
+}
+
+/// The bindings a change is for, and the columns it may show.
+struct Matched {
+    ids: Vec<u32>,
+    columns: Option<Arc<[String]>>,
+}
 
 impl Change {
     fn decode(payload: &[u8]) -> Option<Self> {
         match ChangeRecord::from_json(payload) {
-            Ok(r) => Some(Self(r)),
+            Ok(record) => Some(Self {
+                record,
+                trimmed: OnceLock::new(),
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable database change skipped");
                 None
@@ -273,25 +297,60 @@ impl Change {
         }
     }
 
-    /// Ids of the bindings this change is for. A filter that cannot be
-    /// evaluated on the row only excludes its own binding.
-    fn matching(&self, bindings: &[Binding]) -> Vec<u32> {
+    /// The bindings this change is for. A filter or row rule that cannot
+    /// be evaluated on the row only excludes its own binding, and is
+    /// counted.
+    fn matching(&self, bindings: &[Binding]) -> Matched {
+        let r = &self.record;
+        let row = r.row();
+        let mut columns = None;
         let mut ids: Vec<u32> = bindings
             .iter()
-            .filter(|b| b.wants(&self.0.schema, &self.0.table, self.0.change_type.as_str()))
+            .filter(|b| b.wants(&r.schema, &r.table, r.change_type.as_str()))
             .filter(|b| match &b.filter {
                 None => true,
-                Some(f) => f.matches(self.0.row()).unwrap_or_else(|e| {
+                Some(f) => f.matches(row).unwrap_or_else(|e| {
                     metrics::counter!("fanout_change_filter_errors_total").increment(1);
                     tracing::debug!(error = %e, filter = %f, "change filter failed for one binding");
                     false
                 }),
             })
-            .map(|b| b.id)
+            .filter(|b| match &b.access {
+                None => true,
+                Some(rule) => rule.allows(row).unwrap_or_else(|e| {
+                    metrics::counter!("fanout_row_policy_errors_total").increment(1);
+                    tracing::debug!(error = %e, rule = rule.source(), "row rule failed for one binding");
+                    false
+                }),
+            })
+            .map(|b| {
+                if columns.is_none() {
+                    columns = b.columns.clone();
+                }
+                b.id
+            })
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        ids
+        Matched { ids, columns }
+    }
+
+    /// The record as sent: the published bytes, or a copy with only
+    /// `columns` (in the record, the old record and the column list).
+    fn data(&self, payload: &Bytes, columns: Option<&[String]>) -> Bytes {
+        let Some(columns) = columns else {
+            return payload.clone();
+        };
+        self.trimmed
+            .get_or_init(|| {
+                let keep = |name: &String| columns.contains(name);
+                let mut r = self.record.clone();
+                r.record.retain(|k, _| keep(k));
+                r.old_record.retain(|k, _| keep(k));
+                r.columns.retain(|c| keep(&c.name));
+                Bytes::from(r.to_json())
+            })
+            .clone()
     }
 }
 
@@ -309,6 +368,10 @@ enum ShardCommand {
     EnablePresence {
         conn: u64,
         state: Bytes,
+    },
+    SetChanges {
+        conn: u64,
+        changes: Arc<[Binding]>,
     },
     Deliver {
         batch: Arc<Batch>,
@@ -357,6 +420,11 @@ impl ChannelTask {
                         }
                     }
                     Some(Command::EnablePresence { conn, vsn }) => self.enable_presence(conn, vsn).await,
+                    Some(Command::SetChanges { conn, changes }) => {
+                        if let Some(&shard) = self.index.get(&conn) {
+                            let _ = self.shards[shard].tx.send(ShardCommand::SetChanges { conn, changes });
+                        }
+                    }
                     None => break,
                 },
                 ev = sub.events.recv() => match ev {
@@ -437,8 +505,11 @@ impl ChannelTask {
                     preface.extend(events.iter().filter_map(|ev| match ev.kind {
                         EventKind::PostgresChange => {
                             let change = Change::decode(&ev.payload)?;
-                            let ids = change.matching(member.changes.as_deref()?);
-                            (!ids.is_empty()).then(|| enc.change(&self.topic, ev, &ids, true))
+                            let matched = change.matching(member.changes.as_deref()?);
+                            (!matched.ids.is_empty()).then(|| {
+                                let data = change.data(&ev.payload, matched.columns.as_deref());
+                                enc.change(&self.topic, ev, &data, &matched.ids, true)
+                            })
                         }
                         _ => enc.event(&self.topic, ev, true),
                     }));
@@ -450,7 +521,7 @@ impl ChannelTask {
                         "broadcast",
                         false,
                         &format!("resync required: messages after position {after} are no longer retained"),
-                        self.channel.as_str(),
+                        self.channel.name(),
                     ));
                 }
                 Err(e) => preface.push(enc.system(
@@ -458,7 +529,7 @@ impl ChannelTask {
                     "broadcast",
                     false,
                     &format!("resync required: history unavailable ({e})"),
-                    self.channel.as_str(),
+                    self.channel.name(),
                 )),
             }
         }
@@ -484,7 +555,7 @@ impl ChannelTask {
     async fn presence_state(&self, enc: Encoder) -> Bytes {
         match self.hub.inner.presence.state(&self.channel).await {
             Ok(state) => enc.push(&self.topic, "presence_state", &state.to_string()),
-            Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.as_str()),
+            Err(e) => enc.system(&self.topic, "presence", false, &e.to_string(), self.channel.name()),
         }
     }
 
@@ -574,6 +645,11 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                     m.presence = true;
                     // A failed send means the connection is closing.
                     let _ = m.writer.send(state);
+                }
+            }
+            ShardCommand::SetChanges { conn, changes } => {
+                if let Some(m) = members.iter_mut().find(|m| m.conn == conn) {
+                    m.changes = Some(changes);
                 }
             }
             ShardCommand::Deliver { batch, channel_topic } => {

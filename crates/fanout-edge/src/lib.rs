@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use fanout_core::policy::Policy;
 use fanout_core::{JwtVerifier, Limits};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,8 @@ pub struct EdgeConfig {
     pub changes: Option<Arc<fanout_core::changes::Routes>>,
     /// How long a join waits for the change feeds it needs to go live.
     pub feed_timeout: Duration,
+    /// Channel and row policies, enforced when `auth` is set.
+    pub policy: Arc<Policy>,
 }
 
 impl Default for EdgeConfig {
@@ -72,6 +75,7 @@ impl Default for EdgeConfig {
             drain_window: Duration::ZERO,
             changes: None,
             feed_timeout: Duration::from_secs(10),
+            policy: Arc::default(),
         }
     }
 }
@@ -251,6 +255,10 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "fanout_resync_required_total",
         "Resumes from a position no longer in history (the member was told to resync).",
+    ),
+    Metric::counter(
+        "fanout_row_policy_errors_total",
+        "Row rules that could not be evaluated on a change (missing column, wrong type): only that binding skipped it.",
     ),
     Metric::counter(
         "fanout_change_filter_errors_total",

@@ -104,7 +104,7 @@ impl Sweeper {
                 let Ok(entries) = redis::from_redis_value::<Vec<String>>(entries.clone()) else {
                     continue;
                 };
-                let Ok(channel) = ChannelName::new(&channel) else {
+                let Ok(channel) = ChannelName::from_internal(&channel) else {
                     continue;
                 };
                 let mut diff = PresenceDiff::default();

@@ -53,6 +53,7 @@ pub fn encode_event(event: &Event) -> Bytes {
             connection: o.connection,
         }),
         published_at_ms: event.published_at_ms,
+        sender: event.sender.as_deref().map(str::to_owned),
     };
     Bytes::from(envelope.encode_to_vec())
 }
@@ -67,7 +68,7 @@ pub fn decode_event(bytes: &[u8], position: Position) -> Result<Event, DecodeErr
         _ => return Err(DecodeError::UnknownKind(envelope.kind)),
     };
     Ok(Event {
-        channel: ChannelName::new(&envelope.channel)?,
+        channel: ChannelName::from_internal(&envelope.channel)?,
         kind,
         event: Arc::from(envelope.event),
         payload: envelope.payload,
@@ -78,6 +79,7 @@ pub fn decode_event(bytes: &[u8], position: Position) -> Result<Event, DecodeErr
         }),
         position,
         published_at_ms: envelope.published_at_ms,
+        sender: envelope.sender.map(Arc::from),
     })
 }
 
@@ -88,7 +90,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let event = Event {
-            channel: ChannelName::new("workshop:42").unwrap(),
+            channel: ChannelName::private("workshop:42").unwrap(),
             kind: EventKind::Broadcast,
             event: Arc::from("chat"),
             payload: Bytes::from_static(br#"{"text":"hi"}"#),
@@ -96,6 +98,7 @@ mod tests {
             origin: Some(Origin { node: 7, connection: 9 }),
             position: 0,
             published_at_ms: 1_700_000_000_000,
+            sender: Some(Arc::from("user-1")),
         };
         let decoded = decode_event(&encode_event(&event), 42).unwrap();
         assert_eq!(decoded, Event { position: 42, ..event });

@@ -16,6 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fanout_core::auth::{KeyError, PublicKeyAlg};
+use fanout_core::policy::{ChannelRuleSpec, Policy, TableRuleSpec};
 use fanout_core::{JwtVerifier, Limits};
 
 use crate::roles::Role;
@@ -29,6 +30,8 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// Token keys and checks beyond `jwt_secret` (`auth.*`).
     pub auth: AuthKeys,
+    /// Channel and row policies (`auth.*`), enforced when a key is set.
+    pub policy: Policy,
     pub limits: Limits,
     pub history_max_messages: usize,
     pub history_max_age: Duration,
@@ -139,6 +142,27 @@ settings! {
         "Accepted token issuers, comma-separated; when set, iss is required";
     "auth.leeway_secs", "FANOUT_AUTH_LEEWAY_SECS", "auth-leeway-secs", "SECS", Some("0"),
         "Clock difference accepted on exp and nbf";
+    "auth.project_keys", "FANOUT_AUTH_PROJECT_KEYS", "auth-project-keys", "KEYS", None,
+        "Opaque project keys (e.g. supabase-js publishable keys), comma-separated: a connection with one runs as \
+         role anon until a join's access_token names the user";
+    "auth.channels_claim", "FANOUT_AUTH_CHANNELS_CLAIM", "auth-channels-claim", "CLAIM", Some("channels"),
+        "Claim listing the private channels a token may use (names, or prefixes ending in *)";
+    "auth.public_channels", "FANOUT_AUTH_PUBLIC_CHANNELS", "auth-public-channels", "BOOL", Some("true"),
+        "Public (not private) channels are open to any valid token; false refuses them";
+    "auth.bypass_role", "FANOUT_AUTH_BYPASS_ROLE", "auth-bypass-role", "ROLE", Some("service_role"),
+        "Tokens with this role pass every channel and row policy (empty: none do)";
+    "auth.bind_presence_key", "FANOUT_AUTH_BIND_PRESENCE_KEY", "auth-bind-presence-key", "BOOL", Some("false"),
+        "Bind each presence key to the claim auth.presence_key_claim: a client can only track as itself";
+    "auth.presence_key_claim", "FANOUT_AUTH_PRESENCE_KEY_CLAIM", "auth-presence-key-claim", "CLAIM", Some("sub"),
+        "The claim presence keys are bound to";
+    "auth.stamp_sender", "FANOUT_AUTH_STAMP_SENDER", "auth-stamp-sender", "BOOL", Some("false"),
+        "Stamp each broadcast's meta.sub with the sender's verified sub";
+    "auth.channels", "FANOUT_AUTH_CHANNELS", "auth-channels", "RULES", None,
+        "Channel rules ([[auth.channels]] with pattern, read, write); as a variable or flag, a TOML inline array: \
+         [{pattern = 'workshop:{id}', read = '{id} in claims.workshops'}]";
+    "auth.tables", "FANOUT_AUTH_TABLES", "auth-tables", "RULES", None,
+        "Row rules per table ([auth.tables.\"schema.table\"] with read, columns); as a variable or flag, a TOML \
+         inline table: {'public.notes' = {read = 'user_id == claims.sub'}}";
     "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes", "BYTES", Some("1048576"),
         "Largest client message in bytes";
     "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection", "N",
@@ -243,6 +267,8 @@ impl clap::Args for Flags {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuthKeys {
     pub hs256_secrets: Vec<String>,
+    /// Opaque project keys (never logged: `Debug` shows only their count).
+    pub project_keys: ProjectKeys,
     /// (key id, algorithm, PEM bytes).
     pub public_keys: Vec<(Option<String>, PublicKeyAlg, Vec<u8>)>,
     pub audience: Vec<String>,
@@ -302,11 +328,61 @@ impl AuthKeys {
         for (kid, alg, pem) in &self.public_keys {
             v = v.with_public_key(kid.as_deref(), *alg, pem)?;
         }
+        for key in &self.project_keys.0 {
+            v = v.with_project_key(key);
+        }
         Ok((v.key_count() > 0).then(|| {
             v.with_audience(self.audience.clone())
                 .with_issuer(self.issuer.clone())
                 .with_leeway(self.leeway_secs)
         }))
+    }
+}
+
+/// Opaque project keys; `Debug` prints only how many there are.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ProjectKeys(pub Vec<String>);
+
+impl std::fmt::Debug for ProjectKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProjectKeys({} keys)", self.0.len())
+    }
+}
+
+/// `auth.channels`: an array of tables in the file, a TOML inline array in
+/// a variable or flag.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+struct ChannelRules(Vec<ChannelRuleSpec>);
+
+/// `auth.tables`: a table of tables in the file, a TOML inline table in a
+/// variable or flag.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+struct TableRules(BTreeMap<String, TableRuleSpec>);
+
+/// Parses a one-line TOML value (an inline array or table).
+fn inline_toml<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    #[derive(serde::Deserialize)]
+    struct Wrap<T> {
+        v: T,
+    }
+    toml::from_str::<Wrap<T>>(&format!("v = {s}"))
+        .map(|w| w.v)
+        .map_err(|e| e.message().to_owned())
+}
+
+impl FromStr for ChannelRules {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        inline_toml(s)
+    }
+}
+
+impl FromStr for TableRules {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        inline_toml(s)
     }
 }
 
@@ -443,6 +519,30 @@ impl Reader<'_, '_> {
     }
 }
 
+/// The policies of `auth.*`; rule problems are recorded as errors.
+fn read_policy(r: &mut Reader<'_, '_>) -> Policy {
+    let channels = r.opt::<ChannelRules>("auth.channels").unwrap_or_default();
+    let tables = r.opt::<TableRules>("auth.tables").unwrap_or_default();
+    let bypass: String = r.get("auth.bypass_role");
+    let bind_presence: bool = r.get("auth.bind_presence_key");
+    let presence_claim: String = r.get("auth.presence_key_claim");
+    let base = Policy {
+        channels_claim: r.get("auth.channels_claim"),
+        public_channels: r.get("auth.public_channels"),
+        bypass_role: (!bypass.is_empty()).then_some(bypass),
+        presence_key_claim: bind_presence.then_some(presence_claim),
+        stamp_sender: r.get("auth.stamp_sender"),
+        ..Policy::default()
+    };
+    match base.clone().with_rules(&channels.0, &tables.0) {
+        Ok(policy) => policy,
+        Err(errors) => {
+            r.errors.extend(errors.into_iter().map(|e| format!("auth policy: {e}")));
+            base
+        }
+    }
+}
+
 impl Config {
     /// Builds the configuration of `role` from its sources, or every reason
     /// it is bad, the role's own needs included.
@@ -475,7 +575,13 @@ impl Config {
                 audience: r.opt::<String>("auth.audience").map(|s| list(&s)).unwrap_or_default(),
                 issuer: r.opt::<String>("auth.issuer").map(|s| list(&s)).unwrap_or_default(),
                 leeway_secs: r.get("auth.leeway_secs"),
+                project_keys: ProjectKeys(
+                    r.opt::<String>("auth.project_keys")
+                        .map(|s| list(&s))
+                        .unwrap_or_default(),
+                ),
             },
+            policy: Policy::default(),
             limits,
             history_max_messages: r.get("history.max_messages"),
             history_max_age: Duration::from_secs(r.get("history.max_age_secs")),
@@ -509,6 +615,7 @@ impl Config {
         if config.database_url.is_some() {
             config.postgres_changes = true;
         }
+        config.policy = read_policy(&mut r);
         let mut errors = std::mem::take(&mut r.errors);
         for k in r.unknown_file_keys() {
             errors.push(format!("unknown config key {k:?}"));
@@ -542,8 +649,10 @@ impl Config {
         if let Some(spec) = public_keys {
             config.auth.public_keys = AuthKeys::read_public_keys(&spec, &mut errors);
         }
-        let no_key =
-            config.jwt_secret.is_none() && config.auth.hs256_secrets.is_empty() && config.auth.public_keys.is_empty();
+        let no_key = config.jwt_secret.is_none()
+            && config.auth.hs256_secrets.is_empty()
+            && config.auth.public_keys.is_empty()
+            && config.auth.project_keys.0.is_empty();
         if no_key && !config.listen.ip().is_loopback() {
             errors.push(format!(
                 "refusing to listen on {} without a JWT secret: set FANOUT_JWT_SECRET (or --jwt-secret), or listen on a loopback address for insecure dev mode",

@@ -67,6 +67,11 @@ app.kubernetes.io/component: {{ .role }}
   mountPath: /etc/fanout/nats
   readOnly: true
 {{- end }}
+{{- if .Values.auth.keysSecret }}
+- name: auth-keys
+  mountPath: /etc/fanout/keys
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "fanout.volumes" -}}
@@ -78,6 +83,32 @@ app.kubernetes.io/component: {{ .role }}
   secret:
     secretName: {{ .Values.nats.credentialsSecret }}
 {{- end }}
+{{- if .Values.auth.keysSecret }}
+- name: auth-keys
+  secret:
+    secretName: {{ .Values.auth.keysSecret }}
+{{- end }}
+{{- end -}}
+
+{{/* The edge's token keys beyond the JWT secret: PEM public keys mounted
+from auth.keysSecret, opaque project keys from auth.projectKeysSecret. */}}
+{{- define "fanout.authEnv" -}}
+{{- with .Values.auth.publicKeys }}
+{{- if not $.Values.auth.keysSecret }}{{ fail "auth.publicKeys needs auth.keysSecret (the Secret holding the PEM files)" }}{{ end }}
+- name: FANOUT_AUTH_PUBLIC_KEYS
+  value: {{ include "fanout.publicKeys" . | quote }}
+{{- end }}
+{{- if .Values.auth.projectKeysSecret }}
+- name: FANOUT_AUTH_PROJECT_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.projectKeysSecret }}
+      key: {{ .Values.auth.projectKeysKey }}
+{{- end }}
+{{- end -}}
+
+{{- define "fanout.publicKeys" -}}
+{{- range $i, $k := . }}{{ if $i }},{{ end }}{{ with $k.kid }}{{ . }}={{ end }}{{ $k.alg }}:/etc/fanout/keys/{{ $k.file }}{{ end }}
 {{- end -}}
 
 {{/* /healthz answers while the process runs; /readyz only while it can serve (503 without NATS, or draining). */}}
@@ -115,13 +146,18 @@ integers: values arrive as floats). */}}
 {{ . }}
 {{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
 {{- if eq (float64 .) (float64 (int64 .)) -}}{{ int64 . }}{{- else -}}{{ . }}{{- end -}}
+{{- else if kindIs "slice" . -}}
+[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "fanout.tomlValue" $v }}{{ end }}]
+{{- else if kindIs "map" . -}}
+{ {{- range $i, $k := keys . | sortAlpha }}{{ if $i }},{{ end }} {{ toJson $k }} = {{ include "fanout.tomlValue" (get $ $k) }}{{ end }} }
 {{- else -}}
-{{ fail (printf "config: %v is not a string, number or boolean" .) }}
+{{ fail (printf "config: %v is not a string, number, boolean, list or map" .) }}
 {{- end -}}
 {{- end -}}
 
 {{/* .Values.config as fanout's TOML file: top-level keys, then one table
-per section (fanout's keys are at most two levels deep). */}}
+per section. Deeper values (auth.tables, auth.channels) become TOML inline
+tables and arrays. */}}
 {{- define "fanout.toml" -}}
 # fanout settings from the chart's `config` value (README, "Configuration").
 {{- range $k, $v := . }}

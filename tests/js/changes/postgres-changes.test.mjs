@@ -26,6 +26,15 @@ const ROUTES =
   'public.workshop_participants=workshop:{session_id},public.workshop_activities=workshop:{session_id},' +
   'public.workshop_stage_submissions=workshop:{session_id}';
 
+// With a key configured, every table needs a row rule: this suite's server
+// opens its four tables; the row-policy test below runs an edge of its own.
+const OPEN_TABLES =
+  "{'public.workshop_sessions' = {read = 'public'}, 'public.workshop_participants' = {read = 'public'}, " +
+  "'public.workshop_activities' = {read = 'public'}, 'public.workshop_stage_submissions' = {read = 'public'}}";
+const STRICT_TABLES =
+  "{'public.workshop_sessions' = {read = 'public'}, " +
+  "'public.workshop_participants' = {read = 'session_id in claims.workshops', columns = ['id', 'session_id', 'display_name', 'role']}}";
+
 /** Runs SQL with psql; returns its unaligned output. */
 function sql(text) {
   return execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-At', '-d', DB, '-c', text], {
@@ -44,7 +53,7 @@ function newSession() {
 let server;
 before(async () => {
   assert.ok(DB, 'FANOUT_TEST_DATABASE_URL must point at a PostgreSQL with wal_level=logical (tests/js_suites.rs sets it)');
-  server = await startServer({ args: ['--database-url', DB, '--cdc-routes', ROUTES] });
+  server = await startServer({ args: ['--database-url', DB, '--cdc-routes', ROUTES, '--auth-tables', OPEN_TABLES] });
   // Standalone runs the ingester in-process; against a cluster edge
   // (FANOUT_TEST_NATS_URL), the test harness runs `fanout cdc` and passes
   // its admin port.
@@ -318,5 +327,54 @@ test('supabase-js as the workshop apps use it: one channel per workshop with fou
     );
   } finally {
     for (const sb of users) await Promise.race([sb.removeAllChannels(), sleep(2000)]).catch(() => {});
+  }
+});
+
+test('row policies: a workshop-7 subscriber receives none of workshop 42\'s rows, and the column allow-list strips the rest', async () => {
+  // An edge of its own with strict rules (standalone: its own ingester on
+  // its own slot; cluster: fed by the same `fanout cdc` over NATS).
+  const strict = await startServer({
+    args: ['--database-url', DB, '--cdc-routes', ROUTES, '--cdc-slot', 'fanout_policy_test', '--auth-tables', STRICT_TABLES],
+  });
+  try {
+    if (!process.env.FANOUT_TEST_NATS_URL) {
+      await waitFor(
+        async () => /^fanout_cdc_active 1$/m.test(await (await fetch(`${strict.adminUrl}/metrics`)).text()),
+        15000,
+        'the strict server\'s change stream',
+      );
+    }
+    const [w7, w42] = [newSession(), newSession()];
+    const rows = { a7: [], a42: [], b42: [] };
+    const on = (ch, key, session) =>
+      ch.on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'workshop_participants', filter: `session_id=eq.${session}` }, (p) =>
+        rows[key].push(p.new),
+      );
+    // A is in workshop 7 and asks for 42's rows too; B is in 42.
+    const a = makeClient(strict, { apikey: makeToken({ sub: 'a', workshops: [w7] }) });
+    const b = makeClient(strict, { apikey: makeToken({ sub: 'b', workshops: [w42] }) });
+    await subscribe(on(a.channel(`workshop:${w7}`), 'a7', w7));
+    await subscribe(on(a.channel(`workshop:${w42}`), 'a42', w42));
+    await subscribe(on(b.channel(`workshop:${w42}`), 'b42', w42));
+    // A table without a rule is refused, by name.
+    const noRule = a
+      .channel(`workshop:${w7}:acts`)
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'workshop_activities', filter: `session_id=eq.${w7}` }, () => {});
+    const seen = await subscribeOutcome(noRule, { watchMs: 3000, graceMs: 300 });
+    assert.ok(!seen.some((s) => s.status === 'SUBSCRIBED'), `joined a table without a rule: ${safeJson(seen)}`);
+    assert.match(safeJson(seen), /public\.workshop_activities/);
+
+    sql(`INSERT INTO workshop_participants (session_id, user_id, display_name) VALUES (${w42}, gen_random_uuid(), 'Bo')`);
+    sql(`INSERT INTO workshop_participants (session_id, user_id, display_name) VALUES (${w7}, gen_random_uuid(), 'Al')`);
+    await waitFor(() => rows.b42.length === 1 && rows.a7.length === 1, 10000, 'each workshop\'s row to its member');
+    await sleep(500);
+    assert.equal(rows.a42.length, 0, `workshop 7's member received workshop 42's row: ${safeJson(rows.a42)}`);
+    assert.deepEqual(Object.keys(rows.b42[0]).sort(), ['display_name', 'id', 'role', 'session_id'], 'user_id and joined_at are stripped');
+    assert.equal(rows.b42[0].display_name, 'Bo');
+    assert.equal(rows.a7[0].display_name, 'Al');
+  } finally {
+    await disconnectAll();
+    await strict.stop();
+    if (!process.env.FANOUT_TEST_NATS_URL) sql("SELECT pg_drop_replication_slot('fanout_policy_test') FROM pg_replication_slots WHERE slot_name = 'fanout_policy_test' AND NOT active");
   }
 });

@@ -135,11 +135,17 @@ impl Encoder {
     pub fn event(self, topic: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
         match ev.kind {
             EventKind::Broadcast => {
-                let meta = if replayed {
-                    format!(r#"{{"id":"{}","replayed":true}}"#, ev.position)
-                } else {
-                    format!(r#"{{"id":"{}"}}"#, ev.position)
-                };
+                let mut meta = format!(r#"{{"id":"{}""#, ev.position);
+                if replayed {
+                    meta.push_str(r#","replayed":true"#);
+                }
+                if let Some(sub) = &ev.sender {
+                    // The edge stamps only subs short enough for the
+                    // 255-byte meta of a binary frame.
+                    meta.push_str(r#","sub":"#);
+                    meta.push_str(&json_str(sub));
+                }
+                meta.push('}');
                 self.broadcast(topic, &ev.event, &ev.payload, &meta, ev.binary)
             }
             EventKind::PresenceDiff => {
@@ -153,10 +159,12 @@ impl Encoder {
     }
 
     /// A database change for one topic and set of matching bindings:
-    /// `postgres_changes` with `{ids, data, meta}`.
-    pub fn change(self, topic: &str, ev: &Event, ids: &[u32], replayed: bool) -> Bytes {
+    /// `postgres_changes` with `{ids, data, meta}`; `data` is the change
+    /// record's JSON (the event's payload, or a copy with only the columns
+    /// the table's allow-list keeps).
+    pub fn change(self, topic: &str, ev: &Event, data: &[u8], ids: &[u32], replayed: bool) -> Bytes {
         let ids = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let data = std::str::from_utf8(&ev.payload).unwrap_or("null");
+        let data = std::str::from_utf8(data).unwrap_or("null");
         let replayed = if replayed { r#","replayed":true"# } else { "" };
         let payload = format!(
             r#"{{"ids":[{ids}],"data":{data},"meta":{{"id":"{}"{replayed}}}}}"#,

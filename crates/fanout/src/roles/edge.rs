@@ -116,6 +116,7 @@ impl Start {
             channel_linger: config.channel_linger,
             drain_window: config.drain_window,
             changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
+            policy: Arc::new(config.policy.clone()),
             ..EdgeConfig::default()
         };
         Ok(Self {
