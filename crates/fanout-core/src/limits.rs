@@ -24,6 +24,19 @@ pub struct Limits {
     pub joins_per_second: u32,
     /// Open client connections per process; beyond it the handshake gets 429.
     pub max_connections: usize,
+    /// Open connections per client IP (0: no limit); beyond it, 429.
+    pub max_connections_per_ip: usize,
+    /// Open connections per user (`sub`) (0: no limit); beyond it, 429.
+    pub max_connections_per_sub: usize,
+    /// `Origin`s a browser handshake may come from (empty: any); others get 403.
+    pub allowed_origins: Vec<String>,
+    /// The request header that names the client's IP when a proxy is in front
+    /// (its first address, e.g. `x-forwarded-for`); `None` uses the peer address.
+    pub client_ip_header: Option<String>,
+    /// An HTTP request (the WebSocket handshake included) must arrive whole
+    /// within this long, or the TCP connection is closed (slowloris).
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
     /// A connection that sends nothing (not even a heartbeat) for this long is
     /// closed. realtime-js sends a heartbeat every 25 s.
     #[serde(with = "secs")]
@@ -39,6 +52,11 @@ impl Default for Limits {
             messages_per_second: 1000,
             joins_per_second: 50,
             max_connections: 100_000,
+            max_connections_per_ip: 0,
+            max_connections_per_sub: 0,
+            allowed_origins: Vec::new(),
+            client_ip_header: None,
+            handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         }
     }

@@ -108,7 +108,7 @@ struct Conn {
 
 /// Serves an upgraded socket until it closes: `read` and `write` are its
 /// halves, `leftover` the bytes read past the HTTP upgrade. The caller has
-/// reserved the connection slot ([`Edge::try_open_connection`]); it is
+/// reserved the connection slot (`slot`, from [`Edge::admit`]); it is
 /// released here.
 pub(crate) async fn serve<R>(
     edge: Arc<Edge>,
@@ -117,6 +117,7 @@ pub(crate) async fn serve<R>(
     leftover: Bytes,
     vsn: Vsn,
     claims: Option<Claims>,
+    slot: crate::admission::Slot,
 ) where
     R: AsyncRead + Unpin + Send,
 {
@@ -159,7 +160,7 @@ pub(crate) async fn serve<R>(
     writer.close(reason, false);
     let _ = drain.await;
     reader.linger(Duration::from_secs(2)).await;
-    edge.connection_closed();
+    drop(slot);
     metrics::gauge!("fanout_connections").decrement(1.0);
     metrics::counter!("fanout_connections_closed_total", "reason" => label).increment(1);
 }
@@ -1007,7 +1008,7 @@ mod tests {
 
     /// A connection authenticated on connect with `claims`.
     fn connect_as(edge: &Arc<Edge>, capacity: usize, vsn: Vsn, claims: Option<Claims>) -> Client {
-        assert!(edge.try_open_connection());
+        let slot = edge.admit(None, None).expect("a connection slot");
         let (client, server) = tokio::io::duplex(capacity);
         let (read, write) = tokio::io::split(server);
         tokio::spawn(serve(
@@ -1017,6 +1018,7 @@ mod tests {
             Bytes::new(),
             vsn,
             claims,
+            slot,
         ));
         let (rx, tx) = tokio::io::split(client);
         Client { rx, tx, next_ref: 1 }

@@ -74,27 +74,30 @@ async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, which: Listener) {
     }
 }
 
-async fn serve_http(edge: Arc<Edge>, stream: TcpStream, _peer: SocketAddr, which: Listener) {
+async fn serve_http(edge: Arc<Edge>, stream: TcpStream, peer: SocketAddr, which: Listener) {
     let io = TokioIo::new(stream);
     let svc_edge = edge.clone();
     let service = hyper::service::service_fn(move |req| {
         let edge = svc_edge.clone();
         async move {
             Ok::<_, Infallible>(match which {
-                Listener::Public => public_route(edge, req).await,
+                Listener::Public => public_route(edge, req, peer).await,
                 Listener::Admin => admin_route(&edge, &req),
             })
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(edge.config.limits.handshake_timeout)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
+                if e.is_timeout() {
+                    metrics::counter!("fanout_handshake_timeouts_total").increment(1);
+                }
                 tracing::debug!(error = %e, "http connection error");
             }
         }
@@ -174,10 +177,10 @@ pub async fn serve_admin(
     }
 }
 
-async fn public_route(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
+async fn public_route(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req),
+        (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req, peer),
         (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
         (Method::POST, p) if p.starts_with("/realtime/v1/api/broadcast/") => with_cors(rest_send(edge, req).await),
         (Method::OPTIONS, p) if p.starts_with("/realtime/v1/api/broadcast") => {
@@ -310,7 +313,26 @@ fn unauthorized(e: fanout_core::AuthError) -> Response<Body> {
     json_error(StatusCode::UNAUTHORIZED, &format!("unauthorized: {e}"))
 }
 
-fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
+/// The client's address: the configured proxy header's first address, or
+/// the TCP peer.
+fn client_ip(edge: &Edge, req: &Request<Incoming>, peer: SocketAddr) -> std::net::IpAddr {
+    edge.config
+        .limits
+        .client_ip_header
+        .as_deref()
+        .and_then(|h| req.headers().get(h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| peer.ip())
+}
+
+fn refused(r: &crate::admission::Refusal) -> Response<Body> {
+    metrics::counter!("fanout_handshake_rejections_total", "reason" => r.label()).increment(1);
+    json_error(r.status(), &r.to_string())
+}
+
+fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_owned();
     let Some(vsn) = Vsn::parse(query_param(&query, "vsn").as_deref()) else {
         metrics::counter!("fanout_handshake_rejections_total", "reason" => "bad_request").increment(1);
@@ -326,18 +348,22 @@ fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
             "server is draining; connect to another node",
         );
     }
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let Err(r) = edge.admission.check_origin(origin) {
+        return refused(&r);
+    }
     let claims = match authenticate(&edge, &req, &query) {
         Ok(c) => c,
         Err(e) => return unauthorized(e),
     };
-    if !edge.try_open_connection() {
-        metrics::counter!("fanout_handshake_rejections_total", "reason" => "too_many").increment(1);
-        return json_error(StatusCode::TOO_MANY_REQUESTS, "too many connections on this node");
-    }
+    let ip = client_ip(&edge, &req, peer);
+    let slot = match edge.admit(Some(ip), claims.as_ref().and_then(|c| c.sub.as_deref())) {
+        Ok(slot) => slot,
+        Err(r) => return refused(&r),
+    };
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => {
-            edge.connection_closed();
             return json_error(StatusCode::BAD_REQUEST, &format!("bad WebSocket handshake: {e}"));
         }
     };
@@ -346,8 +372,8 @@ fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
         let upgraded = match upgrade.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
+                // Dropping the slot gives it back.
                 tracing::debug!(error = %e, "upgrade failed");
-                edge2.connection_closed();
                 return;
             }
         };
@@ -356,12 +382,9 @@ fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>) -> Response<Body> {
                 let stream = parts.io.into_inner();
                 let _ = stream.set_nodelay(true);
                 let (read, write) = stream.into_split();
-                crate::conn::serve(edge2, read, Box::new(write), parts.read_buf, vsn, claims).await;
+                crate::conn::serve(edge2, read, Box::new(write), parts.read_buf, vsn, claims, slot).await;
             }
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                edge2.connection_closed();
-            }
+            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
     });
     let (parts, _) = resp.into_parts();

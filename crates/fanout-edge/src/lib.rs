@@ -21,6 +21,7 @@
 //! edge loses nothing that clients cannot get back by rejoining (with
 //! `config.resume` for history).
 
+pub mod admission;
 mod conn;
 use fanout_core::metric::Metric;
 
@@ -33,7 +34,7 @@ mod reader;
 pub mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fanout_core::policy::Policy;
@@ -91,7 +92,7 @@ pub struct Edge {
     pub presence: Arc<dyn PresenceStore>,
     metrics: Option<PrometheusHandle>,
     next_conn: AtomicU64,
-    connections: AtomicUsize,
+    admission: Arc<admission::Admission>,
     draining: AtomicBool,
     /// Every task the edge starts, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -133,6 +134,7 @@ impl Edge {
             tasks.clone(),
             shutdown.clone(),
         );
+        let admission = Arc::new(admission::Admission::new(&config.limits));
         Arc::new(Self {
             node,
             config,
@@ -141,7 +143,7 @@ impl Edge {
             presence,
             metrics,
             next_conn: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
+            admission,
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
@@ -152,21 +154,15 @@ impl Edge {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a connection slot; `false` when at the limit.
-    fn try_open_connection(&self) -> bool {
-        let max = self.config.limits.max_connections;
-        self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .is_ok()
-    }
-
-    fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
+    /// Reserves a connection slot for a client at `ip` as `sub`, or says
+    /// which limit it would cross ([`admission`]).
+    fn admit(&self, ip: Option<std::net::IpAddr>, sub: Option<&str>) -> Result<admission::Slot, admission::Refusal> {
+        self.admission.admit(ip, sub)
     }
 
     /// Open client connections.
     pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
+        self.admission.count()
     }
 
     /// Ready to take traffic: not draining and the bus is reachable.
@@ -206,7 +202,22 @@ pub const METRICS: &[Metric] = &[
         "fanout_handshake_rejections_total",
         "WebSocket handshakes refused, by reason.",
     )
-    .labelled("reason", &["unauthorized", "bad_request", "draining", "too_many"]),
+    .labelled(
+        "reason",
+        &[
+            "unauthorized",
+            "bad_request",
+            "draining",
+            "too_many",
+            "too_many_per_ip",
+            "too_many_per_sub",
+            "origin",
+        ],
+    ),
+    Metric::counter(
+        "fanout_handshake_timeouts_total",
+        "HTTP connections closed because a request (a handshake) did not arrive whole in time.",
+    ),
     Metric::gauge("fanout_channels", "Channels with a running fan-out task on this node."),
     Metric::gauge(
         "fanout_channel_members",

@@ -178,6 +178,16 @@ settings! {
         "Client connections per process; more get HTTP 429";
     "limits.idle_timeout_secs", "FANOUT_IDLE_TIMEOUT_SECS", "idle-timeout-secs", "SECS", Some("60"),
         "Close connections silent for this long; clients heartbeat every 25 s";
+    "limits.max_connections_per_ip", "FANOUT_MAX_CONNECTIONS_PER_IP", "max-connections-per-ip", "N", Some("0"),
+        "Client connections per client IP; more get HTTP 429 (0 = unlimited)";
+    "limits.max_connections_per_sub", "FANOUT_MAX_CONNECTIONS_PER_SUB", "max-connections-per-sub", "N", Some("0"),
+        "Client connections per user (the token's sub); more get HTTP 429 (0 = unlimited)";
+    "limits.allowed_origins", "FANOUT_ALLOWED_ORIGINS", "allowed-origins", "ORIGINS", None,
+        "Origins browser handshakes may come from, comma-separated (* any); others get HTTP 403. Unset: any";
+    "limits.client_ip_header", "FANOUT_CLIENT_IP_HEADER", "client-ip-header", "HEADER", None,
+        "Header naming the client IP behind a proxy (its first address, e.g. x-forwarded-for); unset: the peer address";
+    "limits.handshake_timeout_secs", "FANOUT_HANDSHAKE_TIMEOUT_SECS", "handshake-timeout-secs", "SECS", Some("10"),
+        "An HTTP request (a WebSocket handshake included) must arrive whole within this long";
     "history.max_messages", "FANOUT_HISTORY_MAX_MESSAGES", "history-max-messages", "N", Some("10000"),
         "Messages kept per channel for resume";
     "history.max_age_secs", "FANOUT_HISTORY_MAX_AGE_SECS", "history-max-age-secs", "SECS", Some("300"),
@@ -559,6 +569,17 @@ impl Config {
             messages_per_second: r.get("limits.messages_per_second"),
             joins_per_second: r.get("limits.joins_per_second"),
             max_connections: r.get("limits.max_connections"),
+            max_connections_per_ip: r.get("limits.max_connections_per_ip"),
+            max_connections_per_sub: r.get("limits.max_connections_per_sub"),
+            allowed_origins: r
+                .opt::<String>("limits.allowed_origins")
+                .map(|s| list(&s))
+                .unwrap_or_default(),
+            client_ip_header: r
+                .opt::<String>("limits.client_ip_header")
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_ascii_lowercase()),
+            handshake_timeout: Duration::from_secs(r.get("limits.handshake_timeout_secs")),
             idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs")),
         };
         let public_keys = r.opt::<String>("auth.public_keys");
