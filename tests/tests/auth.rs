@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fanout_tests::{Fanout, WsClient, repo_root};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
@@ -135,5 +135,168 @@ async fn bad_key_settings_exit_64_naming_each() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("without a JWT secret"), "{stderr}");
+    Ok(())
+}
+
+/// A JWKS document server on loopback whose document (and status) the test
+/// changes; it counts the fetches.
+struct JwksServer {
+    port: u16,
+    doc: std::sync::Arc<std::sync::Mutex<(u16, String)>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    async fn start(doc: String) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new((200u16, doc)));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, f) = (state.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (status, body) = s.lock().unwrap().clone();
+                f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = sock.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            doc: state,
+            fetches,
+        })
+    }
+
+    fn set(&self, status: u16, doc: &str) {
+        *self.doc.lock().unwrap() = (status, doc.to_owned());
+    }
+}
+
+fn jwks_doc(keys: &[&str]) -> String {
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(key_path("jwks.json")).unwrap()).unwrap();
+    let picked: Vec<_> = all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| keys.contains(&k["kid"].as_str().unwrap_or_default()))
+        .cloned()
+        .collect();
+    json!({ "keys": picked }).to_string()
+}
+
+/// A key is published, then the old one retired: new tokens follow the
+/// document, a client connected with a still-valid token is never
+/// disconnected, and a failed fetch keeps the keys.
+#[tokio::test]
+async fn jwks_rotation_disconnects_no_client_with_a_valid_token() -> Result<()> {
+    let server = JwksServer::start(jwks_doc(&["ec-jwk"])).await?;
+    let url = format!("http://127.0.0.1:{}/.well-known/jwks.json", server.port);
+    let f = Fanout::start(&["--auth-jwks", &url, "--auth-jwks-refresh-secs", "1"], &[]).await?;
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(key_path("ec.key"))?)?;
+    let ed = EncodingKey::from_ed_pem(&std::fs::read(key_path("ed.key"))?)?;
+    let claims = json!({"sub": "u1", "exp": now() + 600});
+    let old = token(Algorithm::ES256, Some("ec-jwk"), &ec, claims.clone());
+    let new = token(Algorithm::EdDSA, Some("ed-jwk"), &ed, claims.clone());
+
+    let mut a = WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&old))).await?;
+    fanout_tests::join_v1(&mut a, "realtime:rotation", json!({}), "1").await?;
+    assert!(
+        handshake_answer(f.port, &f.ws_path("1.0.0", Some(&new)))
+            .await?
+            .starts_with("HTTP/1.1 401"),
+        "the new key is not published yet"
+    );
+
+    // Published: the unknown kid asks for an early refresh.
+    server.set(200, &jwks_doc(&["ec-jwk", "ed-jwk"]));
+    let mut b = None;
+    for _ in 0..40 {
+        if let Ok(c) = WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&new))).await {
+            b = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut b = b.context("a token of the newly published key was never accepted")?;
+    fanout_tests::join_v1(&mut b, "realtime:rotation", json!({}), "1").await?;
+
+    // Retired: new connections with the old key are refused...
+    server.set(200, &jwks_doc(&["ed-jwk"]));
+    let mut refused = false;
+    for _ in 0..40 {
+        if WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&old)))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(refused, "the retired key still opened connections");
+    let answer = handshake_answer(f.port, &f.ws_path("1.0.0", Some(&old))).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 401") && answer.contains("unknown key id"),
+        "{answer}"
+    );
+    // ...but the client that connected with it keeps its channel.
+    let push = json!({"topic": "realtime:rotation", "event": "broadcast", "ref": "2",
+        "payload": {"type": "broadcast", "event": "hi", "payload": {"from": "b"}}});
+    b.send_json(&push).await?;
+    let got = a
+        .recv_until(Duration::from_secs(5), |v| v["event"] == "broadcast")
+        .await?;
+    assert_eq!(got["payload"]["payload"]["from"], "b");
+
+    // The document server fails: the keys stay.
+    server.set(500, "oops");
+    let before = server.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    while server.fetches.load(std::sync::atomic::Ordering::SeqCst) < before + 2 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&new))).await;
+    assert!(c.is_ok(), "a failed refresh dropped the keys");
+    let m = f.metrics().await?;
+    assert!(
+        fanout_tests::metric_value(&m, "fanout_jwks_refreshes_total{result=\"error\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(fanout_tests::metric_value(&m, "fanout_jwks_keys"), 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_jwks_file_is_read_at_start_and_a_bad_one_stops_the_edge() -> Result<()> {
+    let f = Fanout::start(&["--auth-jwks", &key_path("jwks.json")], &[]).await?;
+    let rs = EncodingKey::from_rsa_pem(&std::fs::read(key_path("rsa.key"))?)?;
+    let t = token(
+        Algorithm::RS256,
+        Some("rsa-jwk"),
+        &rs,
+        json!({"sub": "u", "exp": now() + 60}),
+    );
+    WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&t))).await?;
+    let out = std::process::Command::new(fanout_tests::fanout_bin())
+        .args([
+            "--auth-jwks",
+            &key_path("ec.pub"),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an edge started with a PEM file as its JWKS");
+    assert!(stderr.contains("not a JWKS document"), "{stderr}");
     Ok(())
 }

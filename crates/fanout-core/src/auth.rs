@@ -122,10 +122,106 @@ struct Key {
     key: DecodingKey,
 }
 
+/// Keys from a JWKS document, replaced as a whole when it is fetched again
+/// (shared by every clone of the verifier that holds it).
+#[derive(Default)]
+pub struct JwksKeys {
+    keys: std::sync::RwLock<Vec<Key>>,
+    /// A token named a key id no key has: the document may have a new key.
+    unknown_kid: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for JwksKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JwksKeys({} keys)", self.len())
+    }
+}
+
+impl JwksKeys {
+    /// Replaces the keys with those of a JWKS document (`{"keys": [...]}`).
+    /// Keys fanout cannot verify with (encryption keys, HMAC keys,
+    /// algorithms other than RS256 / ES256 / EdDSA) are skipped; a document
+    /// with no usable key is an error and changes nothing. Returns how many
+    /// keys were taken.
+    pub fn replace(&self, document: &[u8]) -> Result<usize, KeyError> {
+        let keys = parse_jwks(document)?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a token named an unknown key id since the last call (the
+    /// refresher then fetches the document early).
+    pub fn take_unknown_kid(&self) -> bool {
+        self.unknown_kid.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+/// The usable keys of a JWKS document.
+fn parse_jwks(document: &[u8]) -> Result<Vec<Key>, KeyError> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+    #[derive(Deserialize)]
+    struct Doc {
+        keys: Vec<serde_json::Value>,
+    }
+    let doc: Doc = serde_json::from_slice(document)
+        .map_err(|e| KeyError(format!("not a JWKS document ({{\"keys\": [...]}}): {e}")))?;
+    let mut keys = Vec::new();
+    for raw in doc.keys {
+        // One key fanout cannot read must not hide the others.
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+            (Some(KeyAlgorithm::RS256), AlgorithmParameters::RSA(_)) | (None, AlgorithmParameters::RSA(_)) => {
+                Algorithm::RS256
+            }
+            (Some(KeyAlgorithm::ES256), AlgorithmParameters::EllipticCurve(p))
+            | (None, AlgorithmParameters::EllipticCurve(p))
+                if p.curve == EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            (Some(KeyAlgorithm::EdDSA), AlgorithmParameters::OctetKeyPair(p))
+            | (None, AlgorithmParameters::OctetKeyPair(p))
+                if p.curve == EllipticCurve::Ed25519 =>
+            {
+                Algorithm::EdDSA
+            }
+            _ => continue,
+        };
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else { continue };
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err(KeyError(
+            "the JWKS document has no RS256, ES256 (P-256) or EdDSA (Ed25519) signing key".into(),
+        ));
+    }
+    Ok(keys)
+}
+
 /// Verifies tokens against a set of keys. See the module docs.
 #[derive(Clone)]
 pub struct JwtVerifier {
     keys: Vec<Key>,
+    /// Keys of a JWKS document, refreshed by the binary.
+    jwks: Option<std::sync::Arc<JwksKeys>>,
     /// Opaque project keys (supabase-js's publishable keys are not JWTs):
     /// a connection that presents one runs as role `anon` until a join's
     /// `access_token` says who the user is.
@@ -140,6 +236,7 @@ impl std::fmt::Debug for JwtVerifier {
         let keys: Vec<_> = self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
         f.debug_struct("JwtVerifier")
             .field("keys", &keys)
+            .field("jwks", &self.jwks)
             .field("project_keys", &self.project_keys.len())
             .field("leeway_secs", &self.leeway_secs)
             .field("audience", &self.audience)
@@ -153,6 +250,7 @@ impl Default for JwtVerifier {
     fn default() -> Self {
         Self {
             keys: Vec::new(),
+            jwks: None,
             project_keys: Vec::new(),
             leeway_secs: 0,
             audience: Vec::new(),
@@ -174,6 +272,13 @@ impl JwtVerifier {
             alg: Algorithm::HS256,
             key: DecodingKey::from_secret(secret),
         });
+        self
+    }
+
+    /// Also verifies with the keys of a JWKS document, whatever they are at
+    /// the time of each check.
+    pub fn with_jwks(mut self, jwks: std::sync::Arc<JwksKeys>) -> Self {
+        self.jwks = Some(jwks);
         self
     }
 
@@ -218,9 +323,10 @@ impl JwtVerifier {
     }
 
     /// How many keys it holds.
-    /// Token keys and project keys.
+    /// Token keys, project keys and a JWKS document (counted as one, since
+    /// its keys change).
     pub fn key_count(&self) -> usize {
-        self.keys.len() + self.project_keys.len()
+        self.keys.len() + self.project_keys.len() + usize::from(self.jwks.is_some())
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -270,15 +376,23 @@ impl JwtVerifier {
             return Err(AuthError::Missing);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let jwks = self
+            .jwks
+            .as_ref()
+            .map(|j| j.keys.read().unwrap_or_else(|e| e.into_inner()));
+        let all = self.keys.iter().chain(jwks.iter().flat_map(|k| k.iter()));
         let by_kid: Vec<&Key> = match &header.kid {
             Some(kid) => {
-                let keys: Vec<&Key> = self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
+                let keys: Vec<&Key> = all.filter(|k| k.kid.as_deref() == Some(kid)).collect();
                 if keys.is_empty() {
+                    if let Some(j) = &self.jwks {
+                        j.unknown_kid.store(true, std::sync::atomic::Ordering::Release);
+                    }
                     return Err(AuthError::UnknownKey(kid.clone()));
                 }
                 keys
             }
-            None => self.keys.iter().collect(),
+            None => all.collect(),
         };
         let candidates: Vec<&Key> = by_kid.into_iter().filter(|k| k.alg == header.alg).collect();
         if candidates.is_empty() {
@@ -547,5 +661,44 @@ mod tests {
         assert_eq!(v.verify_apikey(&user).unwrap().sub.as_deref(), Some("u1"));
         assert!(!format!("{v:?}").contains("abc123"), "keys are never printed");
         assert_eq!(v.key_count(), 2);
+    }
+
+    #[test]
+    fn jwks_keys_verify_by_kid_and_rotate_without_touching_other_keys() {
+        let jwks = std::sync::Arc::new(JwksKeys::default());
+        // The encryption key, the HMAC key and nothing else are skipped.
+        assert_eq!(jwks.replace(include_bytes!("../testdata/keys/jwks.json")), Ok(3));
+        let v = JwtVerifier::hs256(b"s").with_jwks(jwks.clone());
+        let claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+        let es = signed(Algorithm::ES256, Some("ec-jwk"), &private(1), claims.clone());
+        let ed = signed(Algorithm::EdDSA, Some("ed-jwk"), &private(2), claims.clone());
+        let rs = signed(Algorithm::RS256, Some("rsa-jwk"), &private(0), claims.clone());
+        for t in [&es, &ed, &rs] {
+            assert_eq!(v.verify(t).unwrap().sub.as_deref(), Some("u1"));
+        }
+        // An HS256 token with the JWKS's `oct` key id is not checked against it.
+        let hs = signed(
+            Algorithm::HS256,
+            Some("hmac"),
+            &EncodingKey::from_secret(b"secret"),
+            claims.clone(),
+        );
+        assert_eq!(v.verify(&hs), Err(AuthError::UnknownKey("hmac".into())));
+        assert!(jwks.take_unknown_kid(), "an unknown kid asks for a refresh");
+        assert!(!jwks.take_unknown_kid());
+
+        // Rotation: the new document keeps only the EC key.
+        assert_eq!(
+            jwks.replace(include_bytes!("../testdata/keys/jwks-ec-only.json")),
+            Ok(1)
+        );
+        assert!(v.verify(&es).is_ok());
+        assert_eq!(v.verify(&rs), Err(AuthError::UnknownKey("rsa-jwk".into())));
+        // A bad document changes nothing.
+        assert!(jwks.replace(b"{\"keys\": []}").is_err());
+        assert!(jwks.replace(b"not json").is_err());
+        assert!(v.verify(&es).is_ok());
+        // The HS256 secret still works beside the JWKS.
+        assert!(v.verify(&token(b"s", claims)).is_ok());
     }
 }

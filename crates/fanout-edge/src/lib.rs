@@ -28,6 +28,7 @@ use fanout_core::metric::Metric;
 pub mod frame;
 pub mod http;
 pub mod hub;
+pub mod jwks;
 pub mod protocol;
 mod ratelimit;
 mod reader;
@@ -267,6 +268,15 @@ pub const METRICS: &[Metric] = &[
         "fanout_resync_required_total",
         "Resumes from a position no longer in history (the member was told to resync).",
     ),
+    Metric::gauge(
+        "fanout_jwks_keys",
+        "Signing keys in the JWKS document (auth.jwks) the edge verifies with.",
+    ),
+    Metric::counter(
+        "fanout_jwks_refreshes_total",
+        "Fetches of the JWKS document, by result (an error keeps the keys from before).",
+    )
+    .labelled("result", &["ok", "error"]),
     Metric::counter(
         "fanout_row_policy_errors_total",
         "Row rules that could not be evaluated on a change (missing column, wrong type): only that binding skipped it.",

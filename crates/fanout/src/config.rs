@@ -15,9 +15,11 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use fanout_core::auth::JwksKeys;
 use fanout_core::auth::{KeyError, PublicKeyAlg};
 use fanout_core::policy::{ChannelRuleSpec, Policy, TableRuleSpec};
 use fanout_core::{JwtVerifier, Limits};
+use fanout_edge::jwks::JwksSource;
 
 use crate::roles::Role;
 
@@ -142,6 +144,10 @@ settings! {
         "Accepted token issuers, comma-separated; when set, iss is required";
     "auth.leeway_secs", "FANOUT_AUTH_LEEWAY_SECS", "auth-leeway-secs", "SECS", Some("0"),
         "Clock difference accepted on exp and nbf";
+    "auth.jwks", "FANOUT_AUTH_JWKS", "auth-jwks", "FILE|URL", None,
+        "A JWKS document of public keys (picked by kid): a file, or an http:// URL fetched at start and refreshed";
+    "auth.jwks_refresh_secs", "FANOUT_AUTH_JWKS_REFRESH_SECS", "auth-jwks-refresh-secs", "SECS", Some("300"),
+        "Refresh the JWKS document this often (and soon after a token names an unknown kid)";
     "auth.project_keys", "FANOUT_AUTH_PROJECT_KEYS", "auth-project-keys", "KEYS", None,
         "Opaque project keys (e.g. supabase-js publishable keys), comma-separated: a connection with one runs as \
          role anon until a join's access_token names the user";
@@ -277,6 +283,9 @@ impl clap::Args for Flags {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AuthKeys {
     pub hs256_secrets: Vec<String>,
+    /// The JWKS document (`auth.jwks`), read and refreshed by the edge.
+    pub jwks: Option<JwksSource>,
+    pub jwks_refresh: Duration,
     /// Opaque project keys (never logged: `Debug` shows only their count).
     pub project_keys: ProjectKeys,
     /// (key id, algorithm, PEM bytes).
@@ -327,7 +336,11 @@ impl AuthKeys {
     /// The verifier for `jwt_secret` and these keys; `None` when there is no
     /// key at all (insecure dev mode). A key that no longer parses is an
     /// error, never a fall-back to dev mode.
-    pub fn verifier(&self, jwt_secret: Option<&str>) -> Result<Option<JwtVerifier>, KeyError> {
+    pub fn verifier(
+        &self,
+        jwt_secret: Option<&str>,
+        jwks: Option<std::sync::Arc<JwksKeys>>,
+    ) -> Result<Option<JwtVerifier>, KeyError> {
         let secrets = jwt_secret
             .into_iter()
             .chain(self.hs256_secrets.iter().map(String::as_str));
@@ -340,6 +353,9 @@ impl AuthKeys {
         }
         for key in &self.project_keys.0 {
             v = v.with_project_key(key);
+        }
+        if let Some(jwks) = jwks {
+            v = v.with_jwks(jwks);
         }
         Ok((v.key_count() > 0).then(|| {
             v.with_audience(self.audience.clone())
@@ -583,6 +599,7 @@ impl Config {
             idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs")),
         };
         let public_keys = r.opt::<String>("auth.public_keys");
+        let jwks_spec = r.opt::<String>("auth.jwks");
         let config = Config {
             listen: r.get("listen"),
             admin_listen: r.get("admin_listen"),
@@ -596,6 +613,8 @@ impl Config {
                 audience: r.opt::<String>("auth.audience").map(|s| list(&s)).unwrap_or_default(),
                 issuer: r.opt::<String>("auth.issuer").map(|s| list(&s)).unwrap_or_default(),
                 leeway_secs: r.get("auth.leeway_secs"),
+                jwks: None,
+                jwks_refresh: Duration::from_secs(r.get("auth.jwks_refresh_secs")),
                 project_keys: ProjectKeys(
                     r.opt::<String>("auth.project_keys")
                         .map(|s| list(&s))
@@ -667,13 +686,23 @@ impl Config {
         if config.presence_sweep.is_zero() {
             errors.push("presence.sweep_secs must be at least 1".into());
         }
+        if let Some(spec) = jwks_spec {
+            match JwksSource::parse(&spec) {
+                Ok(source) => config.auth.jwks = Some(source),
+                Err(e) => errors.push(e),
+            }
+        }
+        if config.auth.jwks_refresh.is_zero() {
+            errors.push("auth.jwks_refresh_secs must be at least 1".into());
+        }
         if let Some(spec) = public_keys {
             config.auth.public_keys = AuthKeys::read_public_keys(&spec, &mut errors);
         }
         let no_key = config.jwt_secret.is_none()
             && config.auth.hs256_secrets.is_empty()
             && config.auth.public_keys.is_empty()
-            && config.auth.project_keys.0.is_empty();
+            && config.auth.project_keys.0.is_empty()
+            && config.auth.jwks.is_none();
         if no_key && !config.listen.ip().is_loopback() {
             errors.push(format!(
                 "refusing to listen on {} without a JWT secret: set FANOUT_JWT_SECRET (or --jwt-secret), or listen on a loopback address for insecure dev mode",
@@ -888,10 +917,10 @@ mod tests {
             kinds,
             [(Some("ec-1"), PublicKeyAlg::Es256), (None, PublicKeyAlg::EdDsa)]
         );
-        let v = c.auth.verifier(None).unwrap().expect("keys make a verifier");
+        let v = c.auth.verifier(None, None).unwrap().expect("keys make a verifier");
         assert_eq!(v.key_count(), 4, "two secrets and two public keys");
         assert!(
-            AuthKeys::default().verifier(None).unwrap().is_none(),
+            AuthKeys::default().verifier(None, None).unwrap().is_none(),
             "no key: dev mode"
         );
 

@@ -100,9 +100,28 @@ impl Start {
         let public = bind_with_backlog(config.listen)
             .with_context(|| format!("binding the public listener on {}", config.listen))?;
         let admin = bind_admin(config).await?;
+        // The JWKS document is read (fetched) now, so an edge that cannot
+        // verify tokens does not start; then it is refreshed in the background.
+        let jwks = match &config.auth.jwks {
+            Some(source) => {
+                let keys = Arc::new(fanout_core::auth::JwksKeys::default());
+                let n = fanout_edge::jwks::refresh(source, &keys)
+                    .await
+                    .context("loading the JWKS document (auth.jwks)")?;
+                tracing::info!(keys = n, "JWKS loaded");
+                process.tasks.spawn(fanout_edge::jwks::run_refresher(
+                    source.clone(),
+                    keys.clone(),
+                    config.auth.jwks_refresh,
+                    process.shutdown.clone(),
+                ));
+                Some(keys)
+            }
+            None => None,
+        };
         let auth = config
             .auth
-            .verifier(config.jwt_secret.as_deref())
+            .verifier(config.jwt_secret.as_deref(), jwks)
             .context("loading the token keys")?;
         if auth.is_none() {
             tracing::warn!(
