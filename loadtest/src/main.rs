@@ -126,6 +126,13 @@ struct Args {
     /// HS256 secret: mint an apikey JWT (with `exp`) instead of passing --apikey.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// More claims for the minted JWT, a JSON object (e.g. '{"workshops": [0]}'
+    /// for a server with row or channel policies).
+    #[arg(long, value_parser = parse_claims)]
+    jwt_claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Mint the JWT with ES256 and this PEM private key instead of HS256.
+    #[arg(long)]
+    jwt_es256_key: Option<std::path::PathBuf>,
     /// Loopback source addresses per load process (127.0.0.1 … 127.0.0.N for
     /// the first, the next N for the second …), for more than ~28,000
     /// connections per address pair.
@@ -175,17 +182,37 @@ impl Args {
     }
 }
 
-/// An HS256 token for `apikey`, valid for the run plus an hour.
-fn mint_jwt(secret: &str, seconds: u64) -> Result<String> {
-    use jsonwebtoken::{EncodingKey, Header, encode};
+fn parse_claims(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    serde_json::from_str(s).map_err(|e| format!("--jwt-claims must be a JSON object: {e}"))
+}
+
+/// Which key signs the minted `apikey`.
+enum Signer<'a> {
+    Hs256(&'a str),
+    Es256(&'a std::path::Path),
+}
+
+/// A token for `apikey`, valid for the run plus an hour, with `extra` claims.
+fn mint_jwt(
+    signer: Signer<'_>,
+    seconds: u64,
+    extra: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     let exp = session::now_micros() / 1_000_000 + seconds + 3600;
-    let claims = serde_json::json!({"sub": "fanout-loadtest", "role": "authenticated", "exp": exp});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .context("minting the JWT")
+    let mut claims = serde_json::json!({"sub": "fanout-loadtest", "role": "authenticated", "exp": exp});
+    for (k, v) in extra.into_iter().flatten() {
+        claims[k] = v.clone();
+    }
+    let (header, key) = match signer {
+        Signer::Hs256(secret) => (Header::default(), EncodingKey::from_secret(secret.as_bytes())),
+        Signer::Es256(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let key = EncodingKey::from_ec_pem(&pem).context("--jwt-es256-key is not an EC private key (PEM)")?;
+            (Header::new(Algorithm::ES256), key)
+        }
+    };
+    encode(&header, &claims, &key).context("minting the JWT")
 }
 
 /// Runs `args.scenario` in one load process.
@@ -219,10 +246,15 @@ async fn main() -> Result<()> {
     let mut args = Args::parse();
     // Each socket is a file; take all this process may have.
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024) as usize;
-    if args.apikey.is_none()
-        && let Some(secret) = &args.jwt_secret
-    {
-        args.apikey = Some(mint_jwt(secret, args.duration)?);
+    if args.apikey.is_none() {
+        let signer = match (&args.jwt_es256_key, &args.jwt_secret) {
+            (Some(key), _) => Some(Signer::Es256(key)),
+            (None, Some(secret)) => Some(Signer::Hs256(secret)),
+            (None, None) => None,
+        };
+        if let Some(signer) = signer {
+            args.apikey = Some(mint_jwt(signer, args.duration, args.jwt_claims.as_ref())?);
+        }
     }
     if args.scenario == Scenario::ReconnectStorm && args.kill_pid.is_none() && args.drain_pid.is_none() {
         anyhow::bail!("reconnect-storm needs --kill-pid or --drain-pid (and two or more --url)");
