@@ -346,6 +346,43 @@ struct RestMessage<'a> {
     private: bool,
 }
 
+/// Why a REST broadcast body was refused (the 400 response's `error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RestBodyError {
+    #[error("invalid body: {0}; expected {{\"messages\": [{{\"topic\", \"event\", \"payload\"}}]}}")]
+    Json(String),
+    #[error("messages[{index}].topic: {error}")]
+    Topic { index: usize, error: fanout_core::ChannelError },
+    #[error("messages[{0}]: private channels are not supported")]
+    Private(usize),
+    #[error("messages[{0}].event must be 1 to 255 bytes")]
+    Event(usize),
+}
+
+/// The events of a REST broadcast body, `{messages: [{topic, event,
+/// payload, private}]}`, all checked before any is published. No I/O, so
+/// the fuzz targets call it directly.
+pub(crate) fn parse_rest_broadcast(body: &[u8]) -> Result<Vec<Event>, RestBodyError> {
+    let parsed: RestBroadcast<'_> = serde_json::from_slice(body).map_err(|e| RestBodyError::Json(e.to_string()))?;
+    let mut events = Vec::with_capacity(parsed.messages.len());
+    for (index, m) in parsed.messages.iter().enumerate() {
+        let channel =
+            ChannelName::from_name_or_topic(&m.topic).map_err(|error| RestBodyError::Topic { index, error })?;
+        if m.private {
+            return Err(RestBodyError::Private(index));
+        }
+        if m.event.is_empty() || m.event.len() > 255 {
+            return Err(RestBodyError::Event(index));
+        }
+        let payload = m.payload.map_or_else(
+            || Bytes::from_static(b"{}"),
+            |p| Bytes::copy_from_slice(p.get().as_bytes()),
+        );
+        events.push(Event::broadcast(channel, &m.event, payload, false, None));
+    }
+    Ok(events)
+}
+
 /// `POST /realtime/v1/api/broadcast` `{messages: [{topic, event, payload}]}`
 /// → 202 once every message is on the bus.
 async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
@@ -356,39 +393,10 @@ async fn rest_broadcast(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Bod
     let Some(body) = read_body(&edge, req.into_body()).await else {
         return too_large(&edge);
     };
-    let parsed: RestBroadcast<'_> = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid body: {e}; expected {{\"messages\": [{{\"topic\", \"event\", \"payload\"}}]}}"),
-            );
-        }
+    let events = match parse_rest_broadcast(&body) {
+        Ok(events) => events,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let mut events = Vec::with_capacity(parsed.messages.len());
-    for (i, m) in parsed.messages.iter().enumerate() {
-        let channel = match ChannelName::from_name_or_topic(&m.topic) {
-            Ok(c) => c,
-            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("messages[{i}].topic: {e}")),
-        };
-        if m.private {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("messages[{i}]: private channels are not supported"),
-            );
-        }
-        if m.event.is_empty() || m.event.len() > 255 {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("messages[{i}].event must be 1 to 255 bytes"),
-            );
-        }
-        let payload = m.payload.map_or_else(
-            || Bytes::from_static(b"{}"),
-            |p| Bytes::copy_from_slice(p.get().as_bytes()),
-        );
-        events.push(Event::broadcast(channel, &m.event, payload, false, None));
-    }
     publish_rest(&edge, events).await
 }
 
