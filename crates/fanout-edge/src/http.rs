@@ -352,7 +352,10 @@ pub(crate) enum RestBodyError {
     #[error("invalid body: {0}; expected {{\"messages\": [{{\"topic\", \"event\", \"payload\"}}]}}")]
     Json(String),
     #[error("messages[{index}].topic: {error}")]
-    Topic { index: usize, error: fanout_core::ChannelError },
+    Topic {
+        index: usize,
+        error: fanout_core::ChannelError,
+    },
     #[error("messages[{0}]: private channels are not supported")]
     Private(usize),
     #[error("messages[{0}].event must be 1 to 255 bytes")]
@@ -438,8 +441,12 @@ async fn rest_send(edge: Arc<Edge>, req: Request<Incoming>) -> Response<Body> {
     let Some(body) = read_body(&edge, req.into_body()).await else {
         return too_large(&edge);
     };
-    if !binary && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}"));
+    if !binary && let Err(e) = crate::protocol::json_text(&body) {
+        let detail = match e {
+            crate::protocol::DecodeError::Json(detail) => detail,
+            other => other.to_string(),
+        };
+        return json_error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {detail}"));
     }
     let ev = Event::broadcast(channel, &event, body, binary, None);
     publish_rest(&edge, vec![ev]).await

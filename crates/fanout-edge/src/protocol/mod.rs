@@ -59,6 +59,8 @@ pub enum DecodeError {
     Truncated,
     #[error("binary frame field is not UTF-8")]
     NotUtf8,
+    #[error("JSON payload is not UTF-8")]
+    PayloadNotUtf8,
     #[error("unknown payload encoding {0}")]
     UnknownEncoding(u8),
 }
@@ -194,7 +196,7 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
     let payload = &buf[at..];
     let binary = match encoding {
         ENCODING_JSON => {
-            serde_json::from_slice::<de::IgnoredAny>(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            json_text(payload)?;
             false
         }
         ENCODING_BINARY => true,
@@ -207,6 +209,17 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
         topic,
         request: Request::Broadcast(Broadcast::checked(event, Bytes::copy_from_slice(payload), binary)),
     })
+}
+
+/// Checks that `bytes` is one JSON value in UTF-8, as a JSON payload must
+/// be: it is spliced verbatim into the frames other clients receive. (Only
+/// checking it with `serde_json::from_slice::<IgnoredAny>` is not enough:
+/// serde_json skips over a string it is not asked to keep without checking
+/// its UTF-8.)
+pub(crate) fn json_text(bytes: &[u8]) -> Result<&str, DecodeError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::PayloadNotUtf8)?;
+    serde_json::from_str::<de::IgnoredAny>(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+    Ok(text)
 }
 
 /// Best-effort `(join_ref, ref, topic)` of a message that failed to decode,
@@ -350,5 +363,21 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
+    }
+
+    /// Found by the `decode_binary` fuzz target: a JSON payload with
+    /// invalid UTF-8 inside a string was accepted (serde_json does not check
+    /// the strings it skips), and vsn 1.0.0 members then got `"payload":null`.
+    #[test]
+    fn binary_json_payload_must_be_utf8() {
+        assert_eq!(
+            decode_binary(&kind3("", "", "realtime:room", "e", "", 1, b"{\"text\":\"h\xa4\"}")),
+            Err(DecodeError::PayloadNotUtf8)
+        );
+        assert_eq!(json_text(b"[\"\xff\"]"), Err(DecodeError::PayloadNotUtf8));
+        assert_eq!(json_text(b" {\"a\":\"\xc3\xa9\"} "), Ok(" {\"a\":\"\u{e9}\"} "));
+        assert!(matches!(json_text(b"{} {}"), Err(DecodeError::Json(_))));
+        // Binary payloads are bytes: anything goes.
+        assert!(decode_binary(&kind3("", "", "realtime:room", "e", "", 0, b"\xa4")).is_ok());
     }
 }
