@@ -276,7 +276,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let (mut ws, _) = fastwebsockets::after_handshake_split(adapter, tokio::io::sink(), Role::Server);
         ws.set_auto_close(false);
         ws.set_auto_pong(false);
-        ws.set_max_message_size(self.max_message_size);
+        // fastwebsockets refuses a frame of `max` bytes or more; the limit
+        // is on messages larger than `max` (as for fragmented ones).
+        ws.set_max_message_size(self.max_message_size.saturating_add(1));
         let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
         let frame = ws.read_frame(&mut send).await?;
         Ok((frame.fin, frame.opcode, frame.payload.to_vec()))
@@ -325,5 +327,41 @@ mod tests {
         let mut reader = FrameReader::new(&frame[1..], Bytes::copy_from_slice(&frame[..1]), 1024);
         assert_eq!(reader.next_message().await, Ok(Incoming::Text(b"hi".to_vec())));
         drop(client);
+    }
+
+    /// Found by the `frames` fuzz target: an unfragmented message of
+    /// exactly the limit was refused as "larger than" it, while the same
+    /// message in fragments was accepted.
+    #[tokio::test]
+    async fn the_size_limit_is_on_messages_larger_than_it() {
+        let read = |bytes: Vec<u8>| async move {
+            let mut reader = FrameReader::new(&bytes[..], Bytes::new(), 16);
+            let mut got = Vec::new();
+            loop {
+                match reader.next_message().await {
+                    Ok(Incoming::Nothing) => {}
+                    Ok(m) => got.push(Ok(m)),
+                    Err(close) => {
+                        got.push(Err(close.code));
+                        return got;
+                    }
+                }
+            }
+        };
+        let at_limit = vec![7u8; 16];
+        assert_eq!(
+            read(masked(0x82, &at_limit)).await,
+            [Ok(Incoming::Binary(at_limit.clone())), Err(close_code::NORMAL)]
+        );
+        let mut fragments = masked(0x02, &at_limit[..8]);
+        fragments.extend(masked(0x80, &at_limit[8..]));
+        assert_eq!(
+            read(fragments).await,
+            [Ok(Incoming::Binary(at_limit.clone())), Err(close_code::NORMAL)]
+        );
+        assert_eq!(read(masked(0x82, &[7; 17])).await, [Err(close_code::TOO_BIG)]);
+        let mut fragments = masked(0x02, &at_limit);
+        fragments.extend(masked(0x80, b"x"));
+        assert_eq!(read(fragments).await, [Err(close_code::TOO_BIG)]);
     }
 }
