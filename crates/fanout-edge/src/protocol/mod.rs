@@ -15,6 +15,8 @@
 pub mod encode;
 pub mod request;
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -238,18 +240,37 @@ pub fn peek_refs(vsn: Vsn, binary: bool, buf: &[u8]) -> (Option<String>, Option<
         };
         return (get(7, jl), get(7 + jl, rl), get(7 + jl + rl, tl));
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) else {
-        return (None, None, None);
+    // Only the envelope is parsed: the payload is skipped as raw JSON, so
+    // it may be as deep as the decoder allows (a `Value` stops at 128 levels).
+    let (join_ref, r#ref, topic) = match vsn {
+        Vsn::V1 => {
+            let Ok(m) = serde_json::from_slice::<HashMap<String, &RawValue>>(buf) else {
+                return (None, None, None);
+            };
+            (
+                m.get("join_ref").copied(),
+                m.get("ref").copied(),
+                m.get("topic").copied(),
+            )
+        }
+        Vsn::V2 => {
+            let Ok(a) = serde_json::from_slice::<Vec<&RawValue>>(buf) else {
+                return (None, None, None);
+            };
+            (a.first().copied(), a.get(1).copied(), a.get(2).copied())
+        }
     };
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => Some(s.clone()),
+    let value = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok());
+    let s = |raw: Option<&RawValue>| match value(raw)? {
+        serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     };
-    match vsn {
-        Vsn::V1 => (s(&v["join_ref"]), s(&v["ref"]), v["topic"].as_str().map(str::to_owned)),
-        Vsn::V2 => (s(&v[0]), s(&v[1]), v[2].as_str().map(str::to_owned)),
-    }
+    let topic = match value(topic) {
+        Some(serde_json::Value::String(t)) => Some(t),
+        _ => None,
+    };
+    (s(join_ref), s(r#ref), topic)
 }
 
 #[cfg(test)]
@@ -363,6 +384,31 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
+    }
+
+    /// Found by reading while writing the `decode_v1` fuzz target, whose
+    /// property (the refs the error path reads are the decoder's) fails on
+    /// it: a payload nested deeper than 128 levels decodes (it is kept as
+    /// raw JSON), but `peek_refs` parsed the whole message as a `Value` and
+    /// lost the refs, so a rate-limited push got its error on topic phoenix.
+    #[test]
+    fn peek_refs_reads_past_a_deep_payload() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let v1 = format!(r#"{{"topic":"realtime:a","event":"e","payload":{deep},"ref":"2","join_ref":1}}"#);
+        let v2 = format!(r#"["1","2","realtime:a","e",{deep}]"#);
+        for (vsn, text) in [(Vsn::V1, v1), (Vsn::V2, v2)] {
+            let m = decode_text(vsn, text.as_bytes()).unwrap();
+            let peeked = peek_refs(vsn, false, text.as_bytes());
+            assert_eq!(peeked, (m.join_ref, m.r#ref, Some(m.topic)), "{vsn:?}");
+            assert_eq!(peeked.0.as_deref(), Some("1"));
+        }
+        // Still best effort on what does not decode.
+        assert_eq!(
+            peek_refs(Vsn::V1, false, br#"{"topic":5,"ref":"3","ref":"4"}"#),
+            (None, Some("4".into()), None)
+        );
+        assert_eq!(peek_refs(Vsn::V2, false, b"[null,7]"), (None, Some("7".into()), None));
+        assert_eq!(peek_refs(Vsn::V1, false, b"[1,2,3]"), (None, None, None));
     }
 
     /// Found by the `decode_binary` fuzz target: a JSON payload with
