@@ -103,6 +103,27 @@ struct V1Message {
     join_ref: Option<String>,
 }
 
+/// A [`V1Message`] that must be a JSON object (a derived struct would also
+/// take an array of its fields in order, a shape no client sends and that
+/// [`peek_refs`] does not read).
+struct V1Object(V1Message);
+
+impl<'de> Deserialize<'de> for V1Object {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = V1Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object {topic, event, payload, ref, join_ref}")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<V1Object, A::Error> {
+                V1Message::deserialize(de::value::MapAccessDeserializer::new(map)).map(V1Object)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 struct V2Message(Inbound);
 
 impl<'de> Deserialize<'de> for V2Message {
@@ -142,7 +163,7 @@ impl<'de> Deserialize<'de> for V2Message {
 pub fn decode_text(vsn: Vsn, text: &[u8]) -> Result<Inbound, DecodeError> {
     match vsn {
         Vsn::V1 => {
-            let m: V1Message =
+            let V1Object(m) =
                 serde_json::from_slice(text).map_err(|e| shape_or_json(e, "object {topic, event, payload, ref}"))?;
             let request = Request::parse(&m.topic, &m.event, &m.payload);
             Ok(Inbound {
@@ -384,6 +405,20 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
+    }
+
+    /// Found by the `decode_v1` fuzz target: `[topic, event, payload]` was
+    /// taken as a vsn 1.0.0 message (serde lets an array stand for a
+    /// struct), whose error replies `peek_refs` could not address.
+    #[test]
+    fn v1_messages_are_objects() {
+        for text in [&br#"["realtime:a","phx_leave",{},"1","1"]"#[..], br#"[",",",",0	]"#] {
+            assert_eq!(
+                decode_text(Vsn::V1, text),
+                Err(DecodeError::Shape("object {topic, event, payload, ref}"))
+            );
+        }
+        assert!(decode_text(Vsn::V1, br#" {"topic":"realtime:a","event":"phx_leave","payload":{}} "#).is_ok());
     }
 
     /// Found by reading while writing the `decode_v1` fuzz target, whose
