@@ -132,9 +132,7 @@ fn model(bytes: &[u8]) -> Vec<Got> {
             _ => u64::from(rest[1] & 0x7f),
         };
         let control = opcode >= 8;
-        let fault = if control && !fin {
-            Some(PROTOCOL)
-        } else if opcode == 9 && len > 125 {
+        let fault = if (control && !fin) || (opcode == 9 && len > 125) {
             Some(PROTOCOL)
         } else if len > MAX as u64 {
             Some(TOO_BIG)
