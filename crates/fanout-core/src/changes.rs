@@ -195,7 +195,20 @@ impl fmt::Display for Filter {
             FilterOp::In => "in",
         };
         if self.op == FilterOp::In {
-            write!(f, "{}={op}.({})", self.column, self.values.join(","))
+            write!(f, "{}={op}.(", self.column)?;
+            for (i, v) in self.values.iter().enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                // Quote a value that would not read back as itself bare
+                // (parsing trims each value and strips one pair of quotes),
+                // so the printed filter parses to this one and equal
+                // filters get equal binding ids.
+                if v.trim() != v || unquote(v) != v {
+                    write!(f, "{sep}\"{v}\"")?;
+                } else {
+                    write!(f, "{sep}{v}")?;
+                }
+            }
+            f.write_str(")")
         } else {
             write!(f, "{}={op}.{}", self.column, self.values[0])
         }
@@ -452,6 +465,36 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Found by the `filter` fuzz target: an `in` value that keeps its
+    /// spaces or quotes only because it was quoted printed without the
+    /// quotes, so the printed filter (which the binding id is made of)
+    /// parsed to another filter.
+    #[test]
+    fn filters_print_in_values_so_they_parse_back() {
+        for text in [
+            "status=in.(o!\0n,\" nrmei\0ew\")",
+            "tag=in.(\" a \",b)",
+            "tag=in.(\"\"x\"\")",
+            "tag=in.(\"\"x)",
+            "tag=in.(\"\u{a0}x\")",
+        ] {
+            let f = Filter::parse(text).unwrap();
+            let printed = f.to_string();
+            assert_eq!(
+                Filter::parse(&printed),
+                Ok(f.clone()),
+                "{text:?} printed as {printed:?}"
+            );
+            assert_eq!(Filter::parse(&printed).unwrap().to_string(), printed);
+        }
+        assert_eq!(Filter::parse("tag=in.(\" a \",b)").unwrap().values, vec![" a ", "b"]);
+        // Values that read back as themselves bare are printed bare.
+        assert_eq!(
+            Filter::parse("status=in.(open,\"in review\")").unwrap().to_string(),
+            "status=in.(open,in review)"
+        );
     }
 
     #[test]

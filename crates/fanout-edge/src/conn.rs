@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fanout_core::changes::Binding;
+use fanout_core::changes::{Binding, Routes};
 use fanout_core::policy::{Access, Policy};
 use fanout_core::{ChannelName, Claims, Event, Origin, Position};
 use tokio::io::AsyncRead;
@@ -365,7 +365,8 @@ impl Conn {
         let config = &payload.config;
         // A private channel is a namespace apart from the public one.
         let channel = channel.with_privacy(config.private);
-        let mut bindings = match self.parse_bindings(&channel, &config.postgres_changes) {
+        let mut bindings = match parse_bindings(self.edge.config.changes.as_deref(), &channel, &config.postgres_changes)
+        {
             Ok(b) => b,
             Err(reason) => return self.reply_err(m, "bad_binding", &reason),
         };
@@ -488,44 +489,6 @@ impl Conn {
             },
         );
         metrics::counter!("fanout_joins_total").increment(1);
-    }
-
-    /// Validates a join's `postgres_changes` bindings and sorts them by the
-    /// channel their changes are routed to. Errors are the reply's reason.
-    fn parse_bindings(&self, channel: &ChannelName, raw: &[serde_json::Value]) -> Result<JoinBindings, String> {
-        let mut out = JoinBindings::default();
-        if raw.is_empty() {
-            return Ok(out);
-        }
-        let Some(routes) = self.edge.config.changes.clone() else {
-            return Err(
-                "postgres_changes is not available: this server has no database change stream configured".into(),
-            );
-        };
-        let mut feeds: HashMap<ChannelName, Vec<Binding>> = HashMap::new();
-        for (i, value) in raw.iter().enumerate() {
-            let spec =
-                BindingSpec::from_value(value).map_err(|e| format!("postgres_changes[{i}] is not a binding: {e}"))?;
-            let binding = Binding::new(&spec.event, &spec.schema, spec.table.as_deref(), spec.filter.as_deref())
-                .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
-            let source = routes
-                .channel_for_binding(&binding)
-                .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
-            // The reply echoes each binding as sent, plus its id: realtime-js
-            // compares them field by field.
-            let mut echo = value.clone();
-            if let Some(obj) = echo.as_object_mut() {
-                obj.insert("id".into(), binding.id.into());
-            }
-            out.reply.push(echo);
-            if &source == channel {
-                out.own.push(binding);
-            } else {
-                feeds.entry(source).or_default().push(binding);
-            }
-        }
-        out.feeds = feeds.into_iter().collect();
-        Ok(out)
     }
 
     /// Joins the change feeds of a topic's bindings and waits until each is
@@ -930,13 +893,55 @@ fn claim_text(claims: &serde_json::Value, claim: &str) -> Option<String> {
 
 /// A join's bindings, sorted by where their changes come from.
 #[derive(Default)]
-struct JoinBindings {
+pub(crate) struct JoinBindings {
     /// The `postgres_changes` list of the join reply.
-    reply: Vec<serde_json::Value>,
+    pub(crate) reply: Vec<serde_json::Value>,
     /// Bindings whose changes are routed to the joined channel itself.
-    own: Vec<Binding>,
+    pub(crate) own: Vec<Binding>,
     /// Bindings served by other channels' change feeds.
-    feeds: Vec<(ChannelName, Vec<Binding>)>,
+    pub(crate) feeds: Vec<(ChannelName, Vec<Binding>)>,
+}
+
+/// Validates a join's `postgres_changes` bindings and sorts them by the
+/// channel their changes are routed to; `routes` is `None` when no change
+/// stream runs. Errors are the reply's reason. No I/O, so the fuzz targets
+/// call it directly.
+pub(crate) fn parse_bindings(
+    routes: Option<&Routes>,
+    channel: &ChannelName,
+    raw: &[serde_json::Value],
+) -> Result<JoinBindings, String> {
+    let mut out = JoinBindings::default();
+    if raw.is_empty() {
+        return Ok(out);
+    }
+    let Some(routes) = routes else {
+        return Err("postgres_changes is not available: this server has no database change stream configured".into());
+    };
+    let mut feeds: HashMap<ChannelName, Vec<Binding>> = HashMap::new();
+    for (i, value) in raw.iter().enumerate() {
+        let spec =
+            BindingSpec::from_value(value).map_err(|e| format!("postgres_changes[{i}] is not a binding: {e}"))?;
+        let binding = Binding::new(&spec.event, &spec.schema, spec.table.as_deref(), spec.filter.as_deref())
+            .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
+        let source = routes
+            .channel_for_binding(&binding)
+            .map_err(|e| format!("postgres_changes[{i}]: {e}"))?;
+        // The reply echoes each binding as sent, plus its id: realtime-js
+        // compares them field by field.
+        let mut echo = value.clone();
+        if let Some(obj) = echo.as_object_mut() {
+            obj.insert("id".into(), binding.id.into());
+        }
+        out.reply.push(echo);
+        if &source == channel {
+            out.own.push(binding);
+        } else {
+            feeds.entry(source).or_default().push(binding);
+        }
+    }
+    out.feeds = feeds.into_iter().collect();
+    Ok(out)
 }
 
 /// The connection task driven in memory: a `tokio::io::duplex` pipe is the

@@ -15,6 +15,8 @@
 //! - [`hub`]: one task per channel with local members; encodes each event
 //!   once per protocol version and writes the shared bytes to every member.
 //! - [`writer`]: the per-connection write path with its bounded queue.
+//! - `fuzzing` (cargo feature `fuzzing`, for `fuzz/` only): the private
+//!   parsers the fuzz targets drive (frames, REST body, join bindings).
 //!
 //! # What it does not do
 //! The edge never talks to Postgres and keeps no durable state: a restarted
@@ -26,6 +28,9 @@ mod conn;
 use fanout_core::metric::Metric;
 
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod jwks;

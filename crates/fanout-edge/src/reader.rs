@@ -19,8 +19,8 @@
 //! - an idle connection holds no read buffer at all.
 //!
 //! The adapter parses only what it must to find the frame's end (the 2 to 14
-//! header bytes); fastwebsockets still does the real parsing, validation and
-//! unmasking.
+//! header bytes, passed on as they arrive); fastwebsockets still does the
+//! real parsing, validation and unmasking.
 
 use std::io;
 use std::pin::Pin;
@@ -93,10 +93,22 @@ impl<R> OneFrame<'_, R> {
 impl<R: AsyncRead + Unpin> AsyncRead for OneFrame<'_, R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        // Complete the header first, in our own 14 bytes.
-        while this.header_len.is_none() {
+        // The header: read into our own 14 bytes, never past its end, and
+        // pass each byte on as soon as it is read, so fastwebsockets judges
+        // the first two bytes (reserved bits, opcode) without waiting for
+        // the rest of the header.
+        loop {
+            if this.passed < this.filled {
+                let n = (this.filled - this.passed).min(buf.remaining());
+                buf.put_slice(&this.header[this.passed..this.passed + n]);
+                this.passed += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.header_len.is_some() {
+                break;
+            }
             let want = if this.filled < 2 { 2 } else { this.needed() };
-            if this.filled == want && this.filled >= 2 {
+            if this.filled == want {
                 let len = match this.header[1] & 0x7f {
                     126 => u64::from(u16::from_be_bytes([this.header[2], this.header[3]])),
                     127 => u64::from_be_bytes(this.header[2..10].try_into().unwrap_or([0; 8])),
@@ -113,13 +125,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for OneFrame<'_, R> {
                 return Poll::Ready(Ok(())); // EOF
             }
             this.filled += n;
-        }
-        let header_len = this.header_len.unwrap_or(0);
-        if this.passed < header_len {
-            let n = (header_len - this.passed).min(buf.remaining());
-            buf.put_slice(&this.header[this.passed..this.passed + n]);
-            this.passed += n;
-            return Poll::Ready(Ok(()));
         }
         if this.payload_left == 0 {
             return Poll::Ready(Ok(())); // end of this frame
@@ -271,9 +276,92 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let (mut ws, _) = fastwebsockets::after_handshake_split(adapter, tokio::io::sink(), Role::Server);
         ws.set_auto_close(false);
         ws.set_auto_pong(false);
-        ws.set_max_message_size(self.max_message_size);
+        // fastwebsockets refuses a frame of `max` bytes or more; the limit
+        // is on messages larger than `max` (as for fragmented ones).
+        ws.set_max_message_size(self.max_message_size.saturating_add(1));
         let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
         let frame = ws.read_frame(&mut send).await?;
         Ok((frame.fin, frame.opcode, frame.payload.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::close_code;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// A masked frame as a browser sends it.
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![first, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    /// Found by the `frames` fuzz target: the adapter held back the first two
+    /// bytes until the whole header had arrived, so a frame with reserved
+    /// bits set was only refused once 4 more bytes came (and ended as a
+    /// quiet EOF when they never did).
+    #[tokio::test(start_paused = true)]
+    async fn the_first_two_bytes_are_judged_without_the_rest_of_the_header() {
+        let (mut client, server) = tokio::io::duplex(64);
+        // RSV1 on a masked text frame of 5 bytes; the mask never comes.
+        client.write_all(&[0xc1, 0x85]).await.unwrap();
+        let mut reader = FrameReader::new(server, Bytes::new(), 1024);
+        let r = tokio::time::timeout(Duration::from_secs(5), reader.next_message())
+            .await
+            .expect("refused without waiting for the rest of the header");
+        assert_eq!(r.map_err(|c| c.code), Err(close_code::PROTOCOL_ERROR));
+        // The same with the stream ending there.
+        let mut reader = FrameReader::new(&[0xc1u8, 0x85][..], Bytes::new(), 1024);
+        assert_eq!(
+            reader.next_message().await.map_err(|c| c.code),
+            Err(close_code::PROTOCOL_ERROR)
+        );
+        // A whole frame, split between the bytes read with the upgrade and
+        // the socket, still reads as one message.
+        let frame = masked(0x81, b"hi");
+        let mut reader = FrameReader::new(&frame[1..], Bytes::copy_from_slice(&frame[..1]), 1024);
+        assert_eq!(reader.next_message().await, Ok(Incoming::Text(b"hi".to_vec())));
+        drop(client);
+    }
+
+    /// Found by the `frames` fuzz target: an unfragmented message of
+    /// exactly the limit was refused as "larger than" it, while the same
+    /// message in fragments was accepted.
+    #[tokio::test]
+    async fn the_size_limit_is_on_messages_larger_than_it() {
+        let read = |bytes: Vec<u8>| async move {
+            let mut reader = FrameReader::new(&bytes[..], Bytes::new(), 16);
+            let mut got = Vec::new();
+            loop {
+                match reader.next_message().await {
+                    Ok(Incoming::Nothing) => {}
+                    Ok(m) => got.push(Ok(m)),
+                    Err(close) => {
+                        got.push(Err(close.code));
+                        return got;
+                    }
+                }
+            }
+        };
+        let at_limit = vec![7u8; 16];
+        assert_eq!(
+            read(masked(0x82, &at_limit)).await,
+            [Ok(Incoming::Binary(at_limit.clone())), Err(close_code::NORMAL)]
+        );
+        let mut fragments = masked(0x02, &at_limit[..8]);
+        fragments.extend(masked(0x80, &at_limit[8..]));
+        assert_eq!(
+            read(fragments).await,
+            [Ok(Incoming::Binary(at_limit.clone())), Err(close_code::NORMAL)]
+        );
+        assert_eq!(read(masked(0x82, &[7; 17])).await, [Err(close_code::TOO_BIG)]);
+        let mut fragments = masked(0x02, &at_limit);
+        fragments.extend(masked(0x80, b"x"));
+        assert_eq!(read(fragments).await, [Err(close_code::TOO_BIG)]);
     }
 }

@@ -15,6 +15,8 @@
 pub mod encode;
 pub mod request;
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -59,6 +61,8 @@ pub enum DecodeError {
     Truncated,
     #[error("binary frame field is not UTF-8")]
     NotUtf8,
+    #[error("JSON payload is not UTF-8")]
+    PayloadNotUtf8,
     #[error("unknown payload encoding {0}")]
     UnknownEncoding(u8),
 }
@@ -97,6 +101,27 @@ struct V1Message {
     r#ref: Option<String>,
     #[serde(default, deserialize_with = "de_ref")]
     join_ref: Option<String>,
+}
+
+/// A [`V1Message`] that must be a JSON object (a derived struct would also
+/// take an array of its fields in order, a shape no client sends and that
+/// [`peek_refs`] does not read).
+struct V1Object(V1Message);
+
+impl<'de> Deserialize<'de> for V1Object {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = V1Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object {topic, event, payload, ref, join_ref}")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<V1Object, A::Error> {
+                V1Message::deserialize(de::value::MapAccessDeserializer::new(map)).map(V1Object)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 struct V2Message(Inbound);
@@ -138,7 +163,7 @@ impl<'de> Deserialize<'de> for V2Message {
 pub fn decode_text(vsn: Vsn, text: &[u8]) -> Result<Inbound, DecodeError> {
     match vsn {
         Vsn::V1 => {
-            let m: V1Message =
+            let V1Object(m) =
                 serde_json::from_slice(text).map_err(|e| shape_or_json(e, "object {topic, event, payload, ref}"))?;
             let request = Request::parse(&m.topic, &m.event, &m.payload);
             Ok(Inbound {
@@ -194,7 +219,7 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
     let payload = &buf[at..];
     let binary = match encoding {
         ENCODING_JSON => {
-            serde_json::from_slice::<de::IgnoredAny>(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            json_text(payload)?;
             false
         }
         ENCODING_BINARY => true,
@@ -207,6 +232,17 @@ pub fn decode_binary(buf: &[u8]) -> Result<Inbound, DecodeError> {
         topic,
         request: Request::Broadcast(Broadcast::checked(event, Bytes::copy_from_slice(payload), binary)),
     })
+}
+
+/// Checks that `bytes` is one JSON value in UTF-8, as a JSON payload must
+/// be: it is spliced verbatim into the frames other clients receive. (Only
+/// checking it with `serde_json::from_slice::<IgnoredAny>` is not enough:
+/// serde_json skips over a string it is not asked to keep without checking
+/// its UTF-8.)
+pub(crate) fn json_text(bytes: &[u8]) -> Result<&str, DecodeError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::PayloadNotUtf8)?;
+    serde_json::from_str::<de::IgnoredAny>(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+    Ok(text)
 }
 
 /// Best-effort `(join_ref, ref, topic)` of a message that failed to decode,
@@ -225,18 +261,37 @@ pub fn peek_refs(vsn: Vsn, binary: bool, buf: &[u8]) -> (Option<String>, Option<
         };
         return (get(7, jl), get(7 + jl, rl), get(7 + jl + rl, tl));
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) else {
-        return (None, None, None);
+    // Only the envelope is parsed: the payload is skipped as raw JSON, so
+    // it may be as deep as the decoder allows (a `Value` stops at 128 levels).
+    let (join_ref, r#ref, topic) = match vsn {
+        Vsn::V1 => {
+            let Ok(m) = serde_json::from_slice::<HashMap<String, &RawValue>>(buf) else {
+                return (None, None, None);
+            };
+            (
+                m.get("join_ref").copied(),
+                m.get("ref").copied(),
+                m.get("topic").copied(),
+            )
+        }
+        Vsn::V2 => {
+            let Ok(a) = serde_json::from_slice::<Vec<&RawValue>>(buf) else {
+                return (None, None, None);
+            };
+            (a.first().copied(), a.get(1).copied(), a.get(2).copied())
+        }
     };
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => Some(s.clone()),
+    let value = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok());
+    let s = |raw: Option<&RawValue>| match value(raw)? {
+        serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     };
-    match vsn {
-        Vsn::V1 => (s(&v["join_ref"]), s(&v["ref"]), v["topic"].as_str().map(str::to_owned)),
-        Vsn::V2 => (s(&v[0]), s(&v[1]), v[2].as_str().map(str::to_owned)),
-    }
+    let topic = match value(topic) {
+        Some(serde_json::Value::String(t)) => Some(t),
+        _ => None,
+    };
+    (s(join_ref), s(r#ref), topic)
 }
 
 #[cfg(test)]
@@ -350,5 +405,60 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert_eq!(decode_binary(&[3, 0, 0, 1, 0, 0, 1, 0xff]), Err(DecodeError::NotUtf8));
+    }
+
+    /// Found by the `decode_v1` fuzz target: `[topic, event, payload]` was
+    /// taken as a vsn 1.0.0 message (serde lets an array stand for a
+    /// struct), whose error replies `peek_refs` could not address.
+    #[test]
+    fn v1_messages_are_objects() {
+        for text in [&br#"["realtime:a","phx_leave",{},"1","1"]"#[..], br#"[",",",",0	]"#] {
+            assert_eq!(
+                decode_text(Vsn::V1, text),
+                Err(DecodeError::Shape("object {topic, event, payload, ref}"))
+            );
+        }
+        assert!(decode_text(Vsn::V1, br#" {"topic":"realtime:a","event":"phx_leave","payload":{}} "#).is_ok());
+    }
+
+    /// Found by reading while writing the `decode_v1` fuzz target, whose
+    /// property (the refs the error path reads are the decoder's) fails on
+    /// it: a payload nested deeper than 128 levels decodes (it is kept as
+    /// raw JSON), but `peek_refs` parsed the whole message as a `Value` and
+    /// lost the refs, so a rate-limited push got its error on topic phoenix.
+    #[test]
+    fn peek_refs_reads_past_a_deep_payload() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let v1 = format!(r#"{{"topic":"realtime:a","event":"e","payload":{deep},"ref":"2","join_ref":1}}"#);
+        let v2 = format!(r#"["1","2","realtime:a","e",{deep}]"#);
+        for (vsn, text) in [(Vsn::V1, v1), (Vsn::V2, v2)] {
+            let m = decode_text(vsn, text.as_bytes()).unwrap();
+            let peeked = peek_refs(vsn, false, text.as_bytes());
+            assert_eq!(peeked, (m.join_ref, m.r#ref, Some(m.topic)), "{vsn:?}");
+            assert_eq!(peeked.0.as_deref(), Some("1"));
+        }
+        // Still best effort on what does not decode.
+        assert_eq!(
+            peek_refs(Vsn::V1, false, br#"{"topic":5,"ref":"3","ref":"4"}"#),
+            (None, Some("4".into()), None)
+        );
+        assert_eq!(peek_refs(Vsn::V2, false, b"[null,7]"), (None, Some("7".into()), None));
+        assert_eq!(peek_refs(Vsn::V1, false, b"[1,2,3]"), (None, None, None));
+    }
+
+    /// Found by the `decode_binary` fuzz target: a JSON payload with
+    /// invalid UTF-8 inside a string was accepted (serde_json does not check
+    /// the strings it skips), and vsn 1.0.0 members then got `"payload":null`.
+    #[test]
+    fn binary_json_payload_must_be_utf8() {
+        assert_eq!(
+            decode_binary(&kind3("", "", "realtime:room", "e", "", 1, b"{\"text\":\"h\xa4\"}")),
+            Err(DecodeError::PayloadNotUtf8)
+        );
+        assert_eq!(json_text(b"[\"\xff\"]"), Err(DecodeError::PayloadNotUtf8));
+        assert_eq!(json_text(b" {\"a\":\"\xc3\xa9\"} "), Ok(" {\"a\":\"\u{e9}\"} "));
+        assert!(matches!(json_text(b"{} {}"), Err(DecodeError::Json(_))));
+        // Binary payloads are bytes: anything goes.
+        assert!(decode_binary(&kind3("", "", "realtime:room", "e", "", 0, b"\xa4")).is_ok());
     }
 }

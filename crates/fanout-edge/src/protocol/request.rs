@@ -231,7 +231,15 @@ pub struct BindingSpec {
 }
 
 impl BindingSpec {
+    /// A binding from one element of `config.postgres_changes`, which must
+    /// be an object (serde would also take an array of the fields in order,
+    /// and the join reply could not echo it with its id).
     pub fn from_value(value: &Value) -> Result<Self, serde_json::Error> {
+        if !value.is_object() {
+            return Err(serde::de::Error::custom(
+                "expected an object {event, schema, table, filter}",
+            ));
+        }
         Self::deserialize(value)
     }
 }
@@ -355,5 +363,16 @@ mod tests {
         let b = BindingSpec::from_value(&v).unwrap();
         assert_eq!((b.table.as_deref(), b.filter.as_deref()), (Some("t"), Some("id=eq.1")));
         assert!(BindingSpec::from_value(&serde_json::json!({"event": "*"})).is_err());
+    }
+
+    /// Found by reading while writing the `join_config` fuzz target, whose
+    /// property (the reply echoes each binding with its id) fails on it: an
+    /// array of the fields in order was taken as a binding, and its echo in
+    /// the join reply had no id.
+    #[test]
+    fn a_binding_is_an_object() {
+        let e = BindingSpec::from_value(&serde_json::json!(["*", "public", "t", "id=eq.1"])).unwrap_err();
+        assert_eq!(e.to_string(), "expected an object {event, schema, table, filter}");
+        assert!(BindingSpec::from_value(&serde_json::json!("*")).is_err());
     }
 }
