@@ -30,22 +30,7 @@ run() { # binary scenario tag
   esac
   kill "$pid"; wait "$pid" 2>/dev/null || true
   sleep 2
-  python3 - "$dir/report.json" "$tag" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-s = r.get("summary", r)
-def find(d, k):
-    if isinstance(d, dict):
-        if k in d: return d[k]
-        for v in d.values():
-            x = find(v, k)
-            if x is not None: return x
-    return None
-cpu = find(r, "server_cpu_us_per_delivery")
-rss = find(r, "server_rss_per_connection_bytes")
-lost = find(r, "lost")
-print(f"{sys.argv[2]:<14} cpu_us_per_delivery={cpu} rss_per_conn_bytes={rss} lost={lost}")
-PY
+  echo "$tag $(python3 loadtest/figure.py "$dir/report.json" server_cpu_us_per_delivery server_rss_per_connection_bytes lost)"
 }
 
 for scenario in fanout idle; do
@@ -61,7 +46,7 @@ done | tee "$out/summary.txt"
 python3 - "$out/summary.txt" <<'PY'
 import re, sys, statistics
 rows = [l.split() for l in open(sys.argv[1])]
-for scenario, key in (("fanout", "cpu_us_per_delivery"), ("idle", "rss_per_conn_bytes")):
+for scenario, key in (("fanout", "server_cpu_us_per_delivery"), ("idle", "server_rss_per_connection_bytes")):
     means = {}
     for who in "AB":
         vals = [float(dict(kv.split("=") for kv in r[1:])[key]) for r in rows

@@ -40,20 +40,6 @@ psql -X -q -d "$db" -v ON_ERROR_STOP=1 -f deploy/sql/workshop.sql >/dev/null
 open_tables="{'public.workshop_activities' = {read = 'public'}}"
 rule_tables="{'public.workshop_activities' = {read = 'session_id in claims.workshops'}}"
 
-figure() { # report.json key
-  python3 - "$1" "$2" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-def find(d, k):
-    if isinstance(d, dict):
-        if k in d: return d[k]
-        for v in d.values():
-            x = find(v, k)
-            if x is not None: return x
-    return None
-print(find(r, sys.argv[2]))
-PY
-}
 
 start_server() { # log, extra args...
   local log=$1; shift
@@ -76,7 +62,7 @@ rows() { # tag tables
     --jwt-claims '{"workshops": [0]}' --duration 20 --server-pid "$pid" --report "$out/$tag" --quiet >"$out/$tag.log" 2>&1
   stop_server
   psql -X -q -d "$db" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active" >/dev/null
-  echo "$tag cpu_us_per_delivery=$(figure "$out/$tag/report.json" server_cpu_us_per_delivery) deliveries=$(figure "$out/$tag/report.json" messages_received) lost=$(figure "$out/$tag/report.json" lost)"
+  echo "$tag $(python3 loadtest/figure.py "$out/$tag/report.json" server_cpu_us_per_delivery messages_received lost)"
 }
 
 connects() { # tag key-flag...
@@ -85,7 +71,7 @@ connects() { # tag key-flag...
   FANOUT_JWT_SECRET=$secret "$lt" --scenario connect-storm --url ws://127.0.0.1:$port/realtime/v1 \
     --users 5000 --duration 5 --server-pid "$pid" --report "$out/$tag" --quiet "$@" >"$out/$tag.log" 2>&1
   stop_server
-  echo "$tag connects_per_second=$(figure "$out/$tag/report.json" connections_per_second)"
+  echo "$tag $(python3 loadtest/figure.py "$out/$tag/report.json" connections_per_second)"
 }
 
 {
@@ -111,7 +97,7 @@ for line in open(sys.argv[1]):
     group = tag.rsplit('-', 1)[0]
     for x in kv:
         k, v = x.split('=')
-        if k in ('cpu_us_per_delivery', 'connects_per_second') and v != 'None':
+        if k in ('server_cpu_us_per_delivery', 'connections_per_second') and v != 'None':
             vals.setdefault(group, []).append(float(v))
 m = {g: st.mean(v) for g, v in vals.items()}
 for g, v in sorted(m.items()):
