@@ -255,7 +255,7 @@ impl Batch {
         }
         let topic = m.feed_topic.as_ref().unwrap_or(channel_topic).clone();
         let mut frames = self.change_frames.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (i, topic, matched.ids, m.vsn);
+        let key = (i, topic, matched.ids, m.vsn, matched.columns.is_some());
         if let Some(f) = frames.get(&key) {
             return Some(f.clone());
         }
@@ -266,9 +266,11 @@ impl Batch {
     }
 }
 
-/// (event index, topic, matching binding ids, protocol version). The
-/// column allow-list is the table's, the same for every binding of it.
-type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn);
+/// (event index, topic, matching binding ids, protocol version, columns
+/// stripped). The column allow-list is the table's, the same for every
+/// binding of it, but a member with the bypass role gets every column: the
+/// last field keeps the two encodings apart.
+type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn, bool);
 
 /// A database change, decoded once per batch for its bindings.
 struct Change {

@@ -363,3 +363,34 @@ async fn a_refreshed_token_with_fewer_claims_ends_what_it_no_longer_grants() {
     let rows = changes(&mut c, 1).await;
     assert_eq!(rows, vec![json!({"id": 2, "session_id": 7, "display_name": "y"})]);
 }
+
+/// The bypass role sees every column; a subscriber beside it on the same
+/// topic and binding still gets only the allowed ones (the two encodings
+/// must not share a frame).
+#[tokio::test]
+async fn the_bypass_role_and_a_subscriber_on_one_binding_get_their_own_columns() {
+    let edge = secured_edge(policy(|_| {}));
+    let binding = json!({"event": "INSERT", "schema": "public", "table": "workshop_participants"});
+    let mut backend = user(&edge, json!({"sub": "svc", "role": "service_role"}));
+    let mut member = user(&edge, json!({"sub": "m", "workshops": [42]}));
+    for c in [&mut backend, &mut member] {
+        let reply = c
+            .join("realtime:rows", json!({"postgres_changes": [binding.clone()]}))
+            .await;
+        assert_eq!(status(&reply).0, "ok", "{reply}");
+    }
+    publish_change(
+        &edge,
+        "workshop_participants",
+        json!({"id": 1, "session_id": 42, "display_name": "x", "email": "x@y"}),
+    )
+    .await;
+    assert_eq!(
+        changes(&mut backend, 1).await,
+        vec![json!({"id": 1, "session_id": 42, "display_name": "x", "email": "x@y"})]
+    );
+    assert_eq!(
+        changes(&mut member, 1).await,
+        vec![json!({"id": 1, "session_id": 42, "display_name": "x"})]
+    );
+}
