@@ -417,7 +417,7 @@ impl Conn {
         let asked = config.presence.key.as_deref().filter(|k| !k.is_empty());
         let presence_key = match (&grant.presence_key, asked) {
             (Some(Some(bound)), Some(asked)) if asked != bound => {
-                let claim = self.edge.config.policy.presence_key_claim.as_deref().unwrap_or("sub");
+                let claim = self.presence_key_claim();
                 return self.reply_err(
                     m,
                     "forbidden",
@@ -584,14 +584,8 @@ impl Conn {
             b.binary,
             Some(self.origin),
         );
-        if self.enforcing() && self.edge.config.policy.stamp_sender {
-            match joined.sub.as_deref() {
-                Some(sub) if sub.len() > MAX_STAMPED_SUB => {
-                    let reason = format!("cannot stamp the sender: sub is longer than {MAX_STAMPED_SUB} bytes");
-                    return self.reply_err(m, "forbidden", &reason);
-                }
-                sub => ev.sender = sub.map(Arc::from),
-            }
+        if let Err(reason) = self.edge.stamp_sender(&mut ev, joined.sub.as_deref()) {
+            return self.reply_err(m, "forbidden", &reason);
         }
         metrics::counter!("fanout_broadcasts_published_total").increment(1);
         match self.edge.bus.publish(ev).await {
@@ -619,7 +613,7 @@ impl Conn {
                 self.reply_err(m, "forbidden", &reason)
             }
             PresenceChange::Track(_) if joined.presence_key.is_none() => {
-                let claim = self.edge.config.policy.presence_key_claim.as_deref().unwrap_or("sub");
+                let claim = self.presence_key_claim();
                 let reason = format!("presence keys are bound to the token's {claim} claim, which this token lacks");
                 self.reply_err(m, "forbidden", &reason)
             }
@@ -692,6 +686,11 @@ impl Conn {
             }
             Ok(claims) => self.reauthorize(&m.topic, claims.as_ref()).await,
         }
+    }
+
+    /// The claim presence keys are bound to, for refusal messages.
+    fn presence_key_claim(&self) -> &str {
+        self.edge.config.policy.presence_key_claim.as_deref().unwrap_or("sub")
     }
 
     /// Policies are enforced: a key is configured (not insecure dev mode).
@@ -849,10 +848,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-
-/// The longest `sub` stamped into a broadcast's `meta` (which a vsn 2.0.0
-/// frame limits to 255 bytes).
-const MAX_STAMPED_SUB: usize = 128;
 
 /// What the policies granted a join.
 struct Grant {

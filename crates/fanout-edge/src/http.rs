@@ -242,7 +242,6 @@ fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// The token from `apikey` (query or header) or `Authorization: Bearer`.
 /// The request's `apikey` (query parameter or header) and its
 /// `Authorization: Bearer` token.
 fn request_keys<'a>(
@@ -282,8 +281,8 @@ fn authenticate(
     }
 }
 
-/// Why a REST broadcast to `channel` is refused under the channel
-/// policies, if it is; stamps the sender when configured.
+/// Why a REST broadcast is refused under the channel policies, if it is;
+/// stamps the sender when configured ([`Edge::stamp_sender`]).
 fn refuse_write(edge: &Edge, ev: &mut Event, claims: Option<&fanout_core::Claims>) -> Option<String> {
     edge.config.auth.as_ref()?;
     let policy = &edge.config.policy;
@@ -297,10 +296,7 @@ fn refuse_write(edge: &Edge, ev: &mut Event, claims: Option<&fanout_core::Claims
             ev.channel
         ));
     }
-    if policy.stamp_sender {
-        ev.sender = claims.and_then(|c| c.sub.as_deref()).map(Arc::from);
-    }
-    None
+    edge.stamp_sender(ev, claims.and_then(|c| c.sub.as_deref())).err()
 }
 
 fn forbidden(reason: &str) -> Response<Body> {

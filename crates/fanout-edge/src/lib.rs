@@ -166,6 +166,25 @@ impl Edge {
         self.admission.admit(ip, sub)
     }
 
+    /// Stamps `ev` with the sender's `sub` when the policy asks for it
+    /// (and a key is configured), for client and REST broadcasts alike.
+    /// Refused when the `sub` would not fit the 255-byte `meta` of a vsn
+    /// 2.0.0 frame; the message is the refusal's reason.
+    pub(crate) fn stamp_sender(&self, ev: &mut fanout_core::Event, sub: Option<&str>) -> Result<(), String> {
+        if self.config.auth.is_none() || !self.config.policy.stamp_sender {
+            return Ok(());
+        }
+        match sub {
+            Some(sub) if sub.len() > MAX_STAMPED_SUB => Err(format!(
+                "cannot stamp the sender: sub is longer than {MAX_STAMPED_SUB} bytes"
+            )),
+            sub => {
+                ev.sender = sub.map(Arc::from);
+                Ok(())
+            }
+        }
+    }
+
     /// Open client connections.
     pub fn connection_count(&self) -> usize {
         self.admission.count()
@@ -186,6 +205,10 @@ impl Edge {
         }
     }
 }
+
+/// The longest `sub` stamped into a broadcast's `meta` (which a vsn 2.0.0
+/// frame limits to 255 bytes).
+const MAX_STAMPED_SUB: usize = 128;
 
 /// Every metric the edge emits, for the binary to describe and register
 /// at zero when it installs the recorder (see [`fanout_core::metric`]).

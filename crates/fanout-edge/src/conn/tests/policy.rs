@@ -315,6 +315,29 @@ async fn a_presence_key_bound_to_sub_cannot_be_taken_and_senders_are_stamped() {
     .await;
     let got = bob.recv_event("broadcast").await;
     assert_eq!(got["payload"]["meta"]["sub"], "ann", "{got}");
+
+    // A sub too long for a vsn 2.0.0 frame's meta is refused, not
+    // truncated (the REST path shares Edge::stamp_sender).
+    let long = "x".repeat(200);
+    let mut verbose = user(&edge, json!({ "sub": long }));
+    assert_eq!(
+        status(
+            &verbose
+                .join("realtime:room", json!({"presence": {"enabled": false}}))
+                .await
+        )
+        .0,
+        "ok"
+    );
+    verbose
+        .push(
+            "realtime:room",
+            "broadcast",
+            json!({"type": "broadcast", "event": "hi", "payload": {}}),
+        )
+        .await;
+    let reply = verbose.recv_event("phx_reply").await;
+    assert!(status(&reply).1.contains("sub is longer than 128 bytes"), "{reply}");
 }
 
 #[tokio::test]
