@@ -433,6 +433,59 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
 }
 
 /// A plain HTTP/1.1 GET on 127.0.0.1; returns (status, body).
+/// A raw WebSocket upgrade request for `path` (from `local`, with
+/// `extra_headers` lines such as `"Origin: https://x\r\n"`); the server's
+/// answer: status line, headers and, for a refusal, its body. An accepted
+/// upgrade (101) is returned once its headers are in; the socket is then
+/// dropped.
+pub async fn handshake_answer(
+    port: u16,
+    local: Option<std::net::IpAddr>,
+    path: &str,
+    extra_headers: &str,
+) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = match local {
+        None => TcpStream::connect(("127.0.0.1", port)).await?,
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(std::net::SocketAddr::new(ip, 0))?;
+            sock.connect(([127, 0, 0, 1], port).into()).await?
+        }
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await?;
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if n == 0 {
+                return anyhow::Ok(());
+            }
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = text[..end].to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if head.starts_with("http/1.1 101") || length.is_some_and(|l| answer.len() >= end + 4 + l) {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("no whole handshake answer within 5 s")??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     http_request(port, "GET", path, &[], Bytes::new()).await
 }

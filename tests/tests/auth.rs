@@ -23,17 +23,9 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// The server's whole answer to a WebSocket upgrade request for `path`.
+/// The server's answer to a WebSocket upgrade request for `path`.
 async fn handshake_answer(port: u16, path: &str) -> Result<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await??;
-    Ok(String::from_utf8_lossy(&answer).into_owned())
+    fanout_tests::handshake_answer(port, None, path, "").await
 }
 
 fn token(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: serde_json::Value) -> String {

@@ -71,19 +71,9 @@ impl Pair {
 }
 
 /// A WebSocket handshake from `local` with extra headers; the server's
-/// status line and body.
+/// answer.
 async fn handshake(port: u16, local: &str, path: &str, headers: &str) -> Result<String> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(std::net::SocketAddr::new(ip(local), 0))?;
-    let mut s = sock.connect(([127, 0, 0, 1], port).into()).await?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = vec![0; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await??;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    fanout_tests::handshake_answer(port, Some(ip(local)), path, headers).await
 }
 
 #[tokio::test]
