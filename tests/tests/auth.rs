@@ -140,23 +140,32 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(doc: String) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1", None, doc).await
+    }
+
+    /// Serves https with the test CA's certificate (for `localhost` and
+    /// 127.0.0.1) when `tls` is set.
+    async fn start_on(ip: &str, tls: Option<tokio_rustls::TlsAcceptor>, doc: String) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let port = listener.local_addr()?.port();
         let state = std::sync::Arc::new(std::sync::Mutex::new((200u16, doc)));
         let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (s, f) = (state.clone(), fetches.clone());
         tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
+            while let Ok((sock, _)) = listener.accept().await {
                 let (status, body) = s.lock().unwrap().clone();
-                f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (f, tls) = (f.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = [0u8; 2048];
-                    let _ = sock.read(&mut buf).await;
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
+                    match tls {
+                        None => answer(sock, &f, status, &body).await,
+                        // A client that does not trust the certificate
+                        // hangs up during the handshake.
+                        Some(tls) => {
+                            if let Ok(sock) = tls.accept(sock).await {
+                                answer(sock, &f, status, &body).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -170,6 +179,101 @@ impl JwksServer {
     fn set(&self, status: u16, doc: &str) {
         *self.doc.lock().unwrap() = (status, doc.to_owned());
     }
+}
+
+/// Reads one request and answers it with `status` and `body`.
+async fn answer<S>(mut sock: S, fetches: &std::sync::atomic::AtomicUsize, status: u16, body: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = [0u8; 2048];
+    let _ = sock.read(&mut buf).await;
+    fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let resp = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+fn tls_path(name: &str) -> std::path::PathBuf {
+    repo_root().join("crates/fanout-edge/testdata/tls").join(name)
+}
+
+/// The test server's certificate, signed by `testdata/tls/ca.pem`.
+fn test_tls_acceptor() -> Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(tls_path("server.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(tls_path("server.key"))?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+/// An https JWKS URL is trusted through `auth.jwks_ca_file` (a private CA)
+/// and the certificate must name the host; either failure stops the edge at
+/// start with the TLS reason.
+#[tokio::test]
+async fn a_jwks_url_over_https_with_a_private_ca() -> Result<()> {
+    let server = JwksServer::start_on("127.0.0.1", Some(test_tls_acceptor()?), jwks_doc(&["ec-jwk"])).await?;
+    let ca = tls_path("ca.pem").display().to_string();
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("https://{host}:{}/.well-known/jwks.json", server.port);
+        let f = Fanout::start(&["--auth-jwks", &url, "--auth-jwks-ca-file", &ca], &[]).await?;
+        let ec = EncodingKey::from_ec_pem(&std::fs::read(key_path("ec.key"))?)?;
+        let t = token(
+            Algorithm::ES256,
+            Some("ec-jwk"),
+            &ec,
+            json!({"sub": "u", "exp": now() + 60}),
+        );
+        WsClient::connect(f.port, &f.ws_path("1.0.0", Some(&t))).await?;
+    }
+    // The servers run on this test's runtime: wait for the edge without
+    // blocking it.
+    let starts = async |args: Vec<String>| -> Result<String> {
+        let out = tokio::process::Command::new(fanout_tests::fanout_bin())
+            .args(&args)
+            .args(["--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+            .output()
+            .await?;
+        assert!(!out.status.success(), "an edge started with {args:?}");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Without the private CA, the system's roots do not vouch for it.
+    let url = format!("https://127.0.0.1:{}/.well-known/jwks.json", server.port);
+    let stderr = starts(vec!["--auth-jwks".into(), url]).await?;
+    assert!(
+        stderr.contains("UnknownIssuer") || stderr.contains("no CA certificate is trusted"),
+        "{stderr}"
+    );
+    // An address the certificate does not name.
+    let other = JwksServer::start_on("127.0.0.2", Some(test_tls_acceptor()?), jwks_doc(&["ec-jwk"])).await?;
+    let url = format!("https://127.0.0.2:{}/.well-known/jwks.json", other.port);
+    let stderr = starts(vec![
+        "--auth-jwks".into(),
+        url,
+        "--auth-jwks-ca-file".into(),
+        ca.clone(),
+    ])
+    .await?;
+    assert!(
+        stderr.contains("certificate not valid for name \"127.0.0.2\""),
+        "{stderr}"
+    );
+    // A CA file without auth.jwks is a mistake, said at start.
+    let stderr = starts(vec!["--auth-jwks-ca-file".into(), ca]).await?;
+    assert!(
+        stderr.contains("auth.jwks_ca_file is set without auth.jwks"),
+        "{stderr}"
+    );
+    Ok(())
 }
 
 fn jwks_doc(keys: &[&str]) -> String {

@@ -1,10 +1,10 @@
 //! The JWKS document behind `auth.jwks`: read from a file or fetched from an
-//! `http://` URL when the edge starts, then again every refresh interval,
+//! `http://` or `https://` URL when the edge starts, then again every refresh interval,
 //! and soon after a token names a key id no key has (a key was just
 //! published). A refresh that fails keeps the keys the edge had, so a
 //! document server's outage refuses no one who was accepted before it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Uri;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 /// The largest JWKS document accepted.
@@ -25,10 +26,25 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_EARLY_REFRESH_GAP: Duration = Duration::from_secs(5);
 
 /// Where the document comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum JwksSource {
     File(PathBuf),
     Http(Uri),
+    /// An `https://` URL, with the roots its server's certificate must chain
+    /// to.
+    Https(Uri, Arc<rustls::ClientConfig>),
+}
+
+/// Two sources are the same when they name the same document (the TLS
+/// set-up is derived from the configuration, not compared).
+impl PartialEq for JwksSource {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::File(a), Self::File(b)) => a == b,
+            (Self::Http(a), Self::Http(b)) | (Self::Https(a, _), Self::Https(b, _)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// Why the document could not be had.
@@ -45,21 +61,26 @@ pub enum JwksError {
 }
 
 impl JwksSource {
-    /// An `http://` URL, or a file path. `https://` is refused (fetch it
-    /// into a file, or serve it over http inside the cluster).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if s.starts_with("https://") {
-            return Err(format!(
-                "auth.jwks {s:?}: https URLs are not supported yet; mount the document as a file \
-                 (refreshed by a sidecar) or serve it over http inside the cluster"
-            ));
-        }
-        if s.starts_with("http://") {
+    /// An `http://` or `https://` URL, or a file path. An https server's
+    /// certificate must chain to the system's roots (Debian's
+    /// ca-certificates) or, when given, to the CA certificates in the PEM
+    /// file `ca_file` (`auth.jwks_ca_file`, for a private CA).
+    pub fn parse(s: &str, ca_file: Option<&Path>) -> Result<Self, String> {
+        let url = |s: &str| -> Result<Uri, String> {
             let uri: Uri = s.parse().map_err(|e| format!("auth.jwks {s:?}: {e}"))?;
             if uri.host().is_none() {
                 return Err(format!("auth.jwks {s:?}: no host"));
             }
-            return Ok(Self::Http(uri));
+            Ok(uri)
+        };
+        if s.starts_with("https://") {
+            return Ok(Self::Https(url(s)?, Arc::new(tls_config(ca_file)?)));
+        }
+        if ca_file.is_some() {
+            return Err("auth.jwks_ca_file is set but auth.jwks is not an https:// URL".into());
+        }
+        if s.starts_with("http://") {
+            return Ok(Self::Http(url(s)?));
         }
         if s.is_empty() {
             return Err("auth.jwks is empty".into());
@@ -70,7 +91,7 @@ impl JwksSource {
     fn name(&self) -> String {
         match self {
             Self::File(p) => p.display().to_string(),
-            Self::Http(u) => u.to_string(),
+            Self::Http(u) | Self::Https(u, _) => u.to_string(),
         }
     }
 
@@ -81,24 +102,83 @@ impl JwksSource {
                 .await
                 .map(Bytes::from)
                 .map_err(|e| JwksError::File(p.display().to_string(), e)),
-            Self::Http(uri) => match tokio::time::timeout(FETCH_TIMEOUT, get(uri)).await {
-                Ok(r) => r,
-                Err(_) => Err(JwksError::Fetch(
-                    uri.to_string(),
-                    format!("no answer within {FETCH_TIMEOUT:?}"),
-                )),
-            },
+            Self::Http(uri) => within_timeout(uri, get(uri, None)).await,
+            Self::Https(uri, tls) => within_timeout(uri, get(uri, Some(tls))).await,
         }
     }
 }
 
-async fn get(uri: &Uri) -> Result<Bytes, JwksError> {
+async fn within_timeout(uri: &Uri, fetch: impl Future<Output = Result<Bytes, JwksError>>) -> Result<Bytes, JwksError> {
+    tokio::time::timeout(FETCH_TIMEOUT, fetch).await.unwrap_or_else(|_| {
+        Err(JwksError::Fetch(
+            uri.to_string(),
+            format!("no answer within {FETCH_TIMEOUT:?}"),
+        ))
+    })
+}
+
+/// The TLS client configuration for an https document: ring (the provider
+/// async-nats already links), the system's roots and `ca_file`'s.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped, as every TLS client does.
+    let (_, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = ca_file {
+        let name = path.display();
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("auth.jwks_ca_file {name}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("auth.jwks_ca_file {name}: no CERTIFICATE in it"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("auth.jwks_ca_file {name}: {e}"))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(
+            "auth.jwks is an https:// URL but no CA certificate is trusted: install ca-certificates or set auth.jwks_ca_file"
+                .into(),
+        );
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| format!("TLS set-up: {e}"))
+}
+
+async fn get(uri: &Uri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Bytes, JwksError> {
     let fail = |e: String| JwksError::Fetch(uri.to_string(), e);
     let host = uri.host().unwrap_or_default();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
     let stream = tokio::net::TcpStream::connect((host, port))
         .await
         .map_err(|e| fail(e.to_string()))?;
+    match tls {
+        None => request(uri, stream).await,
+        Some(config) => {
+            // An IP literal in brackets names an address, not a DNS name.
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            let server = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|e| fail(format!("server name {name:?}: {e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(server, stream)
+                .await
+                .map_err(|e| fail(format!("TLS: {e}")))?;
+            request(uri, stream).await
+        }
+    }
+}
+
+/// One GET of `uri` over an open connection.
+async fn request<S>(uri: &Uri, stream: S) -> Result<Bytes, JwksError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let fail = |e: String| JwksError::Fetch(uri.to_string(), e);
+    let host = uri.host().unwrap_or_default();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| fail(e.to_string()))?;
@@ -165,20 +245,30 @@ mod tests {
 
     #[test]
     fn sources() {
-        assert_eq!(
-            JwksSource::parse("/etc/fanout/jwks.json"),
-            Ok(JwksSource::File("/etc/fanout/jwks.json".into()))
-        );
         assert!(matches!(
-            JwksSource::parse("http://auth:9999/.well-known/jwks.json"),
+            JwksSource::parse("/etc/fanout/jwks.json", None),
+            Ok(JwksSource::File(p)) if p == Path::new("/etc/fanout/jwks.json")
+        ));
+        assert!(matches!(
+            JwksSource::parse("http://auth:9999/.well-known/jwks.json", None),
             Ok(JwksSource::Http(_))
         ));
-        assert!(
-            JwksSource::parse("https://x/jwks.json")
-                .unwrap_err()
-                .contains("not supported")
-        );
-        assert!(JwksSource::parse("").is_err());
+        assert!(matches!(
+            JwksSource::parse("https://auth/jwks.json", Some(&tls_file("ca.pem"))),
+            Ok(JwksSource::Https(..))
+        ));
+        assert!(JwksSource::parse("", None).is_err());
+        assert!(JwksSource::parse("http://", None).is_err());
+        let e = JwksSource::parse("http://auth/jwks.json", Some(&tls_file("ca.pem"))).unwrap_err();
+        assert!(e.contains("not an https:// URL"), "{e}");
+        let e = JwksSource::parse("https://auth/jwks.json", Some(&tls_file("missing.pem"))).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
+        let e = JwksSource::parse("https://auth/jwks.json", Some(&tls_file("server.key"))).unwrap_err();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+    }
+
+    fn tls_file(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tls").join(name)
     }
 
     #[tokio::test]

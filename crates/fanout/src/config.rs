@@ -145,7 +145,9 @@ settings! {
     "auth.leeway_secs", "FANOUT_AUTH_LEEWAY_SECS", "auth-leeway-secs", "SECS", Some("0"),
         "Clock difference accepted on exp and nbf";
     "auth.jwks", "FANOUT_AUTH_JWKS", "auth-jwks", "FILE|URL", None,
-        "A JWKS document of public keys (picked by kid): a file, or an http:// URL fetched at start and refreshed";
+        "A JWKS document of public keys (picked by kid): a file, or an http:// or https:// URL fetched at start and refreshed";
+    "auth.jwks_ca_file", "FANOUT_AUTH_JWKS_CA_FILE", "auth-jwks-ca-file", "FILE", None,
+        "PEM CA certificates an https:// JWKS server's certificate may chain to, besides the system's";
     "auth.jwks_refresh_secs", "FANOUT_AUTH_JWKS_REFRESH_SECS", "auth-jwks-refresh-secs", "SECS", Some("300"),
         "Refresh the JWKS document this often (and soon after a token names an unknown kid)";
     "auth.project_keys", "FANOUT_AUTH_PROJECT_KEYS", "auth-project-keys", "KEYS", None,
@@ -600,6 +602,7 @@ impl Config {
         };
         let public_keys = r.opt::<String>("auth.public_keys");
         let jwks_spec = r.opt::<String>("auth.jwks");
+        let jwks_ca_file = r.opt::<String>("auth.jwks_ca_file").filter(|s| !s.is_empty());
         let config = Config {
             listen: r.get("listen"),
             admin_listen: r.get("admin_listen"),
@@ -686,11 +689,13 @@ impl Config {
         if config.presence_sweep.is_zero() {
             errors.push("presence.sweep_secs must be at least 1".into());
         }
-        if let Some(spec) = jwks_spec {
-            match JwksSource::parse(&spec) {
+        match (jwks_spec, jwks_ca_file) {
+            (Some(spec), ca_file) => match JwksSource::parse(&spec, ca_file.as_deref().map(Path::new)) {
                 Ok(source) => config.auth.jwks = Some(source),
                 Err(e) => errors.push(e),
-            }
+            },
+            (None, Some(_)) => errors.push("auth.jwks_ca_file is set without auth.jwks".into()),
+            (None, None) => {}
         }
         if config.auth.jwks_refresh.is_zero() {
             errors.push("auth.jwks_refresh_secs must be at least 1".into());
