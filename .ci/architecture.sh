@@ -49,14 +49,16 @@ forbid fanout-bus "the seams hold no client sockets and never talk to PostgreSQL
 forbid fanout-edge "the edge never talks to PostgreSQL" "${postgres[@]}" redis tonic
 forbid fanout-cdc "the ingester serves no clients" "${servers[@]}" hyper tonic redis
 forbid fanout-presence "presence serves gRPC only and never talks to PostgreSQL" "${servers[@]}" "${postgres[@]}"
+forbid fanout-api "the server API goes through the seams: no client sockets, no PostgreSQL, no Redis of its own" "${servers[@]}" "${postgres[@]}" redis
 # Presence's gRPC server brings hyper through tonic; it must not use hyper itself.
 if linked fanout-presence 1 | grep -qx hyper; then
   fail "fanout-presence depends on hyper directly (its only server is tonic's gRPC)"
 fi
 
 # Generated protobuf types stop at fanout-proto, except where a gRPC service
-# is served (fanout-presence's api module) and in the tests that call it.
-allowed='^(crates/fanout-proto/|crates/fanout-presence/src/api\.rs:|tests/)'
+# is served (fanout-presence's api module, fanout-api's grpc module) and in
+# the tests and load tester that call them.
+allowed='^(crates/fanout-proto/|crates/fanout-presence/src/api\.rs:|crates/fanout-api/src/grpc\.rs:|tests/|loadtest/)'
 if ! users=$(grep -rn --include='*.rs' 'fanout_proto::v1' crates loadtest tests); then
   users=""
 fi

@@ -1,5 +1,5 @@
 //! Generates the prost types, and with the `grpc` feature the tonic presence
-//! service, from `proto/` with a pinned, vendored `protoc` (the
+//! and server API services, from `proto/` with a pinned, vendored `protoc` (the
 //! `protoc-bin-vendored` crate), so a fresh machine needs no manual step.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("fanout/v1/envelope.proto"),
         root.join("fanout/v1/presence.proto"),
+        root.join("fanout/v1/api.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

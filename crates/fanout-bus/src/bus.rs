@@ -12,6 +12,11 @@
 //! - `replay(after, upto)` returns the history events with positions in
 //!   `(after, upto]`, in order, or [`Replay::Expired`] when some of them are
 //!   no longer retained (the client must resync).
+//! - `history` reads the same store for the server API: the last N events,
+//!   or those after a position, with the channel's newest position.
+//! - `publish_batch` stores events in order, each optionally under a
+//!   deduplication id, and answers each with its position; an id seen again
+//!   within the window publishes nothing and answers the first position.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,10 +66,53 @@ pub trait Bus: Send + Sync + 'static {
     /// again, so a publisher that restarts and re-sends is harmless. The
     /// change ingester publishes this way.
     fn publish_deduplicated(&self, events: Vec<(String, Event)>) -> BoxFuture<'_, Result<(), BusError>>;
+    /// Publishes `batch` in order (pipelined: the next is sent before the
+    /// previous one's ack), each under its deduplication id when it has one
+    /// (see [`Bus::publish_deduplicated`]), and answers each in order. An
+    /// id already stored within the window publishes nothing and answers
+    /// the stored event's position. The server API publishes this way.
+    fn publish_batch(&self, batch: Vec<(Option<String>, Event)>) -> BoxFuture<'_, Vec<Result<Published, BusError>>>;
+    /// Reads a channel's stored events (the history resume replays from).
+    fn history(&self, channel: ChannelName, query: HistoryQuery) -> BoxFuture<'_, Result<History, BusError>>;
     /// Whether the bus can currently deliver (for `/readyz`).
     fn is_ready(&self) -> bool {
         true
     }
+}
+
+/// One answer of [`Bus::publish_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub position: Position,
+    /// The id was stored before: nothing was published now, and `position`
+    /// is the first event's.
+    pub duplicate: bool,
+}
+
+/// Which stored events [`Bus::history`] reads, at most `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The channel's newest `limit` events.
+    Last { limit: usize },
+    /// The first `limit` events after `after`.
+    After { after: Position, limit: usize },
+}
+
+/// The answer to [`Bus::history`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum History {
+    /// The events, oldest first, and the channel's newest position (at
+    /// least the last event's; 0 when nothing was ever stored).
+    Events { events: Vec<Event>, head: Position },
+    /// Events after `after` are no longer all retained.
+    Expired { head: Position },
+}
+
+/// The deduplication window of [`Bus::publish_batch`] and
+/// [`Bus::publish_deduplicated`]: two minutes (JetStream's default), or the
+/// history's age limit when that is shorter.
+pub fn dedupe_window(retention: Retention) -> Duration {
+    Duration::from_secs(120).min(retention.max_age)
 }
 
 /// Retention of channel history.

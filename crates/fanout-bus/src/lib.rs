@@ -31,7 +31,7 @@ pub mod memory;
 pub mod nats;
 pub mod presence;
 
-pub use bus::{BoxFuture, Bus, BusError, Replay, Retention, Subscription};
+pub use bus::{BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};

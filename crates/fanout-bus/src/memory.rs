@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use fanout_core::{ChannelName, Event, EventKind, Position, now_ms};
 use tokio::sync::mpsc;
 
-use crate::bus::{BoxFuture, Bus, BusError, Replay, Retention, Subscription};
+use crate::bus::{
+    BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription, dedupe_window,
+};
 
 #[derive(Default)]
 struct Log {
@@ -31,35 +33,43 @@ impl Log {
     }
 }
 
-/// Deduplication ids the memory bus remembers.
+/// Deduplication ids the memory bus remembers at most (besides its window).
 const DEDUPE_IDS: usize = 100_000;
 
-/// The most recent deduplication ids, oldest first.
+/// The deduplication ids seen within the window, oldest first, with the
+/// position each one's event got.
 #[derive(Default)]
 struct SeenIds {
-    set: std::collections::HashSet<String>,
-    order: VecDeque<String>,
+    positions: HashMap<String, Position>,
+    order: VecDeque<(String, u64)>,
 }
 
 impl SeenIds {
-    /// Records `id`; false if it was already there.
-    fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
-            return false;
+    /// Forgets the ids older than `window_ms` (and the oldest beyond
+    /// [`DEDUPE_IDS`]).
+    fn expire(&mut self, now_ms: u64, window_ms: u64) {
+        while let Some((id, at)) = self.order.front() {
+            if self.order.len() <= DEDUPE_IDS && now_ms.saturating_sub(*at) <= window_ms {
+                break;
+            }
+            self.positions.remove(id);
+            self.order.pop_front();
         }
-        if self.order.len() == DEDUPE_IDS
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
-        true
+    }
+
+    fn get(&self, id: &str) -> Option<Position> {
+        self.positions.get(id).copied()
+    }
+
+    fn insert(&mut self, id: String, position: Position, now_ms: u64) {
+        self.positions.insert(id.clone(), position);
+        self.order.push_back((id, now_ms));
     }
 }
 
 /// The in-process bus of standalone mode: per-channel history in memory,
-/// bounded by [`Retention`]; deduplication remembers the last 100,000 ids.
+/// bounded by [`Retention`]; deduplication remembers the ids of the last
+/// [`dedupe_window`] (at most 100,000 of them).
 pub struct MemoryBus {
     logs: Mutex<HashMap<ChannelName, Log>>,
     seen: Mutex<SeenIds>,
@@ -105,6 +115,62 @@ impl MemoryBus {
             logs.remove(&event.channel);
         }
         position
+    }
+
+    /// Publishes `event` unless `id` was seen within the window.
+    fn publish_once_now(&self, id: String, event: Event) -> Published {
+        let now = now_ms();
+        // Held across the publish, so two publishes of one id cannot both
+        // miss each other.
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.expire(now, dedupe_window(self.retention).as_millis() as u64);
+        if let Some(position) = seen.get(&id) {
+            return Published {
+                position,
+                duplicate: true,
+            };
+        }
+        let position = self.publish_now(event);
+        seen.insert(id, position, now);
+        Published {
+            position,
+            duplicate: false,
+        }
+    }
+
+    fn history_now(&self, channel: &ChannelName, query: HistoryQuery) -> History {
+        let now = now_ms();
+        let mut logs = self.lock();
+        let Some(log) = logs.get_mut(channel) else {
+            return match query {
+                HistoryQuery::After { after, .. } if after > 0 => History::Expired { head: 0 },
+                _ => History::Events {
+                    events: Vec::new(),
+                    head: 0,
+                },
+            };
+        };
+        log.trim(self.retention, now);
+        let head = log.last;
+        let events = match query {
+            HistoryQuery::Last { limit } => {
+                let skip = log.history.len().saturating_sub(limit);
+                log.history.iter().skip(skip).cloned().collect()
+            }
+            HistoryQuery::After { after, limit } => {
+                let oldest = log.history.front().map_or(head + 1, |e| e.position);
+                if after > head || (after + 1 < oldest && after < head) {
+                    return History::Expired { head };
+                }
+                log.history
+                    .iter()
+                    .filter(|e| e.position > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+        };
+        History::Events { events, head }
     }
 
     fn replay_now(&self, channel: &ChannelName, after: Position, upto: Position) -> Replay {
@@ -158,12 +224,30 @@ impl Bus for MemoryBus {
 
     fn publish_deduplicated(&self, events: Vec<(String, Event)>) -> BoxFuture<'_, Result<(), BusError>> {
         for (id, event) in events {
-            let fresh = self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(&id);
-            if fresh {
-                self.publish_now(event);
-            }
+            self.publish_once_now(id, event);
         }
         Box::pin(async { Ok(()) })
+    }
+
+    fn publish_batch(&self, batch: Vec<(Option<String>, Event)>) -> BoxFuture<'_, Vec<Result<Published, BusError>>> {
+        let answers = batch
+            .into_iter()
+            .map(|(id, event)| {
+                Ok(match id {
+                    Some(id) => self.publish_once_now(id, event),
+                    None => Published {
+                        position: self.publish_now(event),
+                        duplicate: false,
+                    },
+                })
+            })
+            .collect();
+        Box::pin(async move { answers })
+    }
+
+    fn history(&self, channel: ChannelName, query: HistoryQuery) -> BoxFuture<'_, Result<History, BusError>> {
+        let history = self.history_now(&channel, query);
+        Box::pin(async move { Ok(history) })
     }
 }
 
@@ -238,6 +322,117 @@ mod tests {
         let unknown = ChannelName::new("never").unwrap();
         assert_eq!(bus.replay(unknown.clone(), 0, 0).await.unwrap(), Replay::Events(vec![]));
         assert_eq!(bus.replay(unknown, 3, 0).await.unwrap(), Replay::Expired);
+    }
+
+    #[tokio::test]
+    async fn history_last_after_and_expiry() {
+        let bus = MemoryBus::new(Retention {
+            max_messages: 5,
+            max_age: Duration::from_secs(60),
+        });
+        let ch = ChannelName::new("a").unwrap();
+        let positions = |h: History| match h {
+            History::Events { events, head } => (events.iter().map(|e| e.position).collect::<Vec<_>>(), head),
+            History::Expired { head } => panic!("expired at {head}"),
+        };
+        assert_eq!(
+            positions(bus.history(ch.clone(), HistoryQuery::Last { limit: 3 }).await.unwrap()),
+            (vec![], 0)
+        );
+        for n in 1..=8 {
+            bus.publish(ev("a", EventKind::Broadcast, n)).await.unwrap();
+        }
+        bus.publish(ev("a", EventKind::PresenceDiff, 9)).await.unwrap();
+        let last = |limit| HistoryQuery::Last { limit };
+        let after = |after, limit| HistoryQuery::After { after, limit };
+        assert_eq!(
+            positions(bus.history(ch.clone(), last(3)).await.unwrap()),
+            (vec![6, 7, 8], 8)
+        );
+        assert_eq!(
+            positions(bus.history(ch.clone(), last(100)).await.unwrap()),
+            (vec![4, 5, 6, 7, 8], 8),
+            "only what is retained, and no presence diffs"
+        );
+        assert_eq!(
+            positions(bus.history(ch.clone(), after(5, 2)).await.unwrap()),
+            (vec![6, 7], 8)
+        );
+        assert_eq!(
+            positions(bus.history(ch.clone(), after(3, 100)).await.unwrap()),
+            (vec![4, 5, 6, 7, 8], 8)
+        );
+        assert_eq!(
+            positions(bus.history(ch.clone(), after(8, 10)).await.unwrap()),
+            (vec![], 8)
+        );
+        assert_eq!(
+            bus.history(ch.clone(), after(2, 10)).await.unwrap(),
+            History::Expired { head: 8 }
+        );
+        assert_eq!(
+            bus.history(ch.clone(), after(9, 10)).await.unwrap(),
+            History::Expired { head: 8 }
+        );
+        let never = ChannelName::new("never").unwrap();
+        assert_eq!(
+            bus.history(never, after(1, 10)).await.unwrap(),
+            History::Expired { head: 0 }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_deduplicates_and_answers_the_first_position() {
+        let bus = MemoryBus::new(Retention::default());
+        let ch = ChannelName::new("a").unwrap();
+        let mut sub = bus.subscribe(ch.clone()).await.unwrap();
+        let once = |id: &str, n| (Some(id.to_owned()), ev("a", EventKind::Broadcast, n));
+        let answers = bus
+            .publish_batch(vec![
+                once("k1", 1),
+                (None, ev("a", EventKind::Broadcast, 2)),
+                once("k1", 1),
+            ])
+            .await;
+        assert_eq!(
+            answers,
+            vec![
+                Ok(Published {
+                    position: 1,
+                    duplicate: false
+                }),
+                Ok(Published {
+                    position: 2,
+                    duplicate: false
+                }),
+                Ok(Published {
+                    position: 1,
+                    duplicate: true
+                }),
+            ]
+        );
+        let other = bus.publish_batch(vec![once("k2", 3)]).await;
+        assert_eq!(
+            other,
+            vec![Ok(Published {
+                position: 3,
+                duplicate: false
+            })]
+        );
+        let got: Vec<_> = std::iter::from_fn(|| sub.events.try_recv().ok())
+            .map(|e| e.position)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3], "the retry was not delivered");
+    }
+
+    #[test]
+    fn seen_ids_expire_by_age() {
+        let mut seen = SeenIds::default();
+        seen.insert("old".into(), 1, 1_000);
+        seen.insert("new".into(), 2, 50_000);
+        seen.expire(121_500, 120_000);
+        assert_eq!(seen.get("old"), None);
+        assert_eq!(seen.get("new"), Some(2));
     }
 
     #[tokio::test]

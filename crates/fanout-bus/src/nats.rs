@@ -54,7 +54,7 @@ use fanout_core::{ChannelName, Event, Position, shard_of, subject_token};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::bus::{BoxFuture, Bus, BusError, Replay, Retention, Subscription};
+use crate::bus::{BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription};
 
 /// How to reach NATS and lay out the streams.
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ impl NatsBus {
             max_messages_per_subject: self.config.retention.max_messages as i64,
             max_age: self.config.retention.max_age,
             num_replicas: self.config.replicas,
-            duplicate_window: Duration::from_secs(120).min(self.config.retention.max_age),
+            duplicate_window: crate::bus::dedupe_window(self.config.retention),
             storage: stream::StorageType::File,
             republish: Some(stream::Republish {
                 source: ">".into(),
@@ -454,6 +454,26 @@ impl NatsBus {
     }
 }
 
+impl NatsBus {
+    async fn history_now(&self, channel: ChannelName, query: HistoryQuery) -> Result<History, BusError> {
+        let source = self.catch_up(&channel);
+        let head = source.newest().await?;
+        let events = match query {
+            HistoryQuery::Last { limit } => source.read_last(limit).await?,
+            HistoryQuery::After { after, limit } => match self.replay_now(channel, after, head).await? {
+                Replay::Expired => return Ok(History::Expired { head }),
+                Replay::Events(mut events) => {
+                    events.truncate(limit);
+                    events
+                }
+            },
+        };
+        // Events stored after `head` was read may have come along.
+        let head = events.last().map_or(head, |e| e.position.max(head));
+        Ok(History::Events { events, head })
+    }
+}
+
 /// JetStream's "stream configuration update can not change RePublish"
 /// (servers before 2.10).
 const REPUBLISH_IMMUTABLE: async_nats::jetstream::ErrorCode = async_nats::jetstream::ErrorCode(10052);
@@ -541,6 +561,19 @@ impl CatchUp {
                 break;
             }
         }
+        Ok(events)
+    }
+
+    /// The channel's newest `limit` stored events. JetStream reads a
+    /// subject forwards only, so this reads what the channel retains (at
+    /// most its history limit) and keeps the tail.
+    async fn read_last(&self, limit: usize) -> Result<Vec<Event>, BusError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut events = self.read(0, None).await?;
+        let skip = events.len().saturating_sub(limit);
+        events.drain(..skip);
         Ok(events)
     }
 
@@ -634,6 +667,54 @@ impl Bus for NatsBus {
 
     fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>> {
         Box::pin(self.replay_now(channel, after, upto))
+    }
+
+    fn publish_batch(&self, batch: Vec<(Option<String>, Event)>) -> BoxFuture<'_, Vec<Result<Published, BusError>>> {
+        Box::pin(async move {
+            // Sent in order over the one connection, so a channel's events
+            // are stored in batch order; the acks are awaited afterwards.
+            // Once a send fails, the rest are not sent (they would land out
+            // of order after a reconnect).
+            let mut sent = Vec::with_capacity(batch.len());
+            let mut failed: Option<BusError> = None;
+            for (id, event) in batch {
+                if let Some(e) = &failed {
+                    sent.push(Err(e.clone()));
+                    continue;
+                }
+                let subject = self.subject(&event.channel);
+                let mut publish =
+                    jetstream::message::PublishMessage::build().payload(fanout_proto::encode_event(&event));
+                if let Some(id) = id {
+                    publish = publish.message_id(id);
+                }
+                match self.js.send_publish(subject, publish).await {
+                    Ok(ack) => sent.push(Ok(ack)),
+                    Err(e) => {
+                        let e = unavailable(e);
+                        failed = Some(e.clone());
+                        sent.push(Err(e));
+                    }
+                }
+            }
+            let mut answers = Vec::with_capacity(sent.len());
+            for ack in sent {
+                // A duplicate's ack carries the sequence of the message
+                // stored under that id first.
+                answers.push(match ack {
+                    Ok(ack) => ack.await.map_err(unavailable).map(|ack| Published {
+                        position: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }),
+                    Err(e) => Err(e),
+                });
+            }
+            answers
+        })
+    }
+
+    fn history(&self, channel: ChannelName, query: HistoryQuery) -> BoxFuture<'_, Result<History, BusError>> {
+        Box::pin(self.history_now(channel, query))
     }
 
     fn is_ready(&self) -> bool {

@@ -422,6 +422,105 @@ impl JwtVerifier {
     }
 }
 
+/// What a server-API key may do. `All` includes the admin operations
+/// (disconnecting users); `Publish` and `Read` are for backends that need
+/// only one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiScope {
+    /// Publish and broadcast.
+    Publish,
+    /// History, presence, channels and cluster information.
+    Read,
+    /// Everything, including disconnect and unsubscribe.
+    All,
+}
+
+impl ApiScope {
+    /// Whether a key with this scope may call an operation that needs
+    /// `needed`.
+    pub fn allows(self, needed: ApiScope) -> bool {
+        self == Self::All || self == needed
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Read => "read",
+            Self::All => "all",
+        }
+    }
+}
+
+/// The server API's keys: opaque secrets, each with its scope, separate
+/// from client tokens. Written `KEY` (scope `all`) or `SCOPE:KEY` with
+/// scope `publish`, `read` or `all`. Compared in constant time; never
+/// printed (`Debug` shows only how many there are).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ApiKeys(Vec<(Vec<u8>, ApiScope)>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+/// The shortest API key accepted: a guessable key is a hole.
+pub const MIN_API_KEY_BYTES: usize = 16;
+
+impl ApiKeys {
+    /// Parses key entries (`KEY` or `SCOPE:KEY`). The error names the
+    /// entry by position, never by its text.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = entry.trim();
+            let (scope, key) = match entry.split_once(':') {
+                Some(("publish", key)) => (ApiScope::Publish, key),
+                Some(("read", key)) => (ApiScope::Read, key),
+                Some(("all", key)) => (ApiScope::All, key),
+                _ => (ApiScope::All, entry),
+            };
+            if key.len() < MIN_API_KEY_BYTES {
+                return Err(format!(
+                    "API key #{} is shorter than {MIN_API_KEY_BYTES} characters",
+                    i + 1
+                ));
+            }
+            if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "API key #{} has spaces or non-ASCII characters (an HTTP Bearer token cannot carry them)",
+                    i + 1
+                ));
+            }
+            keys.push((key.as_bytes().to_vec(), scope));
+        }
+        Ok(Self(keys))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The scope of `presented`, if it is one of the keys. Every key is
+    /// compared, whatever matched, so the time taken says nothing about
+    /// which key or bytes were right.
+    pub fn scope_of(&self, presented: &str) -> Option<ApiScope> {
+        self.0.iter().fold(None, |found, (key, scope)| {
+            let hit = constant_time_eq(key, presented.as_bytes());
+            if hit && found.is_none() { Some(*scope) } else { found }
+        })
+    }
+
+    /// Both key sets together (config and a mounted file).
+    pub fn extend(&mut self, other: ApiKeys) {
+        self.0.extend(other.0);
+    }
+}
+
 /// Equal bytes, in time that depends only on the lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -434,6 +533,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
+
+    #[test]
+    fn api_keys_and_scopes() {
+        let keys = ApiKeys::parse([
+            "0123456789abcdef-full",
+            "publish:0123456789abcdef-pub",
+            "read:0123456789abcdef-read",
+        ])
+        .unwrap();
+        assert_eq!(keys.scope_of("0123456789abcdef-full"), Some(ApiScope::All));
+        assert_eq!(keys.scope_of("0123456789abcdef-pub"), Some(ApiScope::Publish));
+        assert_eq!(keys.scope_of("0123456789abcdef-read"), Some(ApiScope::Read));
+        assert_eq!(keys.scope_of("0123456789abcdef-rea"), None);
+        assert_eq!(keys.scope_of(""), None);
+        assert_eq!(keys.scope_of("publish:0123456789abcdef-pub"), None);
+        assert!(ApiScope::All.allows(ApiScope::Publish));
+        assert!(ApiScope::Read.allows(ApiScope::Read));
+        assert!(!ApiScope::Read.allows(ApiScope::Publish));
+        assert!(!ApiScope::Publish.allows(ApiScope::All));
+        let e = ApiKeys::parse(["0123456789abcdef-ok", "read:tiny-key"]).unwrap_err();
+        assert!(e.contains("#2") && !e.contains("tiny-key"), "{e}");
+        assert!(ApiKeys::parse(["0123456789abcdef with space"]).is_err());
+        assert_eq!(format!("{keys:?}"), "ApiKeys(3 keys)");
+    }
     use std::time::{SystemTime, UNIX_EPOCH};
 
     fn now() -> u64 {

@@ -15,7 +15,8 @@
 //!   and the edge reads it.
 //! - [`changes`]: `postgres_changes` bindings, row [`changes::Filter`]s and
 //!   the [`changes::Routes`] from a table's rows to channels.
-//! - [`auth`]: JWT verification against a key set, and [`Claims`].
+//! - [`auth`]: JWT verification against a key set, and [`Claims`]; the
+//!   server API's keys ([`ApiKeys`]).
 //! - [`policy`]: channel and row policies decided from claims, and their
 //!   rule language ([`policy::expr`]).
 //! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
@@ -39,7 +40,7 @@ pub mod policy;
 pub mod presence;
 pub mod record;
 
-pub use auth::{AuthError, Claims, JwtVerifier};
+pub use auth::{ApiKeys, ApiScope, AuthError, Claims, JwtVerifier};
 pub use channel::{ChannelError, ChannelName, shard_of, subject_token};
 pub use event::{Event, EventKind, Origin, Position, now_ms};
 pub use limits::Limits;

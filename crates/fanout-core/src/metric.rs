@@ -1,5 +1,5 @@
 //! The metrics a crate emits, declared as data: name, kind, help text, and
-//! for a labelled metric its one label and every value it takes.
+//! for a labelled metric its labels (one or two) and every value they take.
 //!
 //! Each crate lists its metrics in a `METRICS` table; the binary describes
 //! and registers the tables of the crates a role runs, at zero, when it
@@ -24,6 +24,9 @@ pub struct Metric {
     /// The metric's label and all its values, if it has one (labels come
     /// from small fixed sets, never from channel or user ids).
     pub label: Option<(&'static str, &'static [&'static str])>,
+    /// A second label, for a metric counted by two things (an API call by
+    /// method and by result code): every pair of values is a series.
+    pub second_label: Option<(&'static str, &'static [&'static str])>,
 }
 
 impl Metric {
@@ -33,6 +36,7 @@ impl Metric {
             name,
             help,
             label: None,
+            second_label: None,
         }
     }
 
@@ -42,6 +46,7 @@ impl Metric {
             name,
             help,
             label: None,
+            second_label: None,
         }
     }
 
@@ -51,14 +56,63 @@ impl Metric {
             name,
             help,
             label: None,
+            second_label: None,
         }
     }
 
-    /// The same metric with label `key` taking `values`.
+    /// The same metric with label `key` taking `values` (its second label
+    /// if it has one already).
     pub const fn labelled(self, key: &'static str, values: &'static [&'static str]) -> Self {
-        Self {
-            label: Some((key, values)),
-            ..self
+        match self.label {
+            None => Self {
+                label: Some((key, values)),
+                ..self
+            },
+            Some(_) => Self {
+                second_label: Some((key, values)),
+                ..self
+            },
         }
+    }
+
+    /// Every series of the metric, as its label pairs: one without labels,
+    /// else one per value (per pair of values with two labels).
+    pub fn series(&self) -> Vec<Vec<(&'static str, &'static str)>> {
+        let one =
+            |label: Option<(&'static str, &'static [&'static str])>| -> Vec<Option<(&'static str, &'static str)>> {
+                match label {
+                    None => vec![None],
+                    Some((key, values)) => values.iter().map(|v| Some((key, *v))).collect(),
+                }
+            };
+        let mut all = Vec::new();
+        for a in one(self.label) {
+            for b in one(self.second_label) {
+                all.push(a.into_iter().chain(b).collect());
+            }
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_zero_one_and_two_labels() {
+        assert_eq!(Metric::counter("a", "").series(), vec![vec![]]);
+        let one = Metric::counter("b", "").labelled("k", &["x", "y"]);
+        assert_eq!(one.series(), vec![vec![("k", "x")], vec![("k", "y")]]);
+        let two = one.labelled("code", &["ok", "bad"]);
+        assert_eq!(
+            two.series(),
+            vec![
+                vec![("k", "x"), ("code", "ok")],
+                vec![("k", "x"), ("code", "bad")],
+                vec![("k", "y"), ("code", "ok")],
+                vec![("k", "y"), ("code", "bad")],
+            ]
+        );
     }
 }

@@ -57,6 +57,11 @@ pub struct Config {
     pub presence_sweep: Duration,
     /// Where `fanout presence` serves its gRPC API.
     pub presence_grpc_listen: SocketAddr,
+    /// Where edges and standalone serve the server API.
+    pub api_listen: SocketAddr,
+    /// The server API's keys (`api.keys` and `api.keys_file`); none turns
+    /// the API off.
+    pub api_keys: fanout_core::ApiKeys,
     /// PostgreSQL for the change stream (`postgres://…`): `fanout cdc`
     /// needs it; standalone runs the ingester in-process when it is set.
     pub database_url: Option<String>,
@@ -232,6 +237,12 @@ settings! {
         "How often the presence role sweeps for crashed edges";
     "presence.grpc_listen", "FANOUT_PRESENCE_GRPC_LISTEN", "presence-grpc-listen", "ADDR", Some("127.0.0.1:50051"),
         "Where `fanout presence` serves its gRPC API";
+    "api.listen", "FANOUT_API_LISTEN", "api-listen", "ADDR", Some("127.0.0.1:9700"),
+        "Server API address (gRPC and HTTP JSON under /api/v1/), served by edges and standalone when API keys are set";
+    "api.keys", "FANOUT_API_KEYS", "api-keys", "KEYS", None,
+        "Server API keys, comma-separated, each KEY or SCOPE:KEY with scope publish, read or all (at least 16 characters)";
+    "api.keys_file", "FANOUT_API_KEYS_FILE", "api-keys-file", "FILE", None,
+        "A file of server API keys, one per line (# comments), e.g. a mounted Secret";
     "database.url", "FANOUT_DATABASE_URL", "database-url", "URL", None,
         "PostgreSQL URL for the change stream, postgres://user:pass@host:port/db[?sslmode=require]; required by \
          `cdc`, runs the ingester in-process in `standalone`";
@@ -415,6 +426,17 @@ impl FromStr for TableRules {
 }
 
 /// A comma-separated list, trimmed, without empty entries.
+/// API keys from a file: one per line (`KEY` or `SCOPE:KEY`), blank lines
+/// and `#` comments skipped. Errors name lines, never keys.
+fn read_api_keys_file(path: &Path) -> Result<fanout_core::ApiKeys, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    fanout_core::ApiKeys::parse(lines)
+}
+
 fn list(s: &str) -> Vec<String> {
     s.split(',')
         .map(|x| x.trim().to_owned())
@@ -643,6 +665,8 @@ impl Config {
             presence_ttl: Duration::from_secs(r.get("presence.ttl_secs")),
             presence_sweep: Duration::from_secs(r.get("presence.sweep_secs")),
             presence_grpc_listen: r.get("presence.grpc_listen"),
+            api_listen: r.get("api.listen"),
+            api_keys: fanout_core::ApiKeys::default(),
             database_url: r.opt::<String>("database.url").filter(|s| !s.is_empty()),
             cdc_publication: r.get("cdc.publication"),
             cdc_slot: r.get("cdc.slot"),
@@ -651,6 +675,17 @@ impl Config {
             postgres_changes: r.get("postgres_changes"),
         };
         let mut config = config;
+        let api_keys = r.opt::<String>("api.keys").unwrap_or_default();
+        match fanout_core::ApiKeys::parse(list(&api_keys).iter().map(String::as_str)) {
+            Ok(keys) => config.api_keys = keys,
+            Err(e) => r.errors.push(format!("api.keys: {e}")),
+        }
+        if let Some(path) = r.opt::<String>("api.keys_file").filter(|s| !s.is_empty()) {
+            match read_api_keys_file(Path::new(&path)) {
+                Ok(keys) => config.api_keys.extend(keys),
+                Err(e) => r.errors.push(format!("api.keys_file {path}: {e}")),
+            }
+        }
         match fanout_core::changes::Routes::parse(&r.opt::<String>("cdc.routes").unwrap_or_default()) {
             Ok(routes) => config.cdc_routes = routes,
             Err(e) => r.errors.push(e.to_string()),

@@ -39,9 +39,9 @@ pub fn install(process: &Process, tables: &[&'static [Metric]]) -> anyhow::Resul
     Ok(handle)
 }
 
-/// Describes `metric` and creates its series at zero (one per label value),
-/// so the first scrape already shows it: a counter at 0, a gauge at 0, a
-/// histogram with empty buckets.
+/// Describes `metric` and creates its series at zero (one per label value,
+/// or per pair of values with two labels), so the first scrape already
+/// shows it: a counter at 0, a gauge at 0, a histogram with empty buckets.
 fn register(metric: &Metric) {
     let name = metric.name;
     match metric.kind {
@@ -49,11 +49,8 @@ fn register(metric: &Metric) {
         MetricKind::Gauge => metrics::describe_gauge!(name, metric.help),
         MetricKind::Histogram => metrics::describe_histogram!(name, metric.help),
     }
-    let series: Vec<Vec<metrics::Label>> = match metric.label {
-        None => vec![Vec::new()],
-        Some((key, values)) => values.iter().map(|v| vec![metrics::Label::new(key, *v)]).collect(),
-    };
-    for labels in series {
+    for pairs in metric.series() {
+        let labels: Vec<metrics::Label> = pairs.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
         match metric.kind {
             MetricKind::Counter => metrics::counter!(name, labels).increment(0),
             MetricKind::Gauge => metrics::gauge!(name, labels).increment(0.0),

@@ -89,6 +89,8 @@ struct Start {
     metrics: PrometheusHandle,
     public: TcpListener,
     admin: TcpListener,
+    /// The server API's listener, when API keys are set.
+    api: Option<TcpListener>,
     edge_config: EdgeConfig,
 }
 
@@ -100,6 +102,15 @@ impl Start {
         let public = bind_with_backlog(config.listen)
             .with_context(|| format!("binding the public listener on {}", config.listen))?;
         let admin = bind_admin(config).await?;
+        let api = if role.serves_api(config) {
+            Some(
+                TcpListener::bind(config.api_listen)
+                    .await
+                    .with_context(|| format!("binding the server API listener on {}", config.api_listen))?,
+            )
+        } else {
+            None
+        };
         // The JWKS document is read (fetched) now, so an edge that cannot
         // verify tokens does not start; then it is refreshed in the background.
         let jwks = match &config.auth.jwks {
@@ -143,6 +154,7 @@ impl Start {
             metrics,
             public,
             admin,
+            api,
             edge_config,
         })
     }
@@ -162,6 +174,7 @@ impl Start {
             metrics,
             public,
             admin,
+            api,
             edge_config,
         } = self;
         let edge = Edge::new(
@@ -172,6 +185,23 @@ impl Start {
             Some(metrics),
             process.shutdown.clone(),
         );
+        if let Some(listener) = api {
+            tracing::info!(api = %listener.local_addr()?, keys = config.api_keys.len(), "server API listening");
+            let api = fanout_api::Api::new(
+                edge.bus.clone(),
+                edge.presence.clone(),
+                config.api_keys.clone(),
+                config.limits.max_frame_bytes,
+            );
+            process.tasks.spawn(fanout_api::http::serve(
+                listener,
+                Arc::new(api),
+                process.shutdown.clone(),
+                process.tasks.clone(),
+            ));
+        } else {
+            tracing::info!("server API off: no API keys (FANOUT_API_KEYS or api.keys_file)");
+        }
         tracing::info!(
             public = %public.local_addr()?,
             admin = %admin.local_addr()?,

@@ -37,7 +37,7 @@ impl Role {
     /// The metrics this role emits with `config`, by crate: registered at
     /// zero when it starts, so its first scrape shows every one of them.
     pub fn metrics(self, config: &Config) -> Vec<&'static [Metric]> {
-        match self {
+        let mut tables = match self {
             // The memory bus and presence emit nothing of their own.
             Self::Standalone if config.database_url.is_some() => vec![fanout_edge::METRICS, fanout_cdc::METRICS],
             Self::Standalone => vec![fanout_edge::METRICS],
@@ -51,7 +51,17 @@ impl Role {
             Self::Edge => vec![fanout_edge::METRICS, fanout_bus::METRICS],
             Self::Presence => vec![fanout_bus::METRICS, fanout_presence::SWEEPER_METRICS],
             Self::Cdc => vec![fanout_bus::METRICS, fanout_cdc::METRICS],
+        };
+        if self.serves_api(config) {
+            tables.push(fanout_api::METRICS);
         }
+        tables
+    }
+
+    /// Whether the role serves the server API: the roles that hold client
+    /// sockets do, when API keys are configured.
+    pub fn serves_api(self, config: &Config) -> bool {
+        matches!(self, Self::Standalone | Self::Edge) && !config.api_keys.is_empty()
     }
 
     /// The subcommand's name.
