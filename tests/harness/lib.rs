@@ -835,3 +835,18 @@ impl Drop for Postgres {
 /// The routes of the workshop schema (see deploy/sql/workshop.sql).
 pub const WORKSHOP_ROUTES: &str = "public.workshop_participants=workshop:{session_id},\
 public.workshop_activities=workshop:{session_id},public.workshop_stage_submissions=workshop:{session_id}";
+
+/// An HS256 token for `sub`, valid for ten minutes, signed with `secret`.
+pub fn hs256_token(secret: &str, sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}

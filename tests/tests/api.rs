@@ -21,15 +21,25 @@ use tonic::transport::Channel;
 const T: Duration = Duration::from_secs(10);
 const KEY: &str = "api-test-key-all-0123456789";
 const READ_KEY: &str = "api-test-key-read-0123456789";
+const SECRET: &str = "api-test-jwt-secret-at-least-32-bytes";
 
-/// An API key flag with a full key and a read-only one.
+/// The API listener with a full key and a read-only one, and client tokens.
 fn key_args(api_port: u16) -> Vec<String> {
     vec![
         "--api-listen".into(),
         format!("127.0.0.1:{api_port}"),
         "--api-keys".into(),
         format!("{KEY},read:{READ_KEY}"),
+        "--jwt-secret".into(),
+        SECRET.into(),
     ]
+}
+
+fn ws_path(sub: &str) -> String {
+    format!(
+        "/realtime/v1/websocket?vsn=1.0.0&apikey={}",
+        fanout_tests::hs256_token(SECRET, sub)
+    )
 }
 
 type Client = ServerApiClient<InterceptedService<Channel, Bearer>>;
@@ -79,11 +89,15 @@ async fn http_publish(api_port: u16, body: Value) -> Result<(u16, Value)> {
     Ok((status, serde_json::from_str(&text).with_context(|| text.clone())?))
 }
 
-/// A raw vsn 1.0.0 subscriber of `topic` on `port`.
-async fn subscriber(port: u16, topic: &str, config: Value) -> Result<WsClient> {
-    let mut c = WsClient::connect(port, "/realtime/v1/websocket?vsn=1.0.0").await?;
+/// A raw vsn 1.0.0 subscriber of `topic` on `port`, as user `sub`.
+async fn subscriber_as(sub: &str, port: u16, topic: &str, config: Value) -> Result<WsClient> {
+    let mut c = WsClient::connect(port, &ws_path(sub)).await?;
     join_v1(&mut c, topic, config, "1").await?;
     Ok(c)
+}
+
+async fn subscriber(port: u16, topic: &str, config: Value) -> Result<WsClient> {
+    subscriber_as("reader", port, topic, config).await
 }
 
 /// The next `n` broadcasts: (event, payload, meta.id).
@@ -308,6 +322,8 @@ async fn exercise(apis: &[u16], ports: &[u16], admin: &Fanout) -> Result<()> {
         quiet(s).await?;
     }
 
+    commands(apis, ports).await?;
+
     let m = admin.metrics().await?;
     assert!(
         metric_value(
@@ -346,7 +362,7 @@ async fn server_api_across_two_edges() -> Result<()> {
 
     // Presence through the API of the other edge (shared through Redis).
     let room = "workshop:presence";
-    let mut member = WsClient::connect(b.port, "/realtime/v1/websocket?vsn=1.0.0").await?;
+    let mut member = WsClient::connect(b.port, &ws_path("alice")).await?;
     join_v1(
         &mut member,
         &format!("realtime:{room}"),
@@ -422,5 +438,148 @@ async fn bad_api_keys_stop_the_start() -> Result<()> {
     );
     let e = run(&["--api-keys-file", "/nonexistent/keys"]).await?;
     assert!(e.contains("api.keys_file /nonexistent/keys"), "{e}");
+    Ok(())
+}
+
+/// The close frame's code and reason, past any text frames before it.
+async fn close_frame(c: &mut WsClient) -> Result<(u16, String)> {
+    loop {
+        match c.recv(T).await? {
+            fanout_tests::Received::Close(code, reason) => return Ok((code, reason)),
+            fanout_tests::Received::Text(_) => continue,
+            other => anyhow::bail!("expected a close, got {other:?}"),
+        }
+    }
+}
+
+/// Channels, Info, Unsubscribe and Disconnect reach every edge.
+async fn commands(apis: &[u16], ports: &[u16]) -> Result<()> {
+    let room = format!("review:{}", free_port());
+    let topic = format!("realtime:{room}");
+    // Two users on every edge; "kick" also in a second channel.
+    let mut kicked = Vec::new();
+    let mut staying = Vec::new();
+    for &port in ports {
+        let mut c = subscriber_as("kick", port, &topic, json!({})).await?;
+        join_v1(&mut c, &format!("{topic}-side"), json!({}), "2").await?;
+        kicked.push(c);
+        staying.push(subscriber_as("stay", port, &topic, json!({})).await?);
+    }
+    let mut api = grpc(apis[0], Some(KEY)).await?;
+    let edges = ports.len() as u32;
+
+    let info = api.info(v1::InfoRequest {}).await?.into_inner();
+    assert_eq!(info.nodes.len(), ports.len(), "{info:?}");
+    assert!(
+        info.nodes.iter().all(|n| n.connections >= 2 && n.node.len() == 16),
+        "{info:?}"
+    );
+
+    let found = api
+        .channels(v1::ChannelsRequest {
+            pattern: format!("{room}*"),
+            limit: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(found.edges, edges);
+    let counts: Vec<(String, u64)> = found
+        .channels
+        .iter()
+        .map(|c| (c.channel.clone(), c.subscribers))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            (room.clone(), 2 * ports.len() as u64),
+            (format!("{room}-side"), ports.len() as u64)
+        ],
+        "summed over every edge, busiest first"
+    );
+    let (status, body) = http_request(
+        apis[apis.len() - 1],
+        "GET",
+        &format!("/api/v1/channels?pattern={room}-s*"),
+        &[("authorization", &format!("Bearer {READ_KEY}"))],
+        Bytes::new(),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        body["channels"],
+        json!([{"channel": format!("{room}-side"), "private": false, "subscribers": ports.len()}])
+    );
+
+    // Unsubscribe "kick" from the side channel: a system message and
+    // phx_close there, and the socket stays.
+    let r = api
+        .unsubscribe(v1::UnsubscribeRequest {
+            sub: "kick".into(),
+            channel: format!("{room}-side"),
+            private: false,
+            reason: "removed from the side room".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((r.connections, r.edges), (ports.len() as u64, edges));
+    for c in &mut kicked {
+        let system = c.recv_until(T, |v| v["event"] == "system").await?;
+        assert_eq!(system["topic"], format!("{topic}-side"));
+        assert_eq!(system["payload"]["message"], "removed from the side room");
+        let close = c.recv_until(T, |v| v["event"] == "phx_close").await?;
+        assert_eq!(close["topic"], format!("{topic}-side"));
+    }
+
+    // A read key may not disconnect anyone.
+    let denied = grpc(apis[0], Some(READ_KEY))
+        .await?
+        .disconnect(v1::DisconnectRequest {
+            sub: "kick".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // Disconnect "kick" for good: its channel closes, then the socket, with
+    // the reason, on every edge; "stay" keeps receiving.
+    let r = api
+        .disconnect(v1::DisconnectRequest {
+            sub: "kick".into(),
+            reason: "removed by a moderator".into(),
+            reconnect: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((r.connections, r.edges), (ports.len() as u64, edges));
+    for c in &mut kicked {
+        let close = c.recv_until(T, |v| v["event"] == "phx_close").await?;
+        assert_eq!(close["topic"], topic);
+        assert_eq!(close_frame(c).await?, (1008, "removed by a moderator".into()));
+    }
+    // With reconnect allowed: the socket closes with 1012, channels as they were.
+    let mut again = Vec::new();
+    for &port in ports {
+        again.push(subscriber_as("kick", port, &topic, json!({})).await?);
+    }
+    let (status, body) = http_request(
+        apis[apis.len() - 1],
+        "POST",
+        "/api/v1/disconnect",
+        &[("authorization", &format!("Bearer {KEY}"))],
+        Bytes::from(json!({"sub": "kick", "reason": "new token needed", "reconnect": true}).to_string()),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body)?["connections"], ports.len());
+    for c in &mut again {
+        assert_eq!(close_frame(c).await?, (1012, "new token needed".into()));
+    }
+    http_publish(apis[0], json!({"channel": room, "event": "after", "payload": {}})).await?;
+    for c in &mut staying {
+        let got = broadcasts(c, 1).await?;
+        assert_eq!(got[0].0, "after");
+    }
     Ok(())
 }

@@ -6,11 +6,10 @@
 //! exchanging broadcasts with nothing lost.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fanout_tests::{Fanout, Received, WsClient, join_v1, metric_value, v1};
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,13 +17,7 @@ const SECRET: &str = "limits-test-secret-at-least-32-bytes";
 const WAIT: Duration = Duration::from_secs(5);
 
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 600;
-    encode(
-        &Header::default(),
-        &json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    fanout_tests::hs256_token(SECRET, sub)
 }
 
 fn ip(s: &str) -> IpAddr {

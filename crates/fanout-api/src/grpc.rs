@@ -311,4 +311,69 @@ impl v1::server_api_server::ServerApi for GrpcApi {
         })
         .await
     }
+
+    async fn channels(&self, request: Request<v1::ChannelsRequest>) -> Result<Response<v1::ChannelsResponse>, Status> {
+        self.unary("channels", ApiScope::Read, request, |api, r| async move {
+            let found = api.channels(&r.pattern, Some(r.limit as usize)).await?;
+            Ok(v1::ChannelsResponse {
+                channels: found
+                    .value
+                    .into_iter()
+                    .map(|c| v1::ChannelInfo {
+                        channel: c.channel.name().to_owned(),
+                        private: c.channel.is_private(),
+                        subscribers: c.subscribers,
+                    })
+                    .collect(),
+                edges: found.edges,
+            })
+        })
+        .await
+    }
+
+    async fn info(&self, request: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
+        self.unary("info", ApiScope::Read, request, |api, _| async move {
+            let nodes = api
+                .info()
+                .await?
+                .into_iter()
+                .map(|n| v1::NodeInfo {
+                    node: n.node,
+                    connections: n.connections,
+                    channels: n.channels,
+                    uptime_secs: n.uptime_secs,
+                })
+                .collect();
+            Ok(v1::InfoResponse { nodes })
+        })
+        .await
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<v1::DisconnectRequest>,
+    ) -> Result<Response<v1::DisconnectResponse>, Status> {
+        self.unary("disconnect", ApiScope::All, request, |api, r| async move {
+            let done = api.disconnect(&r.sub, &r.reason, r.reconnect).await?;
+            Ok(v1::DisconnectResponse {
+                connections: done.value,
+                edges: done.edges,
+            })
+        })
+        .await
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<v1::UnsubscribeRequest>,
+    ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
+        self.unary("unsubscribe", ApiScope::All, request, |api, r| async move {
+            let done = api.unsubscribe(&r.sub, &r.channel, r.private, &r.reason).await?;
+            Ok(v1::UnsubscribeResponse {
+                connections: done.value,
+                edges: done.edges,
+            })
+        })
+        .await
+    }
 }

@@ -8,6 +8,10 @@
 //! | `GET /api/v1/history` | `channel, limit?, after?, private?` | `{messages: [{event, payload \| payload_base64, position, published_at_ms}], position}` |
 //! | `GET /api/v1/presence` | `channel, private?` | `{presences: {key: {metas: [...]}}}` |
 //! | `GET /api/v1/presence_stats` | `channel, private?` | `{clients, users}` |
+//! | `GET /api/v1/channels` | `pattern?, limit?` | `{channels: [{channel, private, subscribers}], edges}` |
+//! | `GET /api/v1/info` | | `{nodes: [{node, connections, channels, uptime_secs}]}` |
+//! | `POST /api/v1/disconnect` | `{sub, reason?, reconnect?}` | `{connections, edges}` |
+//! | `POST /api/v1/unsubscribe` | `{sub, channel, private?, reason?}` | `{connections, edges}` |
 //!
 //! Errors are `{"error": reason, "code": code}` with 400 (invalid
 //! argument), 401 (no or unknown key), 403 (the key's scope), 404, 405,
@@ -128,14 +132,18 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
         "/api/v1/history" => ("history", ApiScope::Read),
         "/api/v1/presence" => ("presence", ApiScope::Read),
         "/api/v1/presence_stats" => ("presence_stats", ApiScope::Read),
+        "/api/v1/channels" => ("channels", ApiScope::Read),
+        "/api/v1/info" => ("info", ApiScope::Read),
+        "/api/v1/disconnect" => ("disconnect", ApiScope::All),
+        "/api/v1/unsubscribe" => ("unsubscribe", ApiScope::All),
         _ => {
             return respond(
                 StatusCode::NOT_FOUND,
-                &json!({"error": format!("no API route {path}; see /api/v1/publish, /broadcast, /history, /presence, /presence_stats"), "code": "not_found"}),
+                &json!({"error": format!("no API route {path}; see /api/v1/publish, /broadcast, /history, /presence, /presence_stats, /channels, /info, /disconnect, /unsubscribe"), "code": "not_found"}),
             );
         }
     };
-    let wants_post = matches!(method, "publish" | "broadcast");
+    let wants_post = matches!(method, "publish" | "broadcast" | "disconnect" | "unsubscribe");
     let allowed = if wants_post { Method::POST } else { Method::GET };
     if req.method() != allowed {
         return respond(
@@ -150,8 +158,12 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
     let answer: Answer = match api.authorize(authorization.as_deref(), needed) {
         Err(e) => Err(e),
         Ok(()) if wants_post => match read_body(api, req.into_body()).await {
-            Ok(body) if method == "publish" => publish(api, &body).await,
-            Ok(body) => broadcast(api, &body).await,
+            Ok(body) => match method {
+                "publish" => publish(api, &body).await,
+                "broadcast" => broadcast(api, &body).await,
+                "disconnect" => disconnect(api, &body).await,
+                _ => unsubscribe(api, &body).await,
+            },
             Err(response) => {
                 count(method, started, Err(&ApiError::InvalidArgument(String::new())));
                 return response;
@@ -162,7 +174,9 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             match method {
                 "history" => history(api, &query).await,
                 "presence" => presence(api, &query).await,
-                _ => presence_stats(api, &query).await,
+                "presence_stats" => presence_stats(api, &query).await,
+                "channels" => channels(api, &query).await,
+                _ => info(api).await,
             }
         }
     };
@@ -336,4 +350,64 @@ async fn presence(api: &Api, q: &Query) -> Answer {
 async fn presence_stats(api: &Api, q: &Query) -> Answer {
     let s = api.presence_stats(q.channel()?, q.private()?).await?;
     Ok(json!({"clients": s.clients, "users": s.users}))
+}
+
+async fn channels(api: &Api, q: &Query) -> Answer {
+    let limit = match q.get("limit") {
+        None => None,
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::InvalidArgument(format!("limit {l:?} is not a number")))?,
+        ),
+    };
+    let found = api.channels(q.get("pattern").unwrap_or(""), limit).await?;
+    let channels: Vec<Value> = found
+        .value
+        .iter()
+        .map(|c| json!({"channel": c.channel.name(), "private": c.channel.is_private(), "subscribers": c.subscribers}))
+        .collect();
+    Ok(json!({"channels": channels, "edges": found.edges}))
+}
+
+async fn info(api: &Api) -> Answer {
+    let nodes: Vec<Value> = api
+        .info()
+        .await?
+        .iter()
+        .map(|n| json!({"node": n.node, "connections": n.connections, "channels": n.channels, "uptime_secs": n.uptime_secs}))
+        .collect();
+    Ok(json!({ "nodes": nodes }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    sub: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    reconnect: bool,
+}
+
+async fn disconnect(api: &Api, body: &[u8]) -> Answer {
+    let b: DisconnectBody = parse_json(body)?;
+    let done = api.disconnect(&b.sub, &b.reason, b.reconnect).await?;
+    Ok(json!({"connections": done.value, "edges": done.edges}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeBody {
+    sub: String,
+    channel: String,
+    #[serde(default)]
+    private: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn unsubscribe(api: &Api, body: &[u8]) -> Answer {
+    let b: UnsubscribeBody = parse_json(body)?;
+    let done = api.unsubscribe(&b.sub, &b.channel, b.private, &b.reason).await?;
+    Ok(json!({"connections": done.value, "edges": done.edges}))
 }

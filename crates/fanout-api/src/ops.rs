@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fanout_bus::{Bus, BusError, History, HistoryQuery, PresenceStore, Published};
+use fanout_bus::{Bus, BusError, Command, Control, History, HistoryQuery, NodeReport, PresenceStore, Published};
 use fanout_core::{ApiKeys, ApiScope, ChannelName, Event, Position, subject_token};
 use serde_json::Value;
 
@@ -71,6 +71,10 @@ pub const METHODS: &[&str] = &[
     "history",
     "presence",
     "presence_stats",
+    "channels",
+    "info",
+    "disconnect",
+    "unsubscribe",
 ];
 
 /// A message's payload.
@@ -115,10 +119,33 @@ pub struct PresenceStats {
     pub users: u32,
 }
 
+/// A channel with subscribers somewhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelCount {
+    pub channel: ChannelName,
+    /// Subscribed connections, summed over the edges that answered.
+    pub subscribers: u64,
+}
+
+/// The answer to a command that reached every edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster<T> {
+    pub value: T,
+    /// How many edges answered.
+    pub edges: u32,
+}
+
+/// Channels answers at most this many.
+pub const MAX_CHANNELS: usize = 10_000;
+/// The longest reason a disconnect or unsubscribe may give (a close
+/// frame carries 123 bytes).
+pub const MAX_REASON: usize = 123;
+
 /// The server API over one process's seams.
 pub struct Api {
     bus: Arc<dyn Bus>,
     presence: Arc<dyn PresenceStore>,
+    control: Arc<dyn Control>,
     keys: ApiKeys,
     max_payload: usize,
 }
@@ -133,15 +160,98 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// An API publishing on `bus` and reading `presence`, for callers with
-    /// one of `keys`; payloads up to `max_payload` bytes.
-    pub fn new(bus: Arc<dyn Bus>, presence: Arc<dyn PresenceStore>, keys: ApiKeys, max_payload: usize) -> Self {
+    /// An API publishing on `bus`, reading `presence` and commanding the
+    /// edges through `control`, for callers with one of `keys`; payloads up
+    /// to `max_payload` bytes.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn PresenceStore>,
+        control: Arc<dyn Control>,
+        keys: ApiKeys,
+        max_payload: usize,
+    ) -> Self {
         Self {
             bus,
             presence,
+            control,
             keys,
             max_payload,
         }
+    }
+
+    async fn ask(&self, command: Command) -> Result<Vec<NodeReport>, ApiError> {
+        Ok(self.control.ask(command).await?)
+    }
+
+    /// Channels with subscribers on any edge, busiest first, those matching
+    /// `pattern` (`*` for any run of characters) when it is not empty.
+    pub async fn channels(&self, pattern: &str, limit: Option<usize>) -> Result<Cluster<Vec<ChannelCount>>, ApiError> {
+        let limit = match limit {
+            None | Some(0) => DEFAULT_HISTORY,
+            Some(n) if n > MAX_CHANNELS => {
+                return Err(ApiError::InvalidArgument(format!("limit is at most {MAX_CHANNELS}")));
+            }
+            Some(n) => n,
+        };
+        let reports = self.ask(Command::Channels).await?;
+        let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for r in &reports {
+            for (channel, n) in &r.members {
+                *totals.entry(channel.clone()).or_default() += n;
+            }
+        }
+        let mut channels: Vec<ChannelCount> = totals
+            .into_iter()
+            .filter_map(|(c, subscribers)| {
+                let channel = ChannelName::from_internal(&c).ok()?;
+                (pattern.is_empty() || glob(pattern, channel.name())).then_some(ChannelCount { channel, subscribers })
+            })
+            .collect();
+        channels.sort_by(|a, b| {
+            b.subscribers
+                .cmp(&a.subscribers)
+                .then_with(|| a.channel.as_str().cmp(b.channel.as_str()))
+        });
+        channels.truncate(limit);
+        Ok(Cluster {
+            value: channels,
+            edges: reports.len() as u32,
+        })
+    }
+
+    /// The edges that answered, sorted by node id.
+    pub async fn info(&self) -> Result<Vec<NodeReport>, ApiError> {
+        let mut reports = self.ask(Command::Info).await?;
+        reports.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(reports)
+    }
+
+    /// Closes every connection of `sub` on every edge; how many.
+    pub async fn disconnect(&self, sub: &str, reason: &str, reconnect: bool) -> Result<Cluster<u64>, ApiError> {
+        let (sub, reason) = (check_sub(sub)?, check_reason(reason)?);
+        let reports = self.ask(Command::Disconnect { sub, reason, reconnect }).await?;
+        Ok(Cluster {
+            value: reports.iter().map(|r| r.affected).sum(),
+            edges: reports.len() as u32,
+        })
+    }
+
+    /// Ends `sub`'s membership of a channel on every edge; on how many
+    /// connections.
+    pub async fn unsubscribe(
+        &self,
+        sub: &str,
+        channel: &str,
+        private: bool,
+        reason: &str,
+    ) -> Result<Cluster<u64>, ApiError> {
+        let (sub, reason) = (check_sub(sub)?, check_reason(reason)?);
+        let channel = channel_name(channel, private)?.as_str().to_owned();
+        let reports = self.ask(Command::Unsubscribe { sub, channel, reason }).await?;
+        Ok(Cluster {
+            value: reports.iter().map(|r| r.affected).sum(),
+            edges: reports.len() as u32,
+        })
     }
 
     /// The largest request body the HTTP routes read: room for a payload of
@@ -299,6 +409,42 @@ impl Api {
     }
 }
 
+fn check_sub(sub: &str) -> Result<String, ApiError> {
+    if sub.is_empty() || sub.len() > 256 {
+        return Err(ApiError::InvalidArgument("sub must be 1 to 256 bytes".into()));
+    }
+    Ok(sub.to_owned())
+}
+
+fn check_reason(reason: &str) -> Result<String, ApiError> {
+    if reason.len() > MAX_REASON {
+        return Err(ApiError::InvalidArgument(format!(
+            "reason is at most {MAX_REASON} bytes (a WebSocket close frame carries no more)"
+        )));
+    }
+    Ok(reason.to_owned())
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of
+/// characters (and nothing else is special).
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, rest) = parts.split_first().expect("split yields one part at least");
+    let Some(mut tail) = name.strip_prefix(first) else {
+        return false;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        return tail.is_empty();
+    };
+    for part in middle {
+        match tail.find(part) {
+            Some(i) => tail = &tail[i + part.len()..],
+            None => return false,
+        }
+    }
+    tail.len() >= last.len() && tail.ends_with(last)
+}
+
 /// A channel as clients name it (without `realtime:`).
 fn channel_name(name: &str, private: bool) -> Result<ChannelName, ApiError> {
     if name.starts_with("realtime:") {
@@ -339,9 +485,28 @@ mod tests {
         Api::new(
             Arc::new(MemoryBus::new(Retention::default())),
             Arc::new(MemoryPresence::new(1)),
+            Arc::new(fanout_bus::MemoryControl::default()),
             keys,
             64,
         )
+    }
+
+    #[test]
+    fn globs() {
+        for (p, n, want) in [
+            ("workshop:*", "workshop:42", true),
+            ("workshop:*", "workshop:", true),
+            ("workshop:*", "room:1", false),
+            ("*:42", "workshop:42", true),
+            ("*", "anything", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXcYb", false),
+            ("ab*ba", "aba", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob(p, n), want, "{p} ~ {n}");
+        }
     }
 
     #[test]

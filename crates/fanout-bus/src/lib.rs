@@ -1,5 +1,6 @@
 //! The seams between fanout's processes: how events travel between roles
-//! ([`Bus`]) and where presences are kept ([`PresenceStore`]).
+//! ([`Bus`]), where presences are kept ([`PresenceStore`]), and how commands
+//! reach every edge ([`Control`]).
 //!
 //! Every role talks to the others through these two traits only. The edge
 //! publishes client broadcasts and presence diffs and subscribes to the
@@ -17,6 +18,8 @@
 //! - [`memory`]: [`MemoryBus`], bounded per-channel history in memory.
 //! - [`nats`]: [`NatsBus`], subjects, streams, live republish and catch-ups.
 //! - [`presence`]: the [`PresenceStore`] contract and [`MemoryPresence`].
+//! - [`control`]: the [`Control`] contract (commands to every edge, one
+//!   report back from each), [`MemoryControl`] and [`NatsControl`].
 //!
 //! # What it does not do
 //! It holds no client sockets and serves no HTTP (that is `fanout-edge`), and
@@ -27,11 +30,13 @@
 use fanout_core::metric::Metric;
 
 pub mod bus;
+pub mod control;
 pub mod memory;
 pub mod nats;
 pub mod presence;
 
 pub use bus::{BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription};
+pub use control::{Command, CommandHandler, Control, MemoryControl, NatsControl, NodeReport};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};

@@ -327,6 +327,12 @@ impl NatsBus {
         )
     }
 
+    /// The publishing connection, for the control seam
+    /// ([`NatsControl`](crate::NatsControl)) to share.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// `fanout.<shard>.<token>`: the one subject of all a channel's events.
     pub fn subject(&self, channel: &ChannelName) -> String {
         format!("fanout.{}.{}", self.shard(channel), subject_token(channel.as_str()))

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::Edge;
+use crate::control::{ConnControl, Kick};
 use crate::frame::{self, CloseReason, Opcode, close_code};
 use crate::hub::{JoinRequest, Member};
 use crate::protocol::{self, BadPayload, BindingSpec, Broadcast, Encoder, Inbound, Join, PresenceChange, Request, Vsn};
@@ -104,6 +105,8 @@ struct Conn {
     expired: bool,
     messages: TokenBucket,
     joins: TokenBucket,
+    /// Where the server API's disconnects and unsubscribes arrive.
+    control: Arc<ConnControl>,
 }
 
 /// Serves an upgraded socket until it closes: `read` and `write` are its
@@ -134,6 +137,9 @@ pub(crate) async fn serve<R>(
     let leftover = own_small(leftover);
     let mut reader = FrameReader::new(read, leftover, limits.max_frame_bytes);
     let id = edge.next_conn_id();
+    let control = edge
+        .sessions
+        .register(id, claims.as_ref().and_then(|c| c.sub.as_deref()));
     let mut conn = Conn {
         origin: Origin {
             node: edge.node,
@@ -150,11 +156,13 @@ pub(crate) async fn serve<R>(
         expired: false,
         messages: TokenBucket::new(limits.messages_per_second),
         joins: TokenBucket::new(limits.joins_per_second),
+        control,
     };
     metrics::gauge!("fanout_connections").increment(1.0);
     metrics::counter!("fanout_connections_opened_total").increment(1);
 
     let reason = conn.read_loop(&mut reader).await;
+    edge.sessions.unregister(id);
     conn.leave_all().await;
     let label = reason.label;
     writer.close(reason, false);
@@ -205,6 +213,12 @@ impl Conn {
                 () = sleep_until_opt(expiry) => {
                     self.expire_token().await;
                     continue;
+                }
+                () = self.control.notify.notified() => {
+                    match self.apply_kicks().await {
+                        Some(close) => return close,
+                        None => continue,
+                    }
                 }
                 r = tokio::time::timeout(limits.idle_timeout, reader.readable()) => match r {
                     Err(_) => return CloseReason::new(
@@ -449,7 +463,7 @@ impl Conn {
                 join_ref: m.join_ref.clone(),
                 ack: config.broadcast.ack,
                 presence_key,
-                sub,
+                sub: sub.inspect(|s| self.control.add_sub(s)),
                 write: grant.access.write,
                 presence,
                 tracked: None,
@@ -825,6 +839,39 @@ impl Conn {
             )
             .await;
         }
+    }
+
+    /// Applies the server API's kicks: an unsubscribe ends the user's
+    /// channel; a disconnect ends the connection (and, when the client may
+    /// not come back, its channels first, so realtime-js does not rejoin
+    /// them when it reconnects by itself).
+    async fn apply_kicks(&mut self) -> Option<CloseReason> {
+        for kick in self.control.take() {
+            match kick {
+                Kick::Unsubscribe { sub, channel, reason } => {
+                    let topics: Vec<String> = self
+                        .joined
+                        .iter()
+                        .filter(|(_, j)| j.channel == channel && j.sub.as_deref() == Some(sub.as_str()))
+                        .map(|(t, _)| t.clone())
+                        .collect();
+                    for t in topics {
+                        self.end_channel(&t, &reason).await;
+                    }
+                }
+                Kick::Disconnect { reason, reconnect } => {
+                    if reconnect {
+                        return Some(CloseReason::new(close_code::SERVICE_RESTART, reason, "disconnected"));
+                    }
+                    let topics: Vec<String> = self.joined.keys().cloned().collect();
+                    for t in topics {
+                        self.end_channel(&t, &reason).await;
+                    }
+                    return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
+                }
+            }
+        }
+        None
     }
 
     /// Ends one channel with a system error message and `phx_close`.

@@ -99,7 +99,16 @@ impl CloseReason {
 
 /// Every `label` a [`CloseReason`] takes (the `reason` values of
 /// `fanout_connections_closed_total`).
-pub const CLOSE_LABELS: &[&str] = &["eof", "client", "server", "shutdown", "idle", "protocol", "too_big"];
+pub const CLOSE_LABELS: &[&str] = &[
+    "eof",
+    "client",
+    "server",
+    "shutdown",
+    "idle",
+    "protocol",
+    "too_big",
+    "disconnected",
+];
 
 /// WebSocket close codes fanout uses.
 pub mod close_code {
@@ -117,6 +126,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// An internal error.
     pub const INTERNAL: u16 = 1011;
+    /// Disconnected through the server API, and welcome to reconnect.
+    pub const SERVICE_RESTART: u16 = 1012;
 }
 
 #[cfg(test)]

@@ -136,6 +136,11 @@ impl Hub {
         self.lock().len()
     }
 
+    /// Every channel with a task, with its local members.
+    pub fn members(&self) -> Vec<(ChannelName, usize)> {
+        self.lock().iter().map(|(c, e)| (c.clone(), e.members)).collect()
+    }
+
     /// Adds a member; the channel task sends the join reply, then the
     /// presence state (if enabled), then replayed history (if asked), then
     /// live events.

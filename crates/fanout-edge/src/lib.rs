@@ -15,6 +15,8 @@
 //! - [`hub`]: one task per channel with local members; encodes each event
 //!   once per protocol version and writes the shared bytes to every member.
 //! - [`writer`]: the per-connection write path with its bounded queue.
+//! - [`control`]: the edge's answers to cluster commands (channels,
+//!   disconnect, unsubscribe) from the server API.
 //! - `fuzzing` (cargo feature `fuzzing`, for `fuzz/` only): the private
 //!   parsers the fuzz targets drive (frames, REST body, join bindings).
 //!
@@ -25,6 +27,7 @@
 
 pub mod admission;
 mod conn;
+pub mod control;
 use fanout_core::metric::Metric;
 
 pub mod frame;
@@ -99,6 +102,8 @@ pub struct Edge {
     metrics: Option<PrometheusHandle>,
     next_conn: AtomicU64,
     admission: Arc<admission::Admission>,
+    /// Every connection's control mailbox, for disconnect and unsubscribe.
+    pub(crate) sessions: control::Sessions,
     draining: AtomicBool,
     /// Every task the edge starts, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -150,6 +155,7 @@ impl Edge {
             metrics,
             next_conn: AtomicU64::new(1),
             admission,
+            sessions: control::Sessions::default(),
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
@@ -183,6 +189,12 @@ impl Edge {
                 Ok(())
             }
         }
+    }
+
+    /// The edge's answers to cluster commands, for
+    /// [`fanout_bus::Control::serve`].
+    pub fn commands(self: &Arc<Self>) -> Arc<dyn fanout_bus::CommandHandler> {
+        Arc::new(control::EdgeCommands::new(self))
     }
 
     /// Open client connections.

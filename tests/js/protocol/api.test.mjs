@@ -230,3 +230,40 @@ test('broadcast publishes one payload to many channels with a result each', asyn
     assert.equal(s.got[0].payload.stage, 2);
   }
 });
+
+test('disconnect: with reconnect allowed realtime-js comes back and rejoins; without, its channel stays closed', async () => {
+  const room = uniqueRoom('api-kick');
+  const kicked = await subscriber(room, { event: 'stage', token: makeToken({ sub: 'kick-me' }) });
+  const other = await subscriber(room, { event: 'stage' });
+  const disconnect = (body) => call('POST', 'disconnect', { body: { sub: 'kick-me', ...body } });
+
+  const r = await disconnect({ reason: 'token rotated', reconnect: true });
+  assert.equal(r.status, 200, r.text);
+  assert.deepEqual(r.json, { connections: 1, edges: 1 });
+  await waitFor(() => kicked.c.__log.closes.length === 1, 5000, 'the socket closed');
+  assert.deepEqual(kicked.c.__log.closes[0], { code: 1012, reason: 'token rotated' });
+  await waitFor(() => kicked.c.isConnected() && kicked.ch.state === 'joined', 10000, 'reconnected and rejoined').catch((e) =>
+    assert.fail(`${e.message}: ${describeClient(kicked.c)}`),
+  );
+  await publish({ channel: room, event: 'stage', payload: { n: 1 } });
+  await waitFor(() => kicked.got.length === 1, 5000, 'a broadcast after the rejoin');
+
+  const gone = await disconnect({ reason: 'removed by a moderator', reconnect: false });
+  assert.deepEqual(gone.json, { connections: 1, edges: 1 }, gone.text);
+  await waitFor(() => kicked.c.__log.closes.length === 2, 5000, 'the socket closed again');
+  assert.deepEqual(kicked.c.__log.closes[1], { code: 1008, reason: 'removed by a moderator' });
+  assert.equal(kicked.ch.state, 'closed', `the channel was closed before the socket: ${describeClient(kicked.c)}`);
+  // realtime-js reopens the socket by itself, but not the closed channel.
+  await waitFor(() => kicked.c.isConnected(), 10000, 'the socket reopened');
+  await publish({ channel: room, event: 'stage', payload: { n: 2 } });
+  await waitFor(() => other.got.length === 2, 5000, 'the other subscriber still receives');
+  await sleep(500);
+  assert.equal(kicked.got.length, 1, `the disconnected user received: ${safeJson(kicked.got)}`);
+  assert.equal(kicked.ch.state, 'closed');
+
+  // The reopened socket joined nothing, but it is the user's connection.
+  const idle = await disconnect({ reason: 'again' });
+  assert.deepEqual(idle.json, { connections: 1, edges: 1 }, idle.text);
+  const unknown = await call('POST', 'disconnect', { body: { sub: 'nobody-here' } });
+  assert.deepEqual(unknown.json, { connections: 0, edges: 1 }, unknown.text);
+});

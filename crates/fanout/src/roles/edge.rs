@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use fanout_bus::{Bus, MemoryBus, MemoryPresence, PresenceStore};
+use fanout_bus::{Bus, Control, MemoryBus, MemoryControl, MemoryPresence, NatsControl, PresenceStore};
 use fanout_edge::{Edge, EdgeConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -29,12 +29,24 @@ pub async fn standalone(config: Config) -> anyhow::Result<()> {
         });
     }
     let presence = Arc::new(MemoryPresence::new(node));
-    start.serve(&config, Role::Standalone, bus, node, presence).await
+    let seams = Seams {
+        bus,
+        presence,
+        control: Arc::new(MemoryControl::default()),
+    };
+    start.serve(&config, Role::Standalone, seams, node).await
 }
 
 pub async fn edge(config: Config) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
+    let nats = connect_nats(&config).await?;
+    let client = nats.client();
+    let bus: Arc<dyn Bus> = Arc::new(nats);
     let start = Start::bind(&config, Role::Edge).await?;
+    let control: Arc<dyn Control> = Arc::new(
+        NatsControl::new(client, start.process.shutdown.clone())
+            .await
+            .context("subscribing to the control subjects on NATS")?,
+    );
     let node = Edge::random_node();
     let presence: Arc<dyn PresenceStore> = match &config.redis_url {
         Some(url) => {
@@ -54,7 +66,15 @@ pub async fn edge(config: Config) -> anyhow::Result<()> {
             Arc::new(MemoryPresence::new(node))
         }
     };
-    start.serve(&config, Role::Edge, bus, node, presence).await
+    let seams = Seams { bus, presence, control };
+    start.serve(&config, Role::Edge, seams, node).await
+}
+
+/// What an edge role plugs in: the bus, the presence store and the control.
+struct Seams {
+    bus: Arc<dyn Bus>,
+    presence: Arc<dyn PresenceStore>,
+    control: Arc<dyn Control>,
 }
 
 fn timing(config: &Config) -> fanout_presence::Timing {
@@ -159,16 +179,10 @@ impl Start {
         })
     }
 
-    /// Serves an edge over `bus` and `presence` until SIGTERM/SIGINT, then
+    /// Serves an edge over its `seams` until SIGTERM/SIGINT, then
     /// waits for the edge's tasks (in `http::serve`) and the process's.
-    async fn serve(
-        self,
-        config: &Config,
-        role: Role,
-        bus: Arc<dyn Bus>,
-        node: u64,
-        presence: Arc<dyn PresenceStore>,
-    ) -> anyhow::Result<()> {
+    async fn serve(self, config: &Config, role: Role, seams: Seams, node: u64) -> anyhow::Result<()> {
+        let Seams { bus, presence, control } = seams;
         let Self {
             process,
             metrics,
@@ -185,11 +199,18 @@ impl Start {
             Some(metrics),
             process.shutdown.clone(),
         );
+        // Every edge answers the API's cluster commands, whether or not it
+        // serves the API itself.
+        control
+            .serve(format!("{node:016x}"), edge.commands(), process.shutdown.clone())
+            .await
+            .context("serving control commands")?;
         if let Some(listener) = api {
             tracing::info!(api = %listener.local_addr()?, keys = config.api_keys.len(), "server API listening");
             let api = fanout_api::Api::new(
                 edge.bus.clone(),
                 edge.presence.clone(),
+                control,
                 config.api_keys.clone(),
                 config.limits.max_frame_bytes,
             );
