@@ -58,7 +58,7 @@ fi
 # Generated protobuf types stop at fanout-proto, except where a gRPC service
 # is served (fanout-presence's api module, fanout-api's grpc module) and in
 # the tests and load tester that call them.
-allowed='^(crates/fanout-proto/|crates/fanout-presence/src/api\.rs:|crates/fanout-api/src/grpc\.rs:|tests/|loadtest/)'
+allowed='^(crates/fanout-proto/|crates/fanout-presence/src/api\.rs:|crates/fanout-api/src/grpc\.rs:|crates/fanout-api/examples/|tests/|loadtest/)'
 if ! users=$(grep -rn --include='*.rs' 'fanout_proto::v1' crates loadtest tests); then
   users=""
 fi

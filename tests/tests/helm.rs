@@ -124,6 +124,7 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         ("PrometheusRule", "fanout"),
         ("PrometheusRule", "fanout-cdc"),
         ("ConfigMap", "fanout-dashboard"),
+        ("Service", "fanout-api"),
     ] {
         assert!(
             names.contains(&(want.0.to_owned(), want.1.to_owned())),
@@ -149,6 +150,10 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(ports, ["ws"]);
+    // The server API has its own cluster-internal Service.
+    let api = find(&full, "Service", "fanout-api")?;
+    assert_eq!(api["spec"]["type"], "ClusterIP");
+    assert_eq!(api["spec"]["ports"][0]["targetPort"], "api");
     // The dashboard ConfigMap carries valid JSON.
     let cm = find(&full, "ConfigMap", "fanout-dashboard")?;
     let dashboard: Value = serde_json::from_str(cm["data"]["fanout.json"].as_str().context("fanout.json")?)?;
@@ -267,11 +272,17 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
     // The PEM keys the chart mounts from auth.keysSecret are the test key
     // files here.
     let keys_dir = repo_root().join("crates/fanout-core/testdata/keys/");
+    let api_port = free_port();
     let env: Vec<(String, String)> = container_env(edge, "chart-test-secret")
         .into_iter()
         .filter(|(k, _)| k != "FANOUT_NATS_CREDENTIALS_FILE")
         .map(|(k, v)| match k.as_str() {
             "FANOUT_CONFIG" => (k, config.display().to_string()),
+            // Loopback here, as every test listener.
+            "FANOUT_API_LISTEN" => {
+                assert_eq!(v, "0.0.0.0:9700");
+                (k, format!("127.0.0.1:{api_port}"))
+            }
             "FANOUT_AUTH_PUBLIC_KEYS" => {
                 assert_eq!(v, "2026-12=ES256:/etc/fanout/keys/ec.pub");
                 let v = v.replace("/etc/fanout/keys/", &keys_dir.display().to_string());
@@ -298,6 +309,16 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
         format!("{refused:#}").contains("401"),
         "refused, but not as unauthorized: {refused:#}"
     );
+    // The API keys from their Secret open the server API.
+    let (status, body) = fanout_tests::http_request(
+        api_port,
+        "GET",
+        "/api/v1/info",
+        &[("authorization", "Bearer chart-test-secret")],
+        bytes::Bytes::new(),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
     std::fs::remove_file(&config)?;
     Ok(())
 }
