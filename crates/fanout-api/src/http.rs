@@ -101,6 +101,28 @@ fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Any origin may call (the operator's page is served from the admin
+    // port): the key travels in a header a page must be given, never in a
+    // cookie, so another site gains nothing.
+    r.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r
+}
+
+/// The answer to a CORS preflight.
+fn preflight() -> Response<Body> {
+    let mut r = respond(StatusCode::NO_CONTENT, &Value::Null);
+    *r.body_mut() = Body::empty();
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     r
 }
 
@@ -124,6 +146,9 @@ fn error_response(e: &ApiError) -> Response<Body> {
 type Answer = Result<Value, ApiError>;
 
 async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::OPTIONS {
+        return preflight();
+    }
     let started = Instant::now();
     let path = req.uri().path().to_owned();
     let (method, needed) = match path.as_str() {

@@ -4,8 +4,9 @@
 //! `POST /realtime/v1/api/broadcast` (realtime-js's REST fallback), the demo
 //! page at `/` with its client module `/fanout.js`, and `/healthz`.
 //!
-//! Admin: `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz`
-//! (ready for traffic). It binds separately so metrics are never exposed
+//! Admin: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz`
+//! (ready for traffic) and `/admin`, the operator's page over the server
+//! API. It binds separately so metrics are never exposed
 //! through a public ingress.
 
 use std::convert::Infallible;
@@ -32,6 +33,7 @@ type Body = Full<Bytes>;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const FANOUT_JS: &str = include_str!("../assets/fanout.js");
+const ADMIN_HTML: &str = include_str!("../assets/admin.html");
 
 /// Serves both listeners until the edge's shutdown token is cancelled, then
 /// waits (up to `grace`) for every connection and channel task to finish.
@@ -123,7 +125,31 @@ fn json_error(status: StatusCode, reason: &str) -> Response<Body> {
 }
 
 fn admin_route(edge: &Edge, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::GET && req.uri().path() == "/admin" {
+        return admin_page(edge.config.api_port);
+    }
     admin_response(edge.metrics.as_ref(), edge.is_ready(), req)
+}
+
+/// The operator's page: plain HTML and JS that ask for an API key and then
+/// call the server API on `api_port` of the same host.
+fn admin_page(api_port: Option<u16>) -> Response<Body> {
+    match api_port {
+        Some(port) => {
+            let mut r = response(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                ADMIN_HTML.replace("{{API_PORT}}", &port.to_string()),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        None => json_error(
+            StatusCode::NOT_FOUND,
+            "the operator's page needs the server API: set API keys (FANOUT_API_KEYS or api.keys_file)",
+        ),
+    }
 }
 
 /// `/metrics`, `/healthz` and `/readyz`, for any role.

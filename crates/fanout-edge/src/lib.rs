@@ -74,6 +74,9 @@ pub struct EdgeConfig {
     pub feed_timeout: Duration,
     /// Channel and row policies, enforced when `auth` is set.
     pub policy: Arc<Policy>,
+    /// The port of the server API, when this process serves it: the
+    /// operator's page (`/admin` on the admin listener) calls it there.
+    pub api_port: Option<u16>,
 }
 
 impl Default for EdgeConfig {
@@ -86,6 +89,7 @@ impl Default for EdgeConfig {
             changes: None,
             feed_timeout: Duration::from_secs(10),
             policy: Arc::default(),
+            api_port: None,
         }
     }
 }

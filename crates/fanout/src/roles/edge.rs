@@ -167,6 +167,10 @@ impl Start {
             drain_window: config.drain_window,
             changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
             policy: Arc::new(config.policy.clone()),
+            api_port: match &api {
+                Some(l) => Some(l.local_addr()?.port()),
+                None => None,
+            },
             ..EdgeConfig::default()
         };
         Ok(Self {
