@@ -184,18 +184,20 @@ pub fn parse_broadcast(b: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
 }
 
 /// An HTTP/1.1 keep-alive connection that POSTs messages (the nchan
-/// publisher endpoint). Requests are pipelined; a task reads and discards
-/// the responses, counting them.
+/// publisher endpoint, or fanout's server API). Requests are pipelined; a
+/// task reads and discards the responses, counting them.
 pub struct HttpPublisher {
     stream: OwnedWriteHalf,
     host: String,
     path: String,
+    /// Extra header lines, each ending in CRLF.
+    headers: String,
     /// Responses that were not 2xx.
     pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl HttpPublisher {
-    pub async fn connect(target: &Target, path: &str) -> Result<Self> {
+    pub async fn connect(target: &Target, path: &str, headers: &[(&str, &str)]) -> Result<Self> {
         let (mut r, w) = tcp(target, None).await?.into_split();
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = refused.clone();
@@ -223,6 +225,7 @@ impl HttpPublisher {
             stream: w,
             host: target.host.clone(),
             path: path.to_owned(),
+            headers: headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect(),
             refused,
         })
     }
@@ -230,10 +233,11 @@ impl HttpPublisher {
     /// Sends one POST with `body`.
     pub async fn post(&mut self, body: &[u8]) -> Result<()> {
         let head = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
             self.path,
             self.host,
-            body.len()
+            body.len(),
+            self.headers
         );
         self.stream.write_all(head.as_bytes()).await?;
         self.stream.write_all(body).await?;

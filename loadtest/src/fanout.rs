@@ -85,7 +85,17 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
         let target = conn.targets.last().context("at least one --url")?;
         if conn.nchan {
             Some(Publisher::Nchan(
-                client::HttpPublisher::connect(target, &session::nchan_path("pub", TOPIC)).await?,
+                client::HttpPublisher::connect(target, &session::nchan_path("pub", TOPIC), &[]).await?,
+            ))
+        } else if let Some(url) = &args.api_url {
+            let api =
+                Target::parse(&url.replacen("http://", "ws://", 1)).context("--api-url must be http://host:port")?;
+            let auth = format!(
+                "Bearer {}",
+                args.api_key.as_deref().context("--api-url needs --api-key")?
+            );
+            Some(Publisher::Api(
+                client::HttpPublisher::connect(&api, "/api/v1/publish", &[("Authorization", &auth)]).await?,
             ))
         } else {
             let (mut pr, mut pw) = client::connect(target, "2.0.0", conn.apikey.as_deref(), None).await?;
@@ -126,6 +136,8 @@ enum Publisher {
     Realtime(client::Writer),
     /// POSTs to nchan's publisher location.
     Nchan(client::HttpPublisher),
+    /// POSTs to fanout's server API (`/api/v1/publish`).
+    Api(client::HttpPublisher),
 }
 
 /// Sends `count` messages at `--rate`, each `{"seq", "ts"}` (plus padding),
@@ -162,14 +174,21 @@ async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stat
                 client::send_binary(w, &frame).await.context("publishing")?;
             }
             Publisher::Nchan(p) => p.post(payload.as_bytes()).await.context("publishing to nchan")?,
+            Publisher::Api(p) => {
+                let channel = TOPIC.trim_start_matches("realtime:");
+                let body = format!(r#"{{"channel":"{channel}","event":"bench","payload":{payload}}}"#);
+                p.post(body.as_bytes())
+                    .await
+                    .context("publishing through the server API")?;
+            }
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
     }
-    if let Publisher::Nchan(p) = pw {
+    if let Publisher::Nchan(p) | Publisher::Api(p) = pw {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let refused = p.refused.load(Ordering::Relaxed);
         if refused > 0 {
-            eprintln!("nchan refused {refused} of {count} publishes");
+            eprintln!("the HTTP publisher's server refused {refused} of {count} publishes");
         }
     }
     Ok(())

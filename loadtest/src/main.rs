@@ -111,6 +111,14 @@ struct Args {
     /// Messages per second from the publisher (fanout, reconnect-storm).
     #[arg(long, default_value_t = 10)]
     rate: u32,
+    /// Fanout: publish through the server API at this `http://host:port`
+    /// (`POST /api/v1/publish`, pipelined on one keep-alive connection)
+    /// instead of a client socket, to compare the two side by side.
+    #[arg(long)]
+    api_url: Option<String>,
+    /// The server API key for --api-url.
+    #[arg(long, env = "FANOUT_LOADTEST_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Payload padding in bytes added to each message (fanout, reconnect-storm).
     #[arg(long, default_value_t = 0)]
     payload_bytes: usize,

@@ -43,6 +43,9 @@ use crate::ops::{Api, ApiError, Payload, count};
 
 type Body = tonic::body::Body;
 
+/// How long an HTTP/1 client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the API on `listener` until `shutdown`; connections run on
 /// `tasks`, so the process can wait for calls in flight.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: CancellationToken, tasks: TaskTracker) {
@@ -71,7 +74,12 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: CancellationT
                     }
                 }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its request headers is let go.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
