@@ -62,6 +62,12 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: CancellationT
                 }
             },
         };
+        // Answers are small and a caller often waits for each one: without
+        // this, Nagle's algorithm holds a response's last segment back
+        // until the previous one is acknowledged.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an API connection");
+        }
         let (api, grpc, shutdown) = (api.clone(), grpc.clone(), shutdown.clone());
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -6,7 +6,8 @@
 //! answered in time. Standalone plugs in [`MemoryControl`] (the one local
 //! handler); cluster mode plugs in [`NatsControl`]: commands on the core NATS
 //! subject `fanout-ctl.cmd`, answers to the asker's inbox, and a heartbeat
-//! on `fanout-ctl.alive` every two seconds, so an asker knows how many
+//! on `fanout-ctl.alive` every two seconds (and at once when a process that
+//! just started asks on `fanout-ctl.ping`), so an asker knows how many
 //! answers to wait for instead of always waiting out its timeout. Commands
 //! are JSON: rare, small, and readable with `nats sub 'fanout-ctl.>'`.
 
@@ -116,6 +117,9 @@ impl Control for MemoryControl {
 
 const COMMAND_SUBJECT: &str = "fanout-ctl.cmd";
 const ALIVE_SUBJECT: &str = "fanout-ctl.alive";
+/// Asks every serving edge to announce itself now (a process that just
+/// started has not heard their heartbeats yet).
+const PING_SUBJECT: &str = "fanout-ctl.ping";
 /// How often a serving edge says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// An edge silent for this long is not waited for.
@@ -151,6 +155,10 @@ impl NatsControl {
     /// `shutdown`).
     pub async fn new(client: async_nats::Client, shutdown: CancellationToken) -> Result<Self, BusError> {
         let mut beats = client.subscribe(ALIVE_SUBJECT).await.map_err(unavailable)?;
+        client
+            .publish(PING_SUBJECT, bytes::Bytes::new())
+            .await
+            .map_err(unavailable)?;
         let alive: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let seen = alive.clone();
         tokio::spawn(async move {
@@ -210,6 +218,7 @@ impl NatsControl {
         shutdown: CancellationToken,
     ) -> Result<(), BusError> {
         let mut commands = self.client.subscribe(COMMAND_SUBJECT).await.map_err(unavailable)?;
+        let mut pings = self.client.subscribe(PING_SUBJECT).await.map_err(unavailable)?;
         let client = self.client.clone();
         let alive = serde_json::to_vec(&Alive { node }).map_err(unavailable)?;
         tokio::spawn(async move {
@@ -218,6 +227,11 @@ impl NatsControl {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     _ = beat.tick() => {
+                        if let Err(e) = client.publish(ALIVE_SUBJECT, alive.clone().into()).await {
+                            tracing::debug!(error = %e, "control heartbeat not sent");
+                        }
+                    }
+                    Some(_) = pings.next() => {
                         if let Err(e) = client.publish(ALIVE_SUBJECT, alive.clone().into()).await {
                             tracing::debug!(error = %e, "control heartbeat not sent");
                         }
