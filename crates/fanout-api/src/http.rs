@@ -238,25 +238,14 @@ async fn read_body(api: &Api, body: Incoming) -> Result<Bytes, Response<Body>> {
     }
 }
 
+/// The body of `/publish` (`channel`) and of `/broadcast` (`channels`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishBody<'a> {
-    channel: String,
-    event: String,
-    #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
+struct MessageBody<'a> {
     #[serde(default)]
-    payload_base64: Option<String>,
+    channel: Option<String>,
     #[serde(default)]
-    idempotency_key: String,
-    #[serde(default)]
-    private: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BroadcastBody<'a> {
-    channels: Vec<String>,
+    channels: Option<Vec<String>>,
     event: String,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
@@ -288,9 +277,22 @@ fn body_payload(json: Option<&RawValue>, base64: Option<&str>) -> Result<Payload
 }
 
 async fn publish(api: &Api, body: &[u8]) -> Answer {
-    let b: PublishBody<'_> = parse_json(body)?;
+    let b: MessageBody<'_> = parse_json(body)?;
+    let channel = match (b.channel, b.channels) {
+        (Some(c), None) => c,
+        (_, Some(_)) => {
+            return Err(ApiError::InvalidArgument(
+                "publish takes one channel; POST /api/v1/broadcast takes channels".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::InvalidArgument(
+                "request body: missing field `channel`".into(),
+            ));
+        }
+    };
     let payload = body_payload(b.payload, b.payload_base64.as_deref())?;
-    let message = api.message(&b.channel, b.private, &b.event, payload, &b.idempotency_key)?;
+    let message = api.message(&channel, b.private, &b.event, payload, &b.idempotency_key)?;
     let published = api
         .publish(vec![message])
         .await
@@ -300,19 +302,28 @@ async fn publish(api: &Api, body: &[u8]) -> Answer {
 }
 
 async fn broadcast(api: &Api, body: &[u8]) -> Answer {
-    let b: BroadcastBody<'_> = parse_json(body)?;
-    if b.channels.is_empty() {
-        return Err(ApiError::InvalidArgument("channels is empty".into()));
-    }
+    let b: MessageBody<'_> = parse_json(body)?;
+    let channels = match (b.channel, b.channels) {
+        (None, Some(c)) if !c.is_empty() => c,
+        (None, Some(_)) => return Err(ApiError::InvalidArgument("channels is empty".into())),
+        (Some(_), _) => {
+            return Err(ApiError::InvalidArgument(
+                "broadcast takes channels (a list); POST /api/v1/publish takes one channel".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::InvalidArgument(
+                "request body: missing field `channels`".into(),
+            ));
+        }
+    };
     let payload = body_payload(b.payload, b.payload_base64.as_deref())?;
     // Every channel is checked before any is published.
-    let messages = b
-        .channels
+    let messages = channels
         .iter()
         .map(|c| api.message(c, b.private, &b.event, payload.clone(), &b.idempotency_key))
         .collect::<Result<Vec<_>, _>>()?;
-    let results: Vec<Value> = b
-        .channels
+    let results: Vec<Value> = channels
         .iter()
         .zip(api.publish(messages).await)
         .map(|(channel, answer)| match answer {
