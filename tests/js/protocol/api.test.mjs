@@ -264,6 +264,10 @@ test('disconnect: with reconnect allowed realtime-js comes back and rejoins; wit
   // The reopened socket joined nothing, but it is the user's connection.
   const idle = await disconnect({ reason: 'again' });
   assert.deepEqual(idle.json, { connections: 1, edges: 1 }, idle.text);
+  // Let realtime-js finish reconnecting before the test ends: a client
+  // disconnected while its reconnect timer is pending keeps retrying (and
+  // keeps this test process alive) after the server is gone.
+  await waitFor(() => kicked.c.__log.closes.length === 3 && kicked.c.isConnected(), 10000, 'the socket reopened once more');
   const unknown = await call('POST', 'disconnect', { body: { sub: 'nobody-here' } });
   assert.deepEqual(unknown.json, { connections: 0, edges: 1 }, unknown.text);
 });
