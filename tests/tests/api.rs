@@ -211,6 +211,18 @@ async fn exercise(apis: &[u16], ports: &[u16], admin: &Fanout) -> Result<()> {
         .collect();
     assert_eq!(ns, vec![json!({"n": 4}), json!({"n": 5}), json!({"once": true})]);
     assert_eq!(h.position, answers[0].0, "the channel's newest position");
+    let next = reader
+        .history(v1::HistoryRequest {
+            channel: room.clone(),
+            limit: 1,
+            after: h.messages[0].position.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(next.messages.len(), 1, "after a position, at most the limit");
+    assert_eq!(next.messages[0].position, h.messages[1].position);
+    assert_eq!(next.position, h.position);
 
     // A client that saw message 4 resumes from its position on the first
     // edge: 5 and the once-message replayed, then live.

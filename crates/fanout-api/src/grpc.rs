@@ -13,6 +13,8 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
+use fanout_bus::Published;
+
 use crate::ops::{Api, ApiError, Message, Payload, count};
 
 /// Requests of one `PublishStream` handed to the bus together, at most.
@@ -96,6 +98,24 @@ fn publish_message(api: &Api, r: v1::PublishRequest) -> Result<Message, ApiError
     api.message(&r.channel, r.private, &r.event, payload(r.payload), &r.idempotency_key)
 }
 
+/// The answer to one publish: its position, or (stream only) its error.
+fn publish_response(id: u64, answer: Result<Published, ApiError>) -> v1::PublishResponse {
+    match answer {
+        Ok(p) => v1::PublishResponse {
+            position: p.position.to_string(),
+            duplicate: p.duplicate,
+            id,
+            error: String::new(),
+        },
+        Err(e) => v1::PublishResponse {
+            position: String::new(),
+            duplicate: false,
+            id,
+            error: e.to_string(),
+        },
+    }
+}
+
 fn history_message(e: Event) -> v1::HistoryMessage {
     let payload = if e.binary {
         v1::history_message::Payload::Binary(e.payload)
@@ -117,18 +137,8 @@ impl v1::server_api_server::ServerApi for GrpcApi {
     async fn publish(&self, request: Request<v1::PublishRequest>) -> Result<Response<v1::PublishResponse>, Status> {
         self.unary("publish", ApiScope::Publish, request, |api, r| async move {
             let id = r.id;
-            let message = publish_message(&api, r)?;
-            let published = api
-                .publish(vec![message])
-                .await
-                .pop()
-                .unwrap_or_else(|| Err(ApiError::Unavailable("the bus gave no answer".into())))?;
-            Ok(v1::PublishResponse {
-                position: published.position.to_string(),
-                duplicate: published.duplicate,
-                id,
-                error: String::new(),
-            })
+            let published = api.publish_one(publish_message(&api, r)?).await?;
+            Ok(publish_response(id, Ok(published)))
         })
         .await
     }
@@ -138,17 +148,10 @@ impl v1::server_api_server::ServerApi for GrpcApi {
         request: Request<v1::BroadcastRequest>,
     ) -> Result<Response<v1::BroadcastResponse>, Status> {
         self.unary("broadcast", ApiScope::Publish, request, |api, r| async move {
-            if r.channels.is_empty() {
-                return Err(ApiError::InvalidArgument("channels is empty".into()));
-            }
             let payload = broadcast_payload(r.payload);
-            // Every channel is checked before any is published.
-            let messages = r
-                .channels
-                .iter()
-                .map(|c| api.message(c, r.private, &r.event, payload.clone(), &r.idempotency_key))
-                .collect::<Result<Vec<_>, _>>()?;
-            let answers = api.publish(messages).await;
+            let answers = api
+                .broadcast(&r.channels, r.private, &r.event, payload, &r.idempotency_key)
+                .await?;
             let results = r
                 .channels
                 .into_iter()
@@ -230,21 +233,7 @@ impl v1::server_api_server::ServerApi for GrpcApi {
                             .unwrap_or_else(|| Err(ApiError::Unavailable("the bus gave no answer".into()))),
                     };
                     count("publish_stream", started, answer.as_ref().map(|_| ()));
-                    let response = match answer {
-                        Ok(p) => v1::PublishResponse {
-                            position: p.position.to_string(),
-                            duplicate: p.duplicate,
-                            id,
-                            error: String::new(),
-                        },
-                        Err(e) => v1::PublishResponse {
-                            position: String::new(),
-                            duplicate: false,
-                            id,
-                            error: e.to_string(),
-                        },
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
+                    if tx.send(Ok(publish_response(id, answer))).await.is_err() {
                         return;
                     }
                 }

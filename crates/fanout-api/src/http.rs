@@ -293,19 +293,14 @@ async fn publish(api: &Api, body: &[u8]) -> Answer {
     };
     let payload = body_payload(b.payload, b.payload_base64.as_deref())?;
     let message = api.message(&channel, b.private, &b.event, payload, &b.idempotency_key)?;
-    let published = api
-        .publish(vec![message])
-        .await
-        .pop()
-        .unwrap_or_else(|| Err(ApiError::Unavailable("the bus gave no answer".into())))?;
+    let published = api.publish_one(message).await?;
     Ok(json!({"position": published.position.to_string(), "duplicate": published.duplicate}))
 }
 
 async fn broadcast(api: &Api, body: &[u8]) -> Answer {
     let b: MessageBody<'_> = parse_json(body)?;
     let channels = match (b.channel, b.channels) {
-        (None, Some(c)) if !c.is_empty() => c,
-        (None, Some(_)) => return Err(ApiError::InvalidArgument("channels is empty".into())),
+        (None, Some(c)) => c,
         (Some(_), _) => {
             return Err(ApiError::InvalidArgument(
                 "broadcast takes channels (a list); POST /api/v1/publish takes one channel".into(),
@@ -318,14 +313,12 @@ async fn broadcast(api: &Api, body: &[u8]) -> Answer {
         }
     };
     let payload = body_payload(b.payload, b.payload_base64.as_deref())?;
-    // Every channel is checked before any is published.
-    let messages = channels
-        .iter()
-        .map(|c| api.message(c, b.private, &b.event, payload.clone(), &b.idempotency_key))
-        .collect::<Result<Vec<_>, _>>()?;
+    let answers = api
+        .broadcast(&channels, b.private, &b.event, payload, &b.idempotency_key)
+        .await?;
     let results: Vec<Value> = channels
         .iter()
-        .zip(api.publish(messages).await)
+        .zip(answers)
         .map(|(channel, answer)| match answer {
             Ok(p) => json!({"channel": channel, "position": p.position.to_string(), "duplicate": p.duplicate}),
             Err(e) => json!({"channel": channel, "error": e.to_string()}),
@@ -351,6 +344,15 @@ impl Query {
             .ok_or_else(|| ApiError::InvalidArgument("the channel query parameter is missing".into()))
     }
 
+    fn limit(&self) -> Result<Option<usize>, ApiError> {
+        self.get("limit")
+            .map(|l| {
+                l.parse::<usize>()
+                    .map_err(|_| ApiError::InvalidArgument(format!("limit {l:?} is not a number")))
+            })
+            .transpose()
+    }
+
     fn private(&self) -> Result<bool, ApiError> {
         match self.get("private") {
             None | Some("false") => Ok(false),
@@ -363,14 +365,9 @@ impl Query {
 }
 
 async fn history(api: &Api, q: &Query) -> Answer {
-    let limit = match q.get("limit") {
-        None => None,
-        Some(l) => Some(
-            l.parse::<usize>()
-                .map_err(|_| ApiError::InvalidArgument(format!("limit {l:?} is not a number")))?,
-        ),
-    };
-    let page = api.history(q.channel()?, q.private()?, limit, q.get("after")).await?;
+    let page = api
+        .history(q.channel()?, q.private()?, q.limit()?, q.get("after"))
+        .await?;
     let messages: Vec<Value> = page
         .messages
         .iter()
@@ -403,14 +400,7 @@ async fn presence_stats(api: &Api, q: &Query) -> Answer {
 }
 
 async fn channels(api: &Api, q: &Query) -> Answer {
-    let limit = match q.get("limit") {
-        None => None,
-        Some(l) => Some(
-            l.parse::<usize>()
-                .map_err(|_| ApiError::InvalidArgument(format!("limit {l:?} is not a number")))?,
-        ),
-    };
-    let found = api.channels(q.get("pattern").unwrap_or(""), limit).await?;
+    let found = api.channels(q.get("pattern").unwrap_or(""), q.limit()?).await?;
     let channels: Vec<Value> = found
         .value
         .iter()

@@ -137,6 +137,8 @@ pub struct Cluster<T> {
 
 /// Channels answers at most this many.
 pub const MAX_CHANNELS: usize = 10_000;
+/// Channels answers this many when no limit is given.
+pub const DEFAULT_CHANNELS: usize = 100;
 /// The longest reason a disconnect or unsubscribe may give (a close
 /// frame carries 123 bytes).
 pub const MAX_REASON: usize = 123;
@@ -186,13 +188,7 @@ impl Api {
     /// Channels with subscribers on any edge, busiest first, those matching
     /// `pattern` (`*` for any run of characters) when it is not empty.
     pub async fn channels(&self, pattern: &str, limit: Option<usize>) -> Result<Cluster<Vec<ChannelCount>>, ApiError> {
-        let limit = match limit {
-            None | Some(0) => DEFAULT_HISTORY,
-            Some(n) if n > MAX_CHANNELS => {
-                return Err(ApiError::InvalidArgument(format!("limit is at most {MAX_CHANNELS}")));
-            }
-            Some(n) => n,
-        };
+        let limit = limit_within(limit, DEFAULT_CHANNELS, MAX_CHANNELS)?;
         let reports = self.ask(Command::Channels).await?;
         let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for r in &reports {
@@ -229,11 +225,9 @@ impl Api {
     /// Closes every connection of `sub` on every edge; how many.
     pub async fn disconnect(&self, sub: &str, reason: &str, reconnect: bool) -> Result<Cluster<u64>, ApiError> {
         let (sub, reason) = (check_sub(sub)?, check_reason(reason)?);
-        let reports = self.ask(Command::Disconnect { sub, reason, reconnect }).await?;
-        Ok(Cluster {
-            value: reports.iter().map(|r| r.affected).sum(),
-            edges: reports.len() as u32,
-        })
+        Ok(affected(
+            &self.ask(Command::Disconnect { sub, reason, reconnect }).await?,
+        ))
     }
 
     /// Ends `sub`'s membership of a channel on every edge; on how many
@@ -247,11 +241,9 @@ impl Api {
     ) -> Result<Cluster<u64>, ApiError> {
         let (sub, reason) = (check_sub(sub)?, check_reason(reason)?);
         let channel = channel_name(channel, private)?.as_str().to_owned();
-        let reports = self.ask(Command::Unsubscribe { sub, channel, reason }).await?;
-        Ok(Cluster {
-            value: reports.iter().map(|r| r.affected).sum(),
-            edges: reports.len() as u32,
-        })
+        Ok(affected(
+            &self.ask(Command::Unsubscribe { sub, channel, reason }).await?,
+        ))
     }
 
     /// The largest request body the HTTP routes read: room for a payload of
@@ -338,6 +330,35 @@ impl Api {
         })
     }
 
+    /// Publishes one message.
+    pub async fn publish_one(&self, message: Message) -> Result<Published, ApiError> {
+        self.publish(vec![message])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::Unavailable("the bus gave no answer".into())))
+    }
+
+    /// Publishes one payload to each of `channels`: every channel is
+    /// checked before any is published; then one answer per channel, in
+    /// order.
+    pub async fn broadcast(
+        &self,
+        channels: &[String],
+        private: bool,
+        event: &str,
+        payload: Payload,
+        idempotency_key: &str,
+    ) -> Result<Vec<Result<Published, ApiError>>, ApiError> {
+        if channels.is_empty() {
+            return Err(ApiError::InvalidArgument("channels is empty".into()));
+        }
+        let messages = channels
+            .iter()
+            .map(|c| self.message(c, private, event, payload.clone(), idempotency_key))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.publish(messages).await)
+    }
+
     /// Publishes `messages` in order; one answer each, in order.
     pub async fn publish(&self, messages: Vec<Message>) -> Vec<Result<Published, ApiError>> {
         let batch = messages.into_iter().map(|m| (m.dedupe_id, m.event)).collect();
@@ -359,13 +380,7 @@ impl Api {
         after: Option<&str>,
     ) -> Result<HistoryPage, ApiError> {
         let channel = channel_name(channel, private)?;
-        let limit = match limit {
-            None | Some(0) => DEFAULT_HISTORY,
-            Some(n) if n > MAX_HISTORY => {
-                return Err(ApiError::InvalidArgument(format!("limit is at most {MAX_HISTORY}")));
-            }
-            Some(n) => n,
-        };
+        let limit = limit_within(limit, DEFAULT_HISTORY, MAX_HISTORY)?;
         let query = match after.filter(|a| !a.is_empty()) {
             None => HistoryQuery::Last { limit },
             Some(a) => HistoryQuery::After {
@@ -406,6 +421,25 @@ impl Api {
             clients: clients as u32,
             users: keys as u32,
         })
+    }
+}
+
+/// A request's `limit`: `default` when none (or 0) is given, refused above
+/// `max`.
+fn limit_within(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None | Some(0) => Ok(default),
+        Some(n) if n > max => Err(ApiError::InvalidArgument(format!("limit is at most {max}"))),
+        Some(n) => Ok(n),
+    }
+}
+
+/// How many connections a disconnect or unsubscribe applied to, over the
+/// edges that answered.
+fn affected(reports: &[NodeReport]) -> Cluster<u64> {
+    Cluster {
+        value: reports.iter().map(|r| r.affected).sum(),
+        edges: reports.len() as u32,
     }
 }
 

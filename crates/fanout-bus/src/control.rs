@@ -226,16 +226,9 @@ impl NatsControl {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    _ = beat.tick() => {
-                        if let Err(e) = client.publish(ALIVE_SUBJECT, alive.clone().into()).await {
-                            tracing::debug!(error = %e, "control heartbeat not sent");
-                        }
-                    }
-                    Some(_) = pings.next() => {
-                        if let Err(e) = client.publish(ALIVE_SUBJECT, alive.clone().into()).await {
-                            tracing::debug!(error = %e, "control heartbeat not sent");
-                        }
-                    }
+                    _ = beat.tick() => announce(&client, &alive).await,
+                    // A process that just started asks: answer at once.
+                    Some(_) = pings.next() => announce(&client, &alive).await,
                     msg = commands.next() => {
                         let Some(msg) = msg else { break };
                         let Some(reply) = msg.reply else { continue };
@@ -259,6 +252,13 @@ impl NatsControl {
             }
         });
         Ok(())
+    }
+}
+
+/// Publishes this edge's heartbeat.
+async fn announce(client: &async_nats::Client, alive: &[u8]) {
+    if let Err(e) = client.publish(ALIVE_SUBJECT, alive.to_vec().into()).await {
+        tracing::debug!(error = %e, "control heartbeat not sent");
     }
 }
 

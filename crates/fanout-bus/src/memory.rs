@@ -18,6 +18,18 @@ struct Log {
 }
 
 impl Log {
+    /// Whether some of the events in `(after, upto]` are no longer kept (or
+    /// `after` is from the future: the history was lost in a restart).
+    fn missing(&self, after: Position, upto: Position) -> bool {
+        let oldest = self.history.front().map_or(self.last + 1, |e| e.position);
+        after > self.last || (after + 1 < oldest && after < upto)
+    }
+
+    /// The kept events after `after`, in order.
+    fn after(&self, after: Position) -> impl Iterator<Item = &Event> {
+        self.history.iter().skip_while(move |e| e.position <= after)
+    }
+
     fn trim(&mut self, retention: Retention, now_ms: u64) {
         while self.history.len() > retention.max_messages {
             self.history.pop_front();
@@ -138,67 +150,46 @@ impl MemoryBus {
         }
     }
 
-    fn history_now(&self, channel: &ChannelName, query: HistoryQuery) -> History {
+    /// Runs `f` on the channel's log trimmed to retention (an empty log for
+    /// a channel nothing was published on).
+    fn with_log<T>(&self, channel: &ChannelName, f: impl FnOnce(&Log) -> T) -> T {
         let now = now_ms();
         let mut logs = self.lock();
-        let Some(log) = logs.get_mut(channel) else {
-            return match query {
-                HistoryQuery::After { after, .. } if after > 0 => History::Expired { head: 0 },
-                _ => History::Events {
-                    events: Vec::new(),
-                    head: 0,
-                },
-            };
-        };
-        log.trim(self.retention, now);
-        let head = log.last;
-        let events = match query {
-            HistoryQuery::Last { limit } => {
-                let skip = log.history.len().saturating_sub(limit);
-                log.history.iter().skip(skip).cloned().collect()
+        match logs.get_mut(channel) {
+            Some(log) => {
+                log.trim(self.retention, now);
+                f(log)
             }
-            HistoryQuery::After { after, limit } => {
-                let oldest = log.history.front().map_or(head + 1, |e| e.position);
-                if after > head || (after + 1 < oldest && after < head) {
-                    return History::Expired { head };
+            None => f(&Log::default()),
+        }
+    }
+
+    fn history_now(&self, channel: &ChannelName, query: HistoryQuery) -> History {
+        self.with_log(channel, |log| {
+            let head = log.last;
+            let events = match query {
+                HistoryQuery::Last { limit } => {
+                    let skip = log.history.len().saturating_sub(limit);
+                    log.history.iter().skip(skip).cloned().collect()
                 }
-                log.history
-                    .iter()
-                    .filter(|e| e.position > after)
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        };
-        History::Events { events, head }
+                HistoryQuery::After { after, limit } => {
+                    if log.missing(after, head) {
+                        return History::Expired { head };
+                    }
+                    log.after(after).take(limit).cloned().collect()
+                }
+            };
+            History::Events { events, head }
+        })
     }
 
     fn replay_now(&self, channel: &ChannelName, after: Position, upto: Position) -> Replay {
-        let now = now_ms();
-        let mut logs = self.lock();
-        let Some(log) = logs.get_mut(channel) else {
-            return if after == 0 {
-                Replay::Events(Vec::new())
-            } else {
-                Replay::Expired
-            };
-        };
-        log.trim(self.retention, now);
-        if after > log.last {
-            // A position from the future: the history was lost (restart).
-            return Replay::Expired;
-        }
-        let oldest = log.history.front().map_or(log.last + 1, |e| e.position);
-        if after + 1 < oldest && after < upto {
-            return Replay::Expired;
-        }
-        Replay::Events(
-            log.history
-                .iter()
-                .filter(|e| e.position > after && e.position <= upto)
-                .cloned()
-                .collect(),
-        )
+        self.with_log(channel, |log| {
+            if log.missing(after, upto) {
+                return Replay::Expired;
+            }
+            Replay::Events(log.after(after).take_while(|e| e.position <= upto).cloned().collect())
+        })
     }
 }
 

@@ -438,7 +438,14 @@ impl NatsBus {
         Ok(Subscription { head, events: rx })
     }
 
-    async fn replay_now(&self, channel: ChannelName, after: Position, upto: Position) -> Result<Replay, BusError> {
+    /// The first `limit` stored events in `(after, upto]`, or `Expired`.
+    async fn replay_now(
+        &self,
+        channel: ChannelName,
+        after: Position,
+        upto: Position,
+        limit: usize,
+    ) -> Result<Replay, BusError> {
         let source = self.catch_up(&channel);
         // The client's last position must still be retained: retention drops
         // the oldest messages of a channel (its subject) first, so if that one is there,
@@ -456,7 +463,7 @@ impl NatsBus {
             // it came from a faster one; the hub skips what it already saw).
             return Ok(Replay::Events(Vec::new()));
         }
-        Ok(Replay::Events(source.read(after, Some(upto)).await?))
+        Ok(Replay::Events(source.read(after, Some(upto), limit).await?))
     }
 }
 
@@ -466,12 +473,9 @@ impl NatsBus {
         let head = source.newest().await?;
         let events = match query {
             HistoryQuery::Last { limit } => source.read_last(limit).await?,
-            HistoryQuery::After { after, limit } => match self.replay_now(channel, after, head).await? {
+            HistoryQuery::After { after, limit } => match self.replay_now(channel, after, head, limit).await? {
                 Replay::Expired => return Ok(History::Expired { head }),
-                Replay::Events(mut events) => {
-                    events.truncate(limit);
-                    events
-                }
+                Replay::Events(events) => events,
             },
         };
         // Events stored after `head` was read may have come along.
@@ -520,8 +524,9 @@ impl CatchUp {
         }
     }
 
-    /// The channel's events after `after`, up to `upto` (or all there are).
-    async fn read(&self, after: Position, upto: Option<Position>) -> Result<Vec<Event>, BusError> {
+    /// The channel's events after `after`, up to `upto` (or all there are),
+    /// at most `limit` of them.
+    async fn read(&self, after: Position, upto: Option<Position>, limit: usize) -> Result<Vec<Event>, BusError> {
         let consumer = self
             .stream()
             .await?
@@ -544,7 +549,7 @@ impl CatchUp {
             return Ok(events);
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
-        while remaining > 0 {
+        while remaining > 0 && events.len() < limit {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
                 .await
                 .map_err(|_| unavailable("reading the stream timed out"))?;
@@ -577,7 +582,7 @@ impl CatchUp {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut events = self.read(0, None).await?;
+        let mut events = self.read(0, None, usize::MAX).await?;
         let skip = events.len().saturating_sub(limit);
         events.drain(..skip);
         Ok(events)
@@ -606,7 +611,7 @@ impl CatchUp {
         metrics::counter!("fanout_bus_catch_ups_total", "reason" => reason).increment(1);
         let mut delay = Duration::from_millis(100);
         let events = loop {
-            match self.read(*last, upto).await {
+            match self.read(*last, upto, usize::MAX).await {
                 Ok(events) => break events,
                 Err(e) => {
                     tracing::debug!(error = %e, "catching up from the stream failed; retrying");
@@ -672,7 +677,7 @@ impl Bus for NatsBus {
     }
 
     fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>> {
-        Box::pin(self.replay_now(channel, after, upto))
+        Box::pin(self.replay_now(channel, after, upto, usize::MAX))
     }
 
     fn publish_batch(&self, batch: Vec<(Option<String>, Event)>) -> BoxFuture<'_, Vec<Result<Published, BusError>>> {

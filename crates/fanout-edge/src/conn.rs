@@ -831,13 +831,16 @@ impl Conn {
         self.token_exp = None;
         self.expired = true;
         metrics::counter!("fanout_token_expirations_total").increment(1);
+        self.end_all_channels("access token has expired: send a fresh one with access_token and rejoin")
+            .await;
+    }
+
+    /// Ends every joined channel with a system error message and
+    /// `phx_close`.
+    async fn end_all_channels(&mut self, message: &str) {
         let topics: Vec<String> = self.joined.keys().cloned().collect();
         for t in topics {
-            self.end_channel(
-                &t,
-                "access token has expired: send a fresh one with access_token and rejoin",
-            )
-            .await;
+            self.end_channel(&t, message).await;
         }
     }
 
@@ -863,10 +866,7 @@ impl Conn {
                     if reconnect {
                         return Some(CloseReason::new(close_code::SERVICE_RESTART, reason, "disconnected"));
                     }
-                    let topics: Vec<String> = self.joined.keys().cloned().collect();
-                    for t in topics {
-                        self.end_channel(&t, &reason).await;
-                    }
+                    self.end_all_channels(&reason).await;
                     return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
                 }
             }

@@ -167,10 +167,7 @@ impl Start {
             drain_window: config.drain_window,
             changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
             policy: Arc::new(config.policy.clone()),
-            api_port: match &api {
-                Some(l) => Some(l.local_addr()?.port()),
-                None => None,
-            },
+            api_port: api.as_ref().map(|l| l.local_addr().map(|a| a.port())).transpose()?,
             ..EdgeConfig::default()
         };
         Ok(Self {
