@@ -30,6 +30,7 @@ use crate::hub::{JoinRequest, Member};
 use crate::protocol::{self, BadPayload, BindingSpec, Broadcast, Encoder, Inbound, Join, PresenceChange, Request, Vsn};
 use crate::ratelimit::TokenBucket;
 use crate::reader::{FrameReader, Incoming};
+use crate::wire::Wire;
 use crate::writer::{ConnWriter, SocketWrite};
 
 /// Every `reason` of `fanout_client_errors_total`: why a client message was
@@ -109,10 +110,99 @@ struct Conn {
     control: Arc<ConnControl>,
 }
 
-/// Serves an upgraded socket until it closes: `read` and `write` are its
-/// halves, `leftover` the bytes read past the HTTP upgrade. The caller has
-/// reserved the connection slot (`slot`, from [`Edge::admit`]); it is
-/// released here.
+/// A client socket's two paths, opened for a connection task of any
+/// protocol front: the reader, the writer with its drain task, the
+/// connection's id and its control mailbox, and its admission slot.
+pub(crate) struct Socket<R> {
+    pub(crate) reader: FrameReader<R>,
+    pub(crate) writer: Arc<ConnWriter>,
+    pub(crate) id: u64,
+    pub(crate) control: Arc<ConnControl>,
+    drain: tokio::task::JoinHandle<()>,
+    slot: crate::admission::Slot,
+}
+
+impl<R: AsyncRead + Unpin + Send> Socket<R> {
+    /// Opens an upgraded socket: `read` and `write` are its halves,
+    /// `leftover` the bytes read past the HTTP upgrade, `sub` the user it
+    /// acts for (if known yet), `slot` the reservation from
+    /// [`Edge::admit`], released by [`Self::close`].
+    pub(crate) fn open(
+        edge: &Arc<Edge>,
+        read: R,
+        write: Box<dyn SocketWrite>,
+        leftover: Bytes,
+        sub: Option<&str>,
+        slot: crate::admission::Slot,
+    ) -> Self {
+        let limits = &edge.config.limits;
+        let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames));
+        let drain = {
+            let writer = writer.clone();
+            edge.tasks.spawn(async move { writer.run().await })
+        };
+        // `leftover` may be a view into hyper's whole 8 KiB read buffer: copy
+        // the few bytes (usually none) and drop it, so that buffer is freed now,
+        // not when the connection ends. (Shadowing alone would keep the
+        // original alive in this future until the end.)
+        let leftover = own_small(leftover);
+        let reader = FrameReader::new(read, leftover, limits.max_frame_bytes);
+        let id = edge.next_conn_id();
+        let control = edge.sessions.register(id, sub);
+        metrics::gauge!("fanout_connections").increment(1.0);
+        metrics::counter!("fanout_connections_opened_total").increment(1);
+        Self {
+            reader,
+            writer,
+            id,
+            control,
+            drain,
+            slot,
+        }
+    }
+
+    /// Closes the socket with `reason` once the connection task has left
+    /// its channels: the close frame after every queued frame, then a
+    /// short wait for the client's close.
+    pub(crate) async fn close(self, edge: &Edge, reason: CloseReason) {
+        let Self {
+            mut reader,
+            writer,
+            id,
+            drain,
+            slot,
+            ..
+        } = self;
+        edge.sessions.unregister(id);
+        let label = reason.label;
+        writer.close(reason, false);
+        let _ = drain.await;
+        reader.linger(Duration::from_secs(2)).await;
+        drop(slot);
+        metrics::gauge!("fanout_connections").decrement(1.0);
+        metrics::counter!("fanout_connections_closed_total", "reason" => label).increment(1);
+    }
+}
+
+/// The writer ended the connection (slow consumer, write error).
+pub(crate) fn closed_by_server(writer: &ConnWriter) -> CloseReason {
+    let r = writer.close_reason();
+    CloseReason::new(
+        r.as_ref().map_or(close_code::NORMAL, |r| r.code),
+        r.map(|r| r.reason).unwrap_or_default(),
+        "server",
+    )
+}
+
+/// The edge is shutting down: waits for this connection's moment in the
+/// drain window, then says so.
+pub(crate) async fn shutting_down(edge: &Edge) -> CloseReason {
+    edge.drain_delay().await;
+    CloseReason::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
+}
+
+/// Serves an upgraded Supabase Realtime socket until it closes (see
+/// [`Socket::open`] for the arguments).
 pub(crate) async fn serve<R>(
     edge: Arc<Edge>,
     read: R,
@@ -125,52 +215,35 @@ pub(crate) async fn serve<R>(
     R: AsyncRead + Unpin + Send,
 {
     let limits = edge.config.limits.clone();
-    let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames));
-    let drain = {
-        let writer = writer.clone();
-        edge.tasks.spawn(async move { writer.run().await })
-    };
-    // `leftover` may be a view into hyper's whole 8 KiB read buffer: copy
-    // the few bytes (usually none) and drop it, so that buffer is freed now,
-    // not when the connection ends. (Shadowing alone would keep the
-    // original alive in this future until the end.)
-    let leftover = own_small(leftover);
-    let mut reader = FrameReader::new(read, leftover, limits.max_frame_bytes);
-    let id = edge.next_conn_id();
-    let control = edge
-        .sessions
-        .register(id, claims.as_ref().and_then(|c| c.sub.as_deref()));
+    let mut socket = Socket::open(
+        &edge,
+        read,
+        write,
+        leftover,
+        claims.as_ref().and_then(|c| c.sub.as_deref()),
+        slot,
+    );
     let mut conn = Conn {
         origin: Origin {
             node: edge.node,
-            connection: id,
+            connection: socket.id,
         },
         edge: edge.clone(),
-        id,
+        id: socket.id,
         vsn,
         enc: Encoder(vsn),
-        writer: writer.clone(),
+        writer: socket.writer.clone(),
         joined: HashMap::new(),
         token_exp: claims.as_ref().and_then(|c| c.exp),
         claims: claims.map(Arc::new),
         expired: false,
         messages: TokenBucket::new(limits.messages_per_second),
         joins: TokenBucket::new(limits.joins_per_second),
-        control,
+        control: socket.control.clone(),
     };
-    metrics::gauge!("fanout_connections").increment(1.0);
-    metrics::counter!("fanout_connections_opened_total").increment(1);
-
-    let reason = conn.read_loop(&mut reader).await;
-    edge.sessions.unregister(id);
+    let reason = conn.read_loop(&mut socket.reader).await;
     conn.leave_all().await;
-    let label = reason.label;
-    writer.close(reason, false);
-    let _ = drain.await;
-    reader.linger(Duration::from_secs(2)).await;
-    drop(slot);
-    metrics::gauge!("fanout_connections").decrement(1.0);
-    metrics::counter!("fanout_connections_closed_total", "reason" => label).increment(1);
+    socket.close(&edge, reason).await;
 }
 
 /// A copy of `b` that does not keep `b`'s allocation alive; `b` is dropped.
@@ -183,19 +256,12 @@ fn own_small(b: Bytes) -> Bytes {
 }
 
 impl Conn {
-    /// The writer ended the connection (slow consumer, write error).
     fn closed_by_server(&self) -> CloseReason {
-        let r = self.writer.close_reason();
-        CloseReason::new(
-            r.as_ref().map_or(close_code::NORMAL, |r| r.code),
-            r.map(|r| r.reason).unwrap_or_default(),
-            "server",
-        )
+        closed_by_server(&self.writer)
     }
 
     async fn shutting_down(&self) -> CloseReason {
-        self.edge.drain_delay().await;
-        CloseReason::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
+        shutting_down(&self.edge).await
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
@@ -489,7 +555,7 @@ impl Conn {
                 member: Member {
                     conn: self.id,
                     origin: self.origin,
-                    vsn: self.vsn,
+                    wire: Wire::Phoenix(self.vsn),
                     receive_own: config.broadcast.self_,
                     presence,
                     skip_through: 0,
@@ -499,6 +565,7 @@ impl Conn {
                 },
                 reply,
                 resume_after,
+                reply_if_lost: None,
                 ready: None,
             },
         );
@@ -521,7 +588,7 @@ impl Conn {
                     member: Member {
                         conn: id,
                         origin: self.origin,
-                        vsn: self.vsn,
+                        wire: Wire::Phoenix(self.vsn),
                         receive_own: false,
                         presence: false,
                         skip_through: 0,
@@ -531,6 +598,7 @@ impl Conn {
                     },
                     reply: Vec::new(),
                     resume_after: None,
+                    reply_if_lost: None,
                     ready: Some(ready),
                 },
             );
@@ -729,18 +797,7 @@ impl Conn {
         }
         let policy = &self.edge.config.policy;
         let claims = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        let access = policy.channel_access(channel.name(), channel.is_private(), &claims);
-        if !access.read {
-            return Err(if channel.is_private() {
-                format!(
-                    "not allowed to join private channel {:?}: no policy grants it to this token (claim {:?} or an [[auth.channels]] rule)",
-                    channel.name(),
-                    policy.channels_claim
-                )
-            } else {
-                "public channels are closed on this server: join with config.private: true".to_owned()
-            });
-        }
+        let access = read_access(policy, channel, &claims)?;
         for b in bindings
             .own
             .iter_mut()
@@ -884,16 +941,38 @@ impl Conn {
     }
 }
 
-fn deadline_of(exp_secs: u64) -> Instant {
+pub(crate) fn deadline_of(exp_secs: u64) -> Instant {
     let now = fanout_core::now_ms() / 1000;
     Instant::now() + Duration::from_secs(exp_secs.saturating_sub(now))
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The channel policy's answer for a join of `channel` by a token with
+/// `claims`: its access, or why it may not read the channel.
+pub(crate) fn read_access(
+    policy: &Policy,
+    channel: &ChannelName,
+    claims: &serde_json::Value,
+) -> Result<Access, String> {
+    let access = policy.channel_access(channel.name(), channel.is_private(), claims);
+    if access.read {
+        return Ok(access);
+    }
+    Err(if channel.is_private() {
+        format!(
+            "not allowed to join private channel {:?}: no policy grants it to this token (claim {:?} or an [[auth.channels]] rule)",
+            channel.name(),
+            policy.channels_claim
+        )
+    } else {
+        "public channels are closed on this server: join with config.private: true".to_owned()
+    })
 }
 
 /// What the policies granted a join.

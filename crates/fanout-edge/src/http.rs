@@ -1,6 +1,7 @@
 //! The two HTTP listeners.
 //!
 //! Public: `GET /realtime/v1/websocket` (the WebSocket endpoint),
+//! `GET /socket.io/` (Socket.IO clients over WebSocket),
 //! `POST /realtime/v1/api/broadcast` (realtime-js's REST fallback), the demo
 //! page at `/` with its client module `/fanout.js`, and `/healthz`.
 //!
@@ -207,6 +208,7 @@ async fn public_route(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr)
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req, peer),
+        (Method::GET, "/socket.io/" | "/socket.io") => socketio(edge, req, peer),
         (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
         (Method::POST, p) if p.starts_with("/realtime/v1/api/broadcast/") => with_cors(rest_send(edge, req).await),
         (Method::OPTIONS, p) if p.starts_with("/realtime/v1/api/broadcast") => {
@@ -354,32 +356,109 @@ fn refused(r: &crate::admission::Refusal) -> Response<Body> {
     json_error(r.status(), &r.to_string())
 }
 
-fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+fn websocket(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_owned();
     let Some(vsn) = Vsn::parse(query_param(&query, "vsn").as_deref()) else {
         metrics::counter!("fanout_handshake_rejections_total", "reason" => "bad_request").increment(1);
         return json_error(StatusCode::BAD_REQUEST, "unsupported vsn: use 1.0.0 or 2.0.0");
     };
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return json_error(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
-    }
-    if !edge.is_ready() {
-        metrics::counter!("fanout_handshake_rejections_total", "reason" => "draining").increment(1);
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server is draining; connect to another node",
-        );
-    }
-    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    if let Err(r) = edge.admission.check_origin(origin) {
-        return refused(&r);
+    if let Err(r) = check_upgrade(&edge, &req) {
+        return r;
     }
     let claims = match authenticate(&edge, &req, &query) {
         Ok(c) => c,
         Err(e) => return unauthorized(e),
     };
+    let sub = claims.as_ref().and_then(|c| c.sub.clone());
+    upgrade(
+        edge,
+        req,
+        peer,
+        sub.as_deref(),
+        move |edge, read, write, leftover, slot| crate::conn::serve(edge, read, write, leftover, vsn, claims, slot),
+    )
+}
+
+/// `GET /socket.io/?EIO=4&transport=websocket`: an Engine.IO v4 session
+/// over WebSocket. Its namespaces authenticate in their CONNECT packets.
+fn socketio(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    // Socket.IO's own error bodies: {code, message}.
+    let refuse = |code: u8, message: &str| {
+        metrics::counter!("fanout_handshake_rejections_total", "reason" => "bad_request").increment(1);
+        let body = serde_json::json!({ "code": code, "message": message }).to_string();
+        response(StatusCode::BAD_REQUEST, "application/json", body)
+    };
+    if query_param(&query, "EIO").as_deref() != Some("4") {
+        return refuse(
+            5,
+            "Unsupported protocol version: this server speaks Engine.IO 4 (socket.io-client 3 and 4)",
+        );
+    }
+    match query_param(&query, "transport").as_deref() {
+        Some("websocket") => {}
+        Some("polling") => {
+            return refuse(
+                0,
+                "Transport unknown: this server takes WebSocket only; connect with transports: ['websocket']",
+            );
+        }
+        _ => return refuse(0, "Transport unknown"),
+    }
+    if query_param(&query, "sid").is_some() {
+        return refuse(1, "Session ID unknown: sessions start over WebSocket here");
+    }
+    if let Err(r) = check_upgrade(&edge, &req) {
+        return r;
+    }
+    upgrade(edge, req, peer, None, crate::sio::serve)
+}
+
+/// What every WebSocket front checks before it upgrades: an upgrade
+/// request, a node that takes traffic, an allowed `Origin`.
+#[allow(clippy::result_large_err)]
+fn check_upgrade(edge: &Edge, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request",
+        ));
+    }
+    if !edge.is_ready() {
+        metrics::counter!("fanout_handshake_rejections_total", "reason" => "draining").increment(1);
+        return Err(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server is draining; connect to another node",
+        ));
+    }
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    edge.admission.check_origin(origin).map_err(|r| refused(&r))
+}
+
+/// Admits the client (connection limits, as `sub` when known) and
+/// upgrades; `serve` then runs the connection over the TCP stream's halves
+/// and the bytes read past the handshake.
+fn upgrade<F, Fut>(
+    edge: Arc<Edge>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    sub: Option<&str>,
+    serve: F,
+) -> Response<Body>
+where
+    F: FnOnce(
+            Arc<Edge>,
+            tokio::net::tcp::OwnedReadHalf,
+            Box<dyn crate::writer::SocketWrite>,
+            Bytes,
+            crate::admission::Slot,
+        ) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let ip = client_ip(&edge, &req, peer);
-    let slot = match edge.admit(Some(ip), claims.as_ref().and_then(|c| c.sub.as_deref())) {
+    let slot = match edge.admit(Some(ip), sub) {
         Ok(slot) => slot,
         Err(r) => return refused(&r),
     };
@@ -404,7 +483,7 @@ fn websocket(edge: Arc<Edge>, mut req: Request<Incoming>, peer: SocketAddr) -> R
                 let stream = parts.io.into_inner();
                 let _ = stream.set_nodelay(true);
                 let (read, write) = stream.into_split();
-                crate::conn::serve(edge2, read, Box::new(write), parts.read_buf, vsn, claims, slot).await;
+                serve(edge2, read, Box::new(write), parts.read_buf, slot).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }

@@ -4,8 +4,8 @@
 //! subscription, so everything a member sees of a channel (join reply,
 //! `presence_state`, replayed history, live events) is sequenced by one
 //! task, in one order, with no lock on the delivery path. An event is
-//! encoded at most once per protocol version and the same `Bytes` go to every
-//! member's [`ConnWriter`].
+//! encoded at most once per [`Wire`] (protocol front and version) and the
+//! same `Bytes` go to every member's [`ConnWriter`].
 //!
 //! A channel task is started by the first join and retires after the last
 //! member left and a short linger passed, dropping its bus subscription; the
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::{Encoder, Vsn};
+use crate::wire::Wire;
 use crate::writer::ConnWriter;
 use fanout_bus::{Bus, PresenceStore, Replay, Subscription};
 
@@ -37,7 +38,8 @@ pub struct Member {
     /// channel's own topic, a fresh id for a change feed.
     pub conn: u64,
     pub origin: Origin,
-    pub vsn: Vsn,
+    /// How this member's connection frames events.
+    pub wire: Wire,
     /// `config.broadcast.self`: receive one's own broadcasts.
     pub receive_own: bool,
     /// Receive `presence_state` and `presence_diff`.
@@ -64,6 +66,10 @@ pub struct JoinRequest {
     pub reply: Vec<Bytes>,
     /// `config.resume.after`: replay history after this position first.
     pub resume_after: Option<Position>,
+    /// Sent instead of `reply` when `resume_after` cannot be replayed (no
+    /// longer retained, or history unavailable). `None`: `reply`, then a
+    /// `system` message saying a resync is required (Phoenix members).
+    pub reply_if_lost: Option<Vec<Bytes>>,
     /// Told once the member is registered behind the channel's live bus
     /// subscription: every event published from then on reaches it.
     pub ready: Option<oneshot::Sender<()>>,
@@ -229,10 +235,12 @@ const SHARD_SIZE: usize = 256;
 /// first.
 struct Batch {
     topic: String,
+    /// The channel's name (Socket.IO namespaces are `/<name>`).
+    name: String,
     /// When the channel task handed the batch to its shards.
     created: std::time::Instant,
     events: Vec<Event>,
-    encoded: Vec<[OnceLock<Option<Bytes>>; 2]>,
+    encoded: Vec<[OnceLock<Option<Bytes>>; Wire::SLOTS]>,
     /// Database changes, decoded once for filtering.
     changes: Vec<OnceLock<Option<Change>>>,
     /// Database change frames by (event, topic, matching binding ids, vsn):
@@ -241,15 +249,16 @@ struct Batch {
 }
 
 impl Batch {
-    fn frame(&self, i: usize, vsn: Vsn) -> Option<&Bytes> {
-        self.encoded[i][vsn as usize]
-            .get_or_init(|| Encoder(vsn).event(&self.topic, &self.events[i], false))
+    fn frame(&self, i: usize, wire: Wire) -> Option<&Bytes> {
+        self.encoded[i][wire.slot()]
+            .get_or_init(|| wire.event(&self.topic, &self.name, &self.events[i], false))
             .as_ref()
     }
 
     /// The frame of database change `i` for `m`, if any of its bindings
     /// matches (filter and row rule).
     fn change_frame(&self, i: usize, m: &Member, channel_topic: &Arc<str>) -> Option<Bytes> {
+        let vsn = m.wire.vsn()?;
         let bindings = m.changes.as_deref()?;
         let change = self.changes[i]
             .get_or_init(|| Change::decode(&self.events[i].payload))
@@ -260,12 +269,12 @@ impl Batch {
         }
         let topic = m.feed_topic.as_ref().unwrap_or(channel_topic).clone();
         let mut frames = self.change_frames.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (i, topic, matched.ids, m.vsn, matched.columns.is_some());
+        let key = (i, topic, matched.ids, vsn, matched.columns.is_some());
         if let Some(f) = frames.get(&key) {
             return Some(f.clone());
         }
         let data = change.data(&self.events[i].payload, matched.columns.as_deref());
-        let f = Encoder(m.vsn).change(&key.1, &self.events[i], &data, &key.2, false);
+        let f = Encoder(vsn).change(&key.1, &self.events[i], &data, &key.2, false);
         frames.insert(key, f.clone());
         Some(f)
     }
@@ -495,22 +504,26 @@ impl ChannelTask {
             mut member,
             reply,
             resume_after,
+            reply_if_lost,
             ready,
         } = req;
         // A rejoin by the same connection replaces the old membership.
         self.remove(member.conn);
-        let enc = Encoder(member.vsn);
+        let wire = member.wire;
         let mut preface = reply;
-        if member.presence {
-            preface.push(self.presence_state(enc).await);
+        if member.presence
+            && let Some(vsn) = wire.vsn()
+        {
+            preface.push(self.presence_state(Encoder(vsn)).await);
         }
         if let Some(after) = resume_after {
-            match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
+            let lost = match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
                 Ok(Replay::Events(events)) => {
                     member.skip_through = after;
                     metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
                     preface.extend(events.iter().filter_map(|ev| match ev.kind {
                         EventKind::PostgresChange => {
+                            let enc = Encoder(wire.vsn()?);
                             let change = Change::decode(&ev.payload)?;
                             let matched = change.matching(member.changes.as_deref()?);
                             (!matched.ids.is_empty()).then(|| {
@@ -518,26 +531,25 @@ impl ChannelTask {
                                 enc.change(&self.topic, ev, &data, &matched.ids, true)
                             })
                         }
-                        _ => enc.event(&self.topic, ev, true),
+                        _ => wire.event(&self.topic, self.channel.name(), ev, true),
                     }));
+                    None
                 }
                 Ok(Replay::Expired) => {
                     metrics::counter!("fanout_resync_required_total").increment(1);
-                    preface.push(enc.system(
-                        &self.topic,
-                        "broadcast",
-                        false,
-                        &format!("resync required: messages after position {after} are no longer retained"),
-                        self.channel.name(),
-                    ));
+                    Some(format!(
+                        "resync required: messages after position {after} are no longer retained"
+                    ))
                 }
-                Err(e) => preface.push(enc.system(
-                    &self.topic,
-                    "broadcast",
-                    false,
-                    &format!("resync required: history unavailable ({e})"),
-                    self.channel.name(),
-                )),
+                Err(e) => Some(format!("resync required: history unavailable ({e})")),
+            };
+            match (lost, reply_if_lost, wire.vsn()) {
+                (None, ..) => {}
+                (Some(_), Some(instead), _) => preface = instead,
+                (Some(message), None, Some(vsn)) => {
+                    preface.push(Encoder(vsn).system(&self.topic, "broadcast", false, &message, self.channel.name()))
+                }
+                (Some(_), None, None) => {}
             }
         }
         let shard = match self.shards.iter().position(|s| s.len < SHARD_SIZE) {
@@ -605,10 +617,14 @@ impl ChannelTask {
                 metrics::histogram!("fanout_publish_to_dispatch_seconds").record(lag as f64 / 1000.0);
             }
         }
-        let encoded = events.iter().map(|_| [OnceLock::new(), OnceLock::new()]).collect();
+        let encoded = events
+            .iter()
+            .map(|_| std::array::from_fn(|_| OnceLock::new()))
+            .collect();
         let changes = events.iter().map(|_| OnceLock::new()).collect();
         let batch = Arc::new(Batch {
             topic: self.topic.clone(),
+            name: self.channel.name().to_owned(),
             created: std::time::Instant::now(),
             events,
             encoded,
@@ -680,7 +696,7 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                             EventKind::PresenceDiff if !m.presence => continue,
                             _ => {}
                         }
-                        if let Some(f) = batch.frame(i, m.vsn) {
+                        if let Some(f) = batch.frame(i, m.wire) {
                             frames.push(f.clone());
                         }
                     }

@@ -11,7 +11,10 @@
 //! - [`http`]: the public listener (WebSocket, REST broadcast, demo page)
 //!   and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - `conn`: one task per connection: decode, apply limits, act.
-//! - [`protocol`]: the wire codecs; [`frame`]: pre-encoded server frames.
+//! - [`protocol`]: the Supabase Realtime codecs; [`sio`]: the Socket.IO
+//!   front (Engine.IO v4 + Socket.IO v5, its own connection task);
+//!   [`wire`]: how each member's protocol frames an event; [`frame`]:
+//!   pre-encoded server frames.
 //! - [`hub`]: one task per channel with local members; encodes each event
 //!   once per protocol version and writes the shared bytes to every member.
 //! - [`writer`]: the per-connection write path with its bounded queue.
@@ -40,6 +43,8 @@ pub mod jwks;
 pub mod protocol;
 mod ratelimit;
 mod reader;
+pub mod sio;
+pub mod wire;
 pub mod writer;
 
 use std::sync::Arc;
@@ -77,6 +82,8 @@ pub struct EdgeConfig {
     /// The port of the server API, when this process serves it: the
     /// operator's page (`/admin` on the admin listener) calls it there.
     pub api_port: Option<u16>,
+    /// The Socket.IO endpoint (`/socket.io/`).
+    pub socketio: sio::SocketIoConfig,
 }
 
 impl Default for EdgeConfig {
@@ -90,6 +97,7 @@ impl Default for EdgeConfig {
             feed_timeout: Duration::from_secs(10),
             policy: Arc::default(),
             api_port: None,
+            socketio: sio::SocketIoConfig::default(),
         }
     }
 }
@@ -262,6 +270,10 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "fanout_handshake_timeouts_total",
         "HTTP connections closed because a request (a handshake) did not arrive whole in time.",
+    ),
+    Metric::counter(
+        "fanout_socketio_connections_total",
+        "Socket.IO (Engine.IO over WebSocket) connections accepted.",
     ),
     Metric::gauge("fanout_channels", "Channels with a running fan-out task on this node."),
     Metric::gauge(

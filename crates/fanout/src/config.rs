@@ -40,6 +40,8 @@ pub struct Config {
     pub channel_linger: Duration,
     pub drain_window: Duration,
     pub shutdown_grace: Duration,
+    /// The Socket.IO endpoint (`socketio.*`).
+    pub socketio: fanout_edge::sio::SocketIoConfig,
     /// NATS seed URLs (cluster mode), from a comma-separated list.
     pub nats_urls: Vec<String>,
     pub nats_credentials_file: Option<std::path::PathBuf>,
@@ -207,6 +209,16 @@ settings! {
         "Age limit of messages kept for resume";
     "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms", "MS", Some("2000"),
         "Keep a channel's bus subscription this long after its last local member left";
+    "socketio.join_event", "FANOUT_SOCKETIO_JOIN_EVENT", "socketio-join-event", "NAME", Some("join"),
+        "Socket.IO: the main namespace's event that joins a channel (socket.emit(NAME, channel, ack))";
+    "socketio.leave_event", "FANOUT_SOCKETIO_LEAVE_EVENT", "socketio-leave-event", "NAME", Some("leave"),
+        "Socket.IO: the main namespace's event that leaves a channel";
+    "socketio.ping_interval_ms", "FANOUT_SOCKETIO_PING_INTERVAL_MS", "socketio-ping-interval-ms", "MS", Some("25000"),
+        "Socket.IO: the server pings each connection this often (Engine.IO pingInterval)";
+    "socketio.ping_timeout_ms", "FANOUT_SOCKETIO_PING_TIMEOUT_MS", "socketio-ping-timeout-ms", "MS", Some("20000"),
+        "Socket.IO: close a connection whose pong takes longer than this (Engine.IO pingTimeout)";
+    "socketio.recovery", "FANOUT_SOCKETIO_RECOVERY", "socketio-recovery", "BOOL", Some("true"),
+        "Socket.IO: connection-state recovery on channel namespaces (pid, and each event's position as its last argument)";
     "drain_secs", "FANOUT_DRAIN_SECS", "drain-secs", "SECS", Some("0"),
         "On SIGTERM, close client sockets spread over this window";
     "shutdown_grace_secs", "FANOUT_SHUTDOWN_GRACE_SECS", "shutdown-grace-secs", "SECS", Some("10"),
@@ -653,6 +665,13 @@ impl Config {
             channel_linger: Duration::from_millis(r.get("channel_linger_ms")),
             drain_window: Duration::from_secs(r.get("drain_secs")),
             shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs")),
+            socketio: fanout_edge::sio::SocketIoConfig {
+                ping_interval: Duration::from_millis(r.get("socketio.ping_interval_ms")),
+                ping_timeout: Duration::from_millis(r.get("socketio.ping_timeout_ms")),
+                join_event: r.get("socketio.join_event"),
+                leave_event: r.get("socketio.leave_event"),
+                recovery: r.get("socketio.recovery"),
+            },
             nats_urls: r.opt::<String>("nats.url").map(|s| list(&s)).unwrap_or_default(),
             nats_credentials_file: r.opt::<String>("nats.credentials_file").map(Into::into),
             nats_tls_required: r.get("nats.tls_required"),
@@ -709,6 +728,13 @@ impl Config {
         }
         if config.nats_shards == 0 || config.nats_streams == 0 || config.nats_streams > config.nats_shards {
             errors.push("nats.streams must be between 1 and nats.shards".into());
+        }
+        let sio = &config.socketio;
+        if sio.join_event.is_empty() || sio.leave_event.is_empty() || sio.join_event == sio.leave_event {
+            errors.push("socketio.join_event and socketio.leave_event must be two different, non-empty names".into());
+        }
+        if sio.ping_interval.is_zero() || sio.ping_timeout.is_zero() {
+            errors.push("socketio.ping_interval_ms and socketio.ping_timeout_ms must be above 0".into());
         }
         if config.presence_heartbeat.is_zero() || config.presence_ttl <= config.presence_heartbeat {
             errors.push("presence.ttl_secs must be larger than presence.heartbeat_secs (and both above 0)".into());

@@ -168,6 +168,7 @@ impl Start {
             changes: config.postgres_changes.then(|| Arc::new(config.cdc_routes.clone())),
             policy: Arc::new(config.policy.clone()),
             api_port: api.as_ref().map(|l| l.local_addr().map(|a| a.port())).transpose()?,
+            socketio: config.socketio.clone(),
             ..EdgeConfig::default()
         };
         Ok(Self {
