@@ -566,6 +566,7 @@ impl Conn {
                 reply,
                 resume_after,
                 reply_if_lost: None,
+                room_user: None,
                 ready: None,
             },
         );
@@ -599,6 +600,7 @@ impl Conn {
                     reply: Vec::new(),
                     resume_after: None,
                     reply_if_lost: None,
+                    room_user: None,
                     ready: Some(ready),
                 },
             );

@@ -1,7 +1,8 @@
 //! The two HTTP listeners.
 //!
 //! Public: `GET /realtime/v1/websocket` (the WebSocket endpoint),
-//! `GET /socket.io/` (Socket.IO clients over WebSocket),
+//! `GET /socket.io/` (Socket.IO clients over WebSocket), `GET
+//! /rooms/<room>` (plain WebSocket room clients),
 //! `POST /realtime/v1/api/broadcast` (realtime-js's REST fallback), the demo
 //! page at `/` with its client module `/fanout.js`, and `/healthz`.
 //!
@@ -209,6 +210,7 @@ async fn public_route(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr)
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req, peer),
         (Method::GET, "/socket.io/" | "/socket.io") => socketio(edge, req, peer),
+        (Method::GET, p) if p.starts_with("/rooms/") => room(edge, req, peer),
         (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
         (Method::POST, p) if p.starts_with("/realtime/v1/api/broadcast/") => with_cors(rest_send(edge, req).await),
         (Method::OPTIONS, p) if p.starts_with("/realtime/v1/api/broadcast") => {
@@ -412,6 +414,65 @@ fn socketio(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Respon
         return r;
     }
     upgrade(edge, req, peer, None, crate::sio::serve)
+}
+
+/// `GET /rooms/<room>?token=…&sessionId=…[&private=true]`: a plain
+/// WebSocket room client. Without a token in the URL (or `apikey` /
+/// `Authorization`), the first message must bring it.
+fn room(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let raw = req.uri().path().trim_start_matches("/rooms/").to_owned();
+    let name = percent_decode(&raw).into_owned();
+    let private = query_param(&query, "private").as_deref() == Some("true");
+    let channel = match ChannelName::new(&name) {
+        Ok(c) => c.with_privacy(private),
+        Err(e) => {
+            metrics::counter!("fanout_handshake_rejections_total", "reason" => "bad_request").increment(1);
+            return json_error(StatusCode::BAD_REQUEST, &format!("invalid room {name:?}: {e}"));
+        }
+    };
+    if let Err(r) = check_upgrade(&edge, &req) {
+        return r;
+    }
+    let token = query_param(&query, "token").map(std::borrow::Cow::into_owned);
+    let (claims, await_auth) = match (&edge.config.auth, token) {
+        (None, _) => (None, false),
+        (Some(verifier), Some(token)) => {
+            let claims = if verifier.is_project_key(&token) {
+                verifier.verify_apikey(&token)
+            } else {
+                verifier.verify(&token)
+            };
+            match claims {
+                Ok(c) => (Some(c), false),
+                Err(e) => return unauthorized(e),
+            }
+        }
+        (Some(_), None) => match authenticate(&edge, &req, &query) {
+            Ok(c) => (c, false),
+            Err(fanout_core::AuthError::Missing) => (None, true),
+            Err(e) => return unauthorized(e),
+        },
+    };
+    let client = crate::room::RoomClient {
+        channel,
+        session: query_param(&query, "sessionId")
+            .map(std::borrow::Cow::into_owned)
+            .filter(|s| !s.is_empty() && s.len() <= 128)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+        dev_user: query_param(&query, "user").map(std::borrow::Cow::into_owned),
+        sub: claims.as_ref().and_then(|c| c.sub.clone()),
+        claims,
+        await_auth,
+    };
+    let sub = client.sub.clone();
+    upgrade(
+        edge,
+        req,
+        peer,
+        sub.as_deref(),
+        move |edge, read, write, leftover, slot| crate::room::serve(edge, read, write, leftover, client, slot),
+    )
 }
 
 /// What every WebSocket front checks before it upgrades: an upgrade

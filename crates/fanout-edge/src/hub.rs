@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::protocol::{Encoder, Vsn};
+use crate::room::Roster;
 use crate::wire::Wire;
 use crate::writer::ConnWriter;
 use fanout_bus::{Bus, PresenceStore, Replay, Subscription};
@@ -70,6 +71,9 @@ pub struct JoinRequest {
     /// longer retained, or history unavailable). `None`: `reply`, then a
     /// `system` message saying a resync is required (Phoenix members).
     pub reply_if_lost: Option<Vec<Bytes>>,
+    /// A room member's own user (when tracked): its welcome lists it even
+    /// before the channel task has seen the diff that tracked it.
+    pub room_user: Option<String>,
     /// Told once the member is registered behind the channel's live bus
     /// subscription: every event published from then on reaches it.
     pub ready: Option<oneshot::Sender<()>>,
@@ -166,6 +170,7 @@ impl Hub {
                 shards: Vec::new(),
                 index: HashMap::new(),
                 last: 0,
+                roster: None,
             };
             self.inner.tasks.spawn(task.run(rx));
             metrics::gauge!("fanout_channels").increment(1.0);
@@ -411,6 +416,9 @@ struct ChannelTask {
     /// Position of the last history event dispatched (or the subscription
     /// head): the boundary between replay and live delivery.
     last: Position,
+    /// Who is in the channel per user, kept from the first room member's
+    /// join on (room clients get join and leave notices from it).
+    roster: Option<Roster>,
 }
 
 impl ChannelTask {
@@ -505,6 +513,7 @@ impl ChannelTask {
             reply,
             resume_after,
             reply_if_lost,
+            room_user,
             ready,
         } = req;
         // A rejoin by the same connection replaces the old membership.
@@ -515,6 +524,9 @@ impl ChannelTask {
             && let Some(vsn) = wire.vsn()
         {
             preface.push(self.presence_state(Encoder(vsn)).await);
+        }
+        if wire == Wire::Room {
+            preface.push(self.roster_welcome(room_user.as_deref()).await);
         }
         if let Some(after) = resume_after {
             let lost = match self.hub.inner.bus.replay(self.channel.clone(), after, self.last).await {
@@ -578,6 +590,22 @@ impl ChannelTask {
         }
     }
 
+    /// A room member's welcome. The roster is built from the presence
+    /// state at the first room join (between two batches, like a
+    /// `presence_state`) and follows every diff dispatched after it.
+    async fn roster_welcome(&mut self, own: Option<&str>) -> Bytes {
+        if self.roster.is_none() {
+            match self.hub.inner.presence.state(&self.channel).await {
+                Ok(state) => self.roster = Some(Roster::from_state(&state)),
+                Err(e) => {
+                    let error = serde_json::json!({ "type": "error", "error": format!("presence unavailable: {e}") });
+                    return crate::frame::encode(crate::frame::Opcode::Text, error.to_string().as_bytes());
+                }
+            }
+        }
+        self.roster.as_ref().map(|r| r.welcome(own)).unwrap_or_default()
+    }
+
     /// The state is read here, between two batches, so the member misses
     /// no diff after it: diffs dispatched before are in the state.
     async fn enable_presence(&mut self, conn: u64, vsn: Vsn) {
@@ -617,10 +645,17 @@ impl ChannelTask {
                 metrics::histogram!("fanout_publish_to_dispatch_seconds").record(lag as f64 / 1000.0);
             }
         }
-        let encoded = events
+        let encoded: Vec<[OnceLock<Option<Bytes>>; Wire::SLOTS]> = events
             .iter()
             .map(|_| std::array::from_fn(|_| OnceLock::new()))
             .collect();
+        if let Some(roster) = &mut self.roster {
+            for (ev, slots) in events.iter().zip(&encoded) {
+                if ev.kind == EventKind::PresenceDiff {
+                    let _ = slots[Wire::Room.slot()].set(roster.apply(&ev.payload));
+                }
+            }
+        }
         let changes = events.iter().map(|_| OnceLock::new()).collect();
         let batch = Arc::new(Batch {
             topic: self.topic.clone(),
@@ -694,6 +729,9 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<ShardCommand>) {
                             _ if m.feed_topic.is_some() => continue,
                             EventKind::Broadcast if !m.receive_own && ev.origin == Some(m.origin) => continue,
                             EventKind::PresenceDiff if !m.presence => continue,
+                            // A room tab's own arrival and departure are
+                            // not news to it.
+                            EventKind::PresenceDiff if m.wire == Wire::Room && ev.origin == Some(m.origin) => continue,
                             _ => {}
                         }
                         if let Some(f) = batch.frame(i, m.wire) {

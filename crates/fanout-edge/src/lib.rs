@@ -13,6 +13,7 @@
 //! - `conn`: one task per connection: decode, apply limits, act.
 //! - [`protocol`]: the Supabase Realtime codecs; [`sio`]: the Socket.IO
 //!   front (Engine.IO v4 + Socket.IO v5, its own connection task);
+//!   `room`: the plain WebSocket room front (`/rooms/<room>`);
 //!   [`wire`]: how each member's protocol frames an event; [`frame`]:
 //!   pre-encoded server frames.
 //! - [`hub`]: one task per channel with local members; encodes each event
@@ -43,6 +44,7 @@ pub mod jwks;
 pub mod protocol;
 mod ratelimit;
 mod reader;
+mod room;
 pub mod sio;
 pub mod wire;
 pub mod writer;
@@ -274,6 +276,10 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "fanout_socketio_connections_total",
         "Socket.IO (Engine.IO over WebSocket) connections accepted.",
+    ),
+    Metric::counter(
+        "fanout_room_connections_total",
+        "Room (/rooms/<room>) WebSocket connections accepted.",
     ),
     Metric::gauge("fanout_channels", "Channels with a running fan-out task on this node."),
     Metric::gauge(

@@ -1,8 +1,9 @@
 //! How a member's connection frames what the hub delivers.
 //!
 //! The hub is one fan-out for every protocol front: a channel's members may
-//! speak Supabase Realtime (Phoenix Channels, either version) or Socket.IO.
-//! Each event is encoded at most once per [`Wire`] (a slot per kind in the
+//! speak Supabase Realtime (Phoenix Channels, either version), Socket.IO or
+//! plain room JSON.
+//! Room clients too. Each event is encoded at most once per [`Wire`] (a slot per kind in the
 //! batch) and the same bytes go to every member of that kind, so a message
 //! published by any protocol reaches members of every protocol.
 
@@ -24,11 +25,14 @@ pub enum Wire {
     /// `offsets`, each event carries its position as its last argument
     /// (connection-state recovery).
     SocketIoNamespace { offsets: bool },
+    /// A room client (`/rooms/<room>`): JSON objects, presence as join
+    /// and leave notices per user (see `room.rs`).
+    Room,
 }
 
 impl Wire {
     /// Distinct encodings of one event (one cache slot each).
-    pub const SLOTS: usize = 5;
+    pub const SLOTS: usize = 6;
 
     /// This framing's cache slot, below [`Self::SLOTS`].
     pub fn slot(self) -> usize {
@@ -37,6 +41,7 @@ impl Wire {
             Self::SocketIoRoom => 2,
             Self::SocketIoNamespace { offsets: false } => 3,
             Self::SocketIoNamespace { offsets: true } => 4,
+            Self::Room => 5,
         }
     }
 
@@ -52,12 +57,14 @@ impl Wire {
     /// The frame(s) of a broadcast or presence diff for this framing;
     /// `topic` is the channel's Phoenix topic and `name` its name. `None`
     /// for what this framing does not deliver (see [`Encoder::event`];
-    /// Socket.IO clients get broadcasts only).
+    /// Socket.IO clients get broadcasts only; a room's presence notices
+    /// come from the channel task's roster, not from one event).
     pub fn event(self, topic: &str, name: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
         match self {
             Self::Phoenix(vsn) => Encoder(vsn).event(topic, ev, replayed),
             Self::SocketIoRoom => sio::packet::event_frames(None, ev, false),
             Self::SocketIoNamespace { offsets } => sio::packet::event_frames(Some(name), ev, offsets),
+            Self::Room => crate::room::event_frame(ev),
         }
     }
 }
@@ -74,6 +81,7 @@ mod tests {
             Wire::SocketIoRoom,
             Wire::SocketIoNamespace { offsets: false },
             Wire::SocketIoNamespace { offsets: true },
+            Wire::Room,
         ];
         let mut slots: Vec<usize> = all.iter().map(|w| w.slot()).collect();
         slots.sort_unstable();

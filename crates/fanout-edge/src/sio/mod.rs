@@ -567,6 +567,7 @@ impl Session {
                 reply,
                 resume_after,
                 reply_if_lost,
+                room_user: None,
                 ready: None,
             },
         );
