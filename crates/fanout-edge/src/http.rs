@@ -209,7 +209,7 @@ async fn public_route(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr)
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/realtime/v1/websocket" | "/realtime/v1/websocket/") => websocket(edge, req, peer),
-        (Method::GET, "/socket.io/" | "/socket.io") => socketio(edge, req, peer),
+        (Method::GET | Method::POST, "/socket.io/" | "/socket.io") => socketio(edge, req, peer).await,
         (Method::GET, p) if p.starts_with("/rooms/") => room(edge, req, peer),
         (Method::POST, "/realtime/v1/api/broadcast") => with_cors(rest_broadcast(edge, req).await),
         (Method::POST, p) if p.starts_with("/realtime/v1/api/broadcast/") => with_cors(rest_send(edge, req).await),
@@ -381,9 +381,11 @@ fn websocket(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Respo
     )
 }
 
-/// `GET /socket.io/?EIO=4&transport=websocket`: an Engine.IO v4 session
-/// over WebSocket. Its namespaces authenticate in their CONNECT packets.
-fn socketio(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// `/socket.io/?EIO=4&transport=…`: an Engine.IO v4 session over
+/// WebSocket, or over HTTP long-polling (GET opens and polls, POST sends)
+/// until the client upgrades it (`transport=websocket&sid=…`). Its
+/// namespaces authenticate in their CONNECT packets.
+async fn socketio(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").to_owned();
     // Socket.IO's own error bodies: {code, message}.
     let refuse = |code: u8, message: &str| {
@@ -397,23 +399,69 @@ fn socketio(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Respon
             "Unsupported protocol version: this server speaks Engine.IO 4 (socket.io-client 3 and 4)",
         );
     }
-    match query_param(&query, "transport").as_deref() {
-        Some("websocket") => {}
-        Some("polling") => {
-            return refuse(
-                0,
-                "Transport unknown: this server takes WebSocket only; connect with transports: ['websocket']",
-            );
+    let transport = query_param(&query, "transport").map(std::borrow::Cow::into_owned);
+    let session = match query_param(&query, "sid") {
+        Some(sid) => match edge.polling.get(&sid) {
+            Some(s) => Some(s),
+            None => {
+                return refuse(
+                    1,
+                    "Session ID unknown (polling sessions live on the edge that opened them)",
+                );
+            }
+        },
+        None => None,
+    };
+    let text = |body: String| response(StatusCode::OK, "text/plain; charset=UTF-8", body);
+    match (transport.as_deref(), session, req.method().clone()) {
+        (Some("websocket"), None, Method::GET) => {
+            if let Err(r) = check_upgrade(&edge, &req) {
+                return r;
+            }
+            upgrade(edge, req, peer, None, crate::sio::serve)
         }
-        _ => return refuse(0, "Transport unknown"),
+        (Some("websocket"), Some(session), Method::GET) => {
+            if let Err(r) = check_upgrade(&edge, &req) {
+                return r;
+            }
+            // The session already holds its connection slot.
+            spawn_upgraded(edge, req, move |edge, read, write, leftover| {
+                crate::sio::polling::upgrade(edge, session, read, write, leftover)
+            })
+        }
+        (Some("polling"), None, Method::GET) => {
+            if let Err(r) = check_ready_and_origin(&edge, &req) {
+                return r;
+            }
+            let ip = client_ip(&edge, &req, peer);
+            match edge.admit(Some(ip), None) {
+                Ok(slot) => text(crate::sio::polling::open(edge, slot).await),
+                Err(r) => refused(&r),
+            }
+        }
+        (Some("polling"), Some(session), Method::GET) => match session.poll().await {
+            Some(body) => text(body),
+            None => refuse(3, "Bad request: a GET is already waiting on this session"),
+        },
+        (Some("polling"), Some(session), Method::POST) => {
+            let limit = edge.config.limits.max_frame_bytes;
+            let body = match Limited::new(req.into_body(), limit).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return refuse(
+                        3,
+                        &format!("Bad request: a POST body is at most {limit} bytes (maxPayload)"),
+                    );
+                }
+            };
+            match session.post(&body).await {
+                Ok(()) => text("ok".to_owned()),
+                Err(reason) => refuse(3, &format!("Bad request: {reason}")),
+            }
+        }
+        (Some("websocket" | "polling"), ..) => refuse(3, "Bad request: wrong method or a missing sid"),
+        _ => refuse(0, "Transport unknown: use polling or websocket"),
     }
-    if query_param(&query, "sid").is_some() {
-        return refuse(1, "Session ID unknown: sessions start over WebSocket here");
-    }
-    if let Err(r) = check_upgrade(&edge, &req) {
-        return r;
-    }
-    upgrade(edge, req, peer, None, crate::sio::serve)
 }
 
 /// `GET /rooms/<room>?token=…&sessionId=…[&private=true]`: a plain
@@ -485,6 +533,12 @@ fn check_upgrade(edge: &Edge, req: &Request<Incoming>) -> Result<(), Response<Bo
             "expected a WebSocket upgrade request",
         ));
     }
+    check_ready_and_origin(edge, req)
+}
+
+/// A node that takes traffic and an allowed `Origin`.
+#[allow(clippy::result_large_err)]
+fn check_ready_and_origin(edge: &Edge, req: &Request<Incoming>) -> Result<(), Response<Body>> {
     if !edge.is_ready() {
         metrics::counter!("fanout_handshake_rejections_total", "reason" => "draining").increment(1);
         return Err(json_error(
@@ -501,7 +555,7 @@ fn check_upgrade(edge: &Edge, req: &Request<Incoming>) -> Result<(), Response<Bo
 /// and the bytes read past the handshake.
 fn upgrade<F, Fut>(
     edge: Arc<Edge>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
     sub: Option<&str>,
     serve: F,
@@ -523,6 +577,21 @@ where
         Ok(slot) => slot,
         Err(r) => return refused(&r),
     };
+    // Dropping the slot (a failed upgrade) gives it back.
+    spawn_upgraded(edge, req, move |edge, read, write, leftover| {
+        serve(edge, read, Box::new(write), leftover, slot)
+    })
+}
+
+/// Answers the WebSocket handshake and runs `serve` on the upgraded TCP
+/// stream's halves once the client has it.
+fn spawn_upgraded<F, Fut>(edge: Arc<Edge>, mut req: Request<Incoming>, serve: F) -> Response<Body>
+where
+    F: FnOnce(Arc<Edge>, tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf, Bytes) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => {
@@ -534,7 +603,6 @@ where
         let upgraded = match upgrade.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
-                // Dropping the slot gives it back.
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
@@ -544,7 +612,7 @@ where
                 let stream = parts.io.into_inner();
                 let _ = stream.set_nodelay(true);
                 let (read, write) = stream.into_split();
-                serve(edge2, read, Box::new(write), parts.read_buf, slot).await;
+                serve(edge2, read, write, parts.read_buf).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }

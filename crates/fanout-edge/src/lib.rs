@@ -118,6 +118,8 @@ pub struct Edge {
     admission: Arc<admission::Admission>,
     /// Every connection's control mailbox, for disconnect and unsubscribe.
     pub(crate) sessions: control::Sessions,
+    /// Socket.IO sessions on HTTP long-polling.
+    pub(crate) polling: sio::polling::Registry,
     draining: AtomicBool,
     /// Every task the edge starts, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -170,6 +172,7 @@ impl Edge {
             next_conn: AtomicU64::new(1),
             admission,
             sessions: control::Sessions::default(),
+            polling: sio::polling::Registry::default(),
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
@@ -276,6 +279,14 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "fanout_socketio_connections_total",
         "Socket.IO (Engine.IO over WebSocket) connections accepted.",
+    ),
+    Metric::counter(
+        "fanout_socketio_polling_sessions_total",
+        "Socket.IO sessions opened over HTTP long-polling.",
+    ),
+    Metric::counter(
+        "fanout_socketio_upgrades_total",
+        "Socket.IO polling sessions upgraded to WebSocket.",
     ),
     Metric::counter(
         "fanout_room_connections_total",

@@ -188,6 +188,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         .await
     }
 
+    /// The read half and the bytes read from it but not yet used, for a
+    /// caller that takes the stream over between two frames.
+    pub fn into_parts(self) -> (R, Bytes) {
+        (self.src.read, self.src.pending)
+    }
+
     /// After our close frame: reads and discards until the client closes
     /// too (EOF), for at most `limit`. Closing the socket while the client
     /// is still sending would make the kernel answer with a reset, which can

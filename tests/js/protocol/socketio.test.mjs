@@ -251,6 +251,65 @@ test('connection-state recovery: a socket whose transport dropped gets what it m
   assert.deepEqual(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'every event once, in order');
 });
 
+test('HTTP long-polling only: join, receive, emit with acks and binary, as over WebSocket', async () => {
+  const room = uniqueRoom('poll');
+  const s = await connected(connect('', { transports: ['polling'] }));
+  assert.equal(s.io.engine.transport.name, 'polling');
+  const got = [];
+  s.on('user_signed_up', (p) => got.push(p));
+  assert.deepEqual(await ack(s, 'join', room), { ok: true });
+  for (let n = 1; n <= 5; n++) await publish({ channel: room, event: 'user_signed_up', payload: { n } });
+  await waitFor(() => got.length === 5, 5000, 'five events over polling').catch((e) => assert.fail(`${e.message}: ${safeJson(got)}`));
+  assert.deepEqual(got.map((p) => p.n), [1, 2, 3, 4, 5]);
+
+  const a = await connected(connect(room, { transports: ['polling'] }));
+  const b = await connected(connect(room));
+  const bGot = [];
+  b.on('blob', (d) => bGot.push(d));
+  b.on('chat', (p) => bGot.push(p));
+  assert.equal((await ack(a, 'chat', { text: 'polled' })).ok, true);
+  assert.equal((await ack(a, 'blob', Buffer.from([9, 8, 7]))).ok, true);
+  await waitFor(() => bGot.length === 2, 4000, 'a polling emit and a binary one reach a WebSocket socket');
+  assert.deepEqual(bGot[0], { text: 'polled' });
+  assert.deepEqual([...bGot[1]], [9, 8, 7]);
+});
+
+test('default transports: polling first, upgraded to WebSocket, nothing lost across the upgrade', async () => {
+  const room = uniqueRoom('upgrade');
+  const s = connect(room, { transports: undefined });
+  const got = [];
+  s.on('n', (p) => got.push(p.n));
+  await connected(s);
+  const sender = await connected(connect(room));
+  let n = 0;
+  const upgraded = new Promise((resolve) => s.io.engine.once('upgrade', resolve));
+  // Publish while the upgrade happens.
+  while (s.io.engine.transport.name !== 'websocket' && n < 200) {
+    n += 1;
+    assert.equal((await ack(sender, 'n', { n })).ok, true);
+  }
+  await Promise.race([upgraded, sleep(5000)]);
+  assert.equal(s.io.engine.transport.name, 'websocket', 'upgraded');
+  for (let i = 0; i < 5; i++) {
+    n += 1;
+    assert.equal((await ack(sender, 'n', { n })).ok, true);
+  }
+  await waitFor(() => got.length >= n, 5000, `all ${n}`).catch((e) => assert.fail(`${e.message}: ${safeJson(got)}`));
+  assert.deepEqual(got, Array.from({ length: n }, (_, i) => i + 1), 'every event once, in order, across the upgrade');
+  const r = await ack(s, 'n', { n: 'from the upgraded socket' });
+  assert.equal(r.ok, true);
+});
+
+test('polling requests for unknown sessions and transports get Socket.IO errors', async () => {
+  const unknown = await fetch(`${server.url}/socket.io/?EIO=4&transport=polling&sid=nope`);
+  assert.equal(unknown.status, 400);
+  assert.equal((await unknown.json()).code, 1);
+  const eio3 = await fetch(`${server.url}/socket.io/?EIO=3&transport=polling`);
+  assert.equal((await eio3.json()).code, 5);
+  const other = await fetch(`${server.url}/socket.io/?EIO=4&transport=carrier-pigeon`);
+  assert.equal((await other.json()).code, 0);
+});
+
 test('recovery from an offset no longer retained starts fresh: recovered is false', async () => {
   const room = uniqueRoom('lost');
   // A made-up pid and an offset far in the past of a channel with no history.

@@ -1,8 +1,9 @@
 //! The Socket.IO front: `socket.io-client` 4 apps on the same channels,
 //! bus and policies as Supabase clients.
 //!
-//! One task per Engine.IO connection (WebSocket, `/socket.io/`), over the
-//! same [`Socket`] paths as a Supabase connection. Channels are reached
+//! One task per Engine.IO session (`/socket.io/`), over the same
+//! [`Socket`] paths as a Supabase connection: a WebSocket, or HTTP
+//! long-polling upgraded to WebSocket ([`polling`]). Channels are reached
 //! two ways:
 //! - on the main namespace, `socket.emit('join', channel, ack)` and
 //!   `socket.emit('leave', channel, ack)` (event names configurable): a
@@ -23,6 +24,7 @@
 //! event.
 
 pub mod packet;
+pub(crate) mod polling;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -177,13 +179,28 @@ pub(crate) async fn serve<R>(
 ) where
     R: AsyncRead + Unpin + Send,
 {
+    serve_session(edge, read, write, leftover, slot, random_id(), &[]).await;
+}
+
+/// Serves one Engine.IO session, `sid`, over a socket (a WebSocket, or a
+/// polling session's pipe and sink offering `upgrades`).
+pub(crate) async fn serve_session<R>(
+    edge: Arc<Edge>,
+    read: R,
+    write: Box<dyn SocketWrite>,
+    leftover: Bytes,
+    slot: crate::admission::Slot,
+    sid: String,
+    upgrades: &[&str],
+) where
+    R: AsyncRead + Unpin + Send,
+{
     let limits = edge.config.limits.clone();
     let cfg = &edge.config.socketio;
     let mut socket = Socket::open(&edge, read, write, leftover, None, slot);
-    let sid = random_id();
     let _ = socket.writer.send(packet::text(&packet::open(
         &sid,
-        &[],
+        upgrades,
         cfg.ping_interval.as_millis() as u64,
         cfg.ping_timeout.as_millis() as u64,
         limits.max_frame_bytes,
