@@ -409,6 +409,36 @@ impl Routes {
             .map(|r| r.column.as_str())
     }
 
+    /// Bindings for every change that reaches `channel`'s name, for clients
+    /// that take a channel's changes whole instead of binding tables
+    /// themselves (Socket.IO): the table of a table channel
+    /// (`db:<schema>.<table>`), and each routed table whose template gives
+    /// the name, filtered on its column's value (so a change reaches
+    /// exactly the channel it was routed to). Sorted by id.
+    pub fn bindings_for_channel(&self, channel: &ChannelName) -> Vec<Binding> {
+        let name = channel.name();
+        let mut out = Vec::new();
+        if let Some((schema, table)) = name.strip_prefix("db:").and_then(|t| t.split_once('.'))
+            && self.routed_by(schema, table).is_none()
+            && let Ok(b) = Binding::new("*", schema, Some(table), None)
+        {
+            out.push(b);
+        }
+        for ((schema, table), route) in &self.tables {
+            let value = name
+                .strip_prefix(route.prefix.as_str())
+                .and_then(|r| r.strip_suffix(route.suffix.as_str()))
+                .filter(|v| !v.is_empty());
+            if let Some(value) = value
+                && let Ok(b) = Binding::new("*", schema, Some(table), Some(&format!("{}=eq.{value}", route.column)))
+            {
+                out.push(b);
+            }
+        }
+        out.sort_by_key(|b| b.id);
+        out
+    }
+
     /// Whether no table is routed by a column.
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
@@ -434,6 +464,51 @@ fn cell_text(v: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_channel_s_bindings_cover_exactly_the_changes_routed_to_it() {
+        let routes =
+            Routes::parse("public.activities=workshop:{session_id},public.notes=workshop:{session_id}").unwrap();
+        let ch = |n: &str| ChannelName::new(n).unwrap();
+        let b = routes.bindings_for_channel(&ch("workshop:42"));
+        let mut tables: Vec<(&str, String)> = b
+            .iter()
+            .map(|b| {
+                (
+                    b.table.as_str(),
+                    b.filter.as_ref().map(ToString::to_string).unwrap_or_default(),
+                )
+            })
+            .collect();
+        tables.sort();
+        assert_eq!(
+            tables,
+            [
+                ("activities", "session_id=eq.42".to_owned()),
+                ("notes", "session_id=eq.42".to_owned())
+            ]
+        );
+        for binding in &b {
+            assert_eq!(
+                routes.channel_for_binding(binding).unwrap(),
+                ch("workshop:42"),
+                "the same route back"
+            );
+        }
+        let row = json!({"session_id": 42}).as_object().cloned().unwrap();
+        assert!(b[0].filter.as_ref().unwrap().matches(&row).unwrap());
+        let unrouted = routes.bindings_for_channel(&ch("db:public.signups"));
+        assert_eq!(unrouted.len(), 1);
+        assert_eq!(
+            (unrouted[0].table.as_str(), unrouted[0].filter.is_none()),
+            ("signups", true)
+        );
+        assert!(
+            routes.bindings_for_channel(&ch("db:public.activities")).is_empty(),
+            "a routed table's changes never go to its table channel"
+        );
+        assert!(routes.bindings_for_channel(&ch("lobby")).is_empty());
+    }
 
     fn row(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()

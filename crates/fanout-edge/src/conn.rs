@@ -201,6 +201,25 @@ pub(crate) async fn shutting_down(edge: &Edge) -> CloseReason {
     CloseReason::new(close_code::GOING_AWAY, "server shutting down", "shutdown")
 }
 
+/// Reads one whole message once bytes have arrived. Only the end of the
+/// connection may interrupt it: a half-read frame cannot be resumed.
+pub(crate) async fn read_message<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    writer: &ConnWriter,
+    edge: &Edge,
+) -> Result<Incoming, CloseReason> {
+    tokio::select! {
+        biased;
+        () = writer.done().cancelled() => Err(closed_by_server(writer)),
+        () = edge.shutdown.cancelled() => Err(shutting_down(edge).await),
+        r = tokio::time::timeout(edge.config.limits.idle_timeout, reader.next_message()) => match r {
+            Err(_) => Err(CloseReason::new(close_code::POLICY, "frame not completed in time", "idle")),
+            Ok(Err(close)) => Err(close),
+            Ok(Ok(incoming)) => Ok(incoming),
+        },
+    }
+}
+
 /// Serves an upgraded Supabase Realtime socket until it closes (see
 /// [`Socket::open`] for the arguments).
 pub(crate) async fn serve<R>(
@@ -298,15 +317,9 @@ impl Conn {
             }
             // Read one whole frame; only the end of the connection may
             // interrupt it (a half-read frame cannot be resumed).
-            let incoming = tokio::select! {
-                biased;
-                () = done.cancelled() => return self.closed_by_server(),
-                () = shutdown.cancelled() => return self.shutting_down().await,
-                r = tokio::time::timeout(limits.idle_timeout, reader.next_message()) => match r {
-                    Err(_) => return CloseReason::new(close_code::POLICY, "frame not completed in time", "idle"),
-                    Ok(Err(close)) => return close,
-                    Ok(Ok(incoming)) => incoming,
-                },
+            let incoming = match read_message(reader, &self.writer, &self.edge).await {
+                Ok(incoming) => incoming,
+                Err(close) => return close,
             };
             match incoming {
                 Incoming::Text(bytes) => Box::pin(self.data(false, &bytes)).await,
@@ -987,7 +1000,7 @@ struct Grant {
 
 /// Sets a binding's row rule and columns from its table's policy; a table
 /// without one is refused (the bypass role sees every table whole).
-fn bind_row_rule(policy: &Policy, claims: &serde_json::Value, b: &mut Binding) -> Result<(), String> {
+pub(crate) fn bind_row_rule(policy: &Policy, claims: &serde_json::Value, b: &mut Binding) -> Result<(), String> {
     if policy.bypasses(claims) {
         b.access = None;
         b.columns = None;

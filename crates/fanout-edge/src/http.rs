@@ -486,11 +486,7 @@ fn room(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<B
     let (claims, await_auth) = match (&edge.config.auth, token) {
         (None, _) => (None, false),
         (Some(verifier), Some(token)) => {
-            let claims = if verifier.is_project_key(&token) {
-                verifier.verify_apikey(&token)
-            } else {
-                verifier.verify(&token)
-            };
+            let claims = verifier.verify_apikey(&token);
             match claims {
                 Ok(c) => (Some(c), false),
                 Err(e) => return unauthorized(e),

@@ -263,7 +263,6 @@ impl Batch {
     /// The frame of database change `i` for `m`, if any of its bindings
     /// matches (filter and row rule).
     fn change_frame(&self, i: usize, m: &Member, channel_topic: &Arc<str>) -> Option<Bytes> {
-        let vsn = m.wire.vsn()?;
         let bindings = m.changes.as_deref()?;
         let change = self.changes[i]
             .get_or_init(|| Change::decode(&self.events[i].payload))
@@ -274,22 +273,24 @@ impl Batch {
         }
         let topic = m.feed_topic.as_ref().unwrap_or(channel_topic).clone();
         let mut frames = self.change_frames.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (i, topic, matched.ids, vsn, matched.columns.is_some());
+        let key = (i, topic, matched.ids, m.wire, matched.columns.is_some());
         if let Some(f) = frames.get(&key) {
             return Some(f.clone());
         }
         let data = change.data(&self.events[i].payload, matched.columns.as_deref());
-        let f = Encoder(vsn).change(&key.1, &self.events[i], &data, &key.2, false);
+        let f = m
+            .wire
+            .change(&key.1, &self.name, &self.events[i], &data, &key.2, false)?;
         frames.insert(key, f.clone());
         Some(f)
     }
 }
 
-/// (event index, topic, matching binding ids, protocol version, columns
+/// (event index, topic, matching binding ids, framing, columns
 /// stripped). The column allow-list is the table's, the same for every
 /// binding of it, but a member with the bypass role gets every column: the
 /// last field keeps the two encodings apart.
-type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Vsn, bool);
+type ChangeFrameKey = (usize, Arc<str>, Vec<u32>, Wire, bool);
 
 /// A database change, decoded once per batch for its bindings.
 struct Change {
@@ -535,13 +536,13 @@ impl ChannelTask {
                     metrics::counter!("fanout_replayed_messages_total").increment(events.len() as u64);
                     preface.extend(events.iter().filter_map(|ev| match ev.kind {
                         EventKind::PostgresChange => {
-                            let enc = Encoder(wire.vsn()?);
                             let change = Change::decode(&ev.payload)?;
                             let matched = change.matching(member.changes.as_deref()?);
-                            (!matched.ids.is_empty()).then(|| {
-                                let data = change.data(&ev.payload, matched.columns.as_deref());
-                                enc.change(&self.topic, ev, &data, &matched.ids, true)
-                            })
+                            if matched.ids.is_empty() {
+                                return None;
+                            }
+                            let data = change.data(&ev.payload, matched.columns.as_deref());
+                            wire.change(&self.topic, self.channel.name(), ev, &data, &matched.ids, true)
                         }
                         _ => wire.event(&self.topic, self.channel.name(), ev, true),
                     }));

@@ -348,11 +348,7 @@ impl RoomConn {
             .auth
             .as_ref()
             .ok_or_else(|| unauthorized("no auth configured".into()))?;
-        let claims = if verifier.is_project_key(&auth.token) {
-            verifier.verify_apikey(&auth.token)
-        } else {
-            verifier.verify(&auth.token)
-        };
+        let claims = verifier.verify_apikey(&auth.token);
         claims.map_err(|e| {
             metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
             unauthorized(format!("unauthorized: {e}"))
@@ -412,15 +408,9 @@ impl RoomConn {
                     Ok(Ok(())) => {}
                 },
             }
-            let incoming = tokio::select! {
-                biased;
-                () = done.cancelled() => return conn::closed_by_server(&self.writer),
-                () = shutdown.cancelled() => return conn::shutting_down(&self.edge).await,
-                r = tokio::time::timeout(limits.idle_timeout, reader.next_message()) => match r {
-                    Err(_) => return CloseReason::new(close_code::POLICY, "frame not completed in time", "idle"),
-                    Ok(Err(close)) => return close,
-                    Ok(Ok(incoming)) => incoming,
-                },
+            let incoming = match conn::read_message(reader, &self.writer, &self.edge).await {
+                Ok(incoming) => incoming,
+                Err(close) => return close,
             };
             match incoming {
                 Incoming::Text(bytes) => Box::pin(self.message(&bytes)).await,

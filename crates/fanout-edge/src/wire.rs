@@ -69,6 +69,28 @@ impl Wire {
     }
 }
 
+impl Wire {
+    /// The frame of a database change whose bindings `ids` matched, with
+    /// `data` its record as this member may see it. `None` for framings
+    /// without database changes (rooms).
+    pub fn change(
+        self,
+        topic: &str,
+        name: &str,
+        ev: &Event,
+        data: &[u8],
+        ids: &[u32],
+        replayed: bool,
+    ) -> Option<Bytes> {
+        match self {
+            Self::Phoenix(vsn) => Some(Encoder(vsn).change(topic, ev, data, ids, replayed)),
+            Self::SocketIoRoom => Some(sio::packet::change_frame(None, ev, data, false)),
+            Self::SocketIoNamespace { offsets } => Some(sio::packet::change_frame(Some(name), ev, data, offsets)),
+            Self::Room => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,10 +21,15 @@ import {
   sleep,
   waitFor,
 } from './helpers.mjs';
+import { freePort } from '../lib/server.mjs';
 
+const KEY = 'test-api-key-all-0123456789';
 let server;
+let api;
 before(async () => {
-  server = await startServer();
+  const apiPort = await freePort();
+  server = await startServer({ args: ['--api-listen', `127.0.0.1:${apiPort}`], env: { FANOUT_API_KEYS: KEY } });
+  api = `http://127.0.0.1:${apiPort}/api/v1`;
 });
 const open = new Set();
 afterEach(async () => {
@@ -170,4 +175,29 @@ test('a token can come as the first message; without one the socket is closed wi
   const { code, reason } = await nobody.closed;
   assert.equal(code, 1008);
   assert.match(reason, /first message must be/);
+});
+
+test('the server API: an unsubscribe from the room or a disconnect closes the tab with the reason, and the user leaves', async () => {
+  const room = uniqueRoom('kicked');
+  const call = async (path, body) => {
+    const r = await fetch(`${api}/${path}`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
+      body: JSON.stringify(body),
+    });
+    assert.equal(r.status, 200, await r.text());
+  };
+  const ann = tab(room, { user: 'ann' });
+  const bob = tab(room, { user: 'bob' });
+  await welcomeOf(ann);
+  await welcomeOf(bob);
+  await call('unsubscribe', { sub: 'bob', channel: room, reason: 'removed from the review' });
+  const closed = await bob.closed;
+  assert.equal(closed.code, 1008);
+  assert.equal(closed.reason, 'removed from the review');
+  await waitFor(() => ofType(ann, 'leave').length === 1, 4000, 'bob leaves');
+
+  await call('disconnect', { sub: 'ann', reason: 'token rotated', reconnect: true });
+  const again = await ann.closed;
+  assert.equal(again.code, 1012, 'reconnect allowed: service restart');
 });

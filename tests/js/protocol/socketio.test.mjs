@@ -95,8 +95,8 @@ function refusal(s, ms = 5000) {
 
 const ack = (s, ...args) => s.timeout(5000).emitWithAck(...args);
 
-async function publish(body) {
-  const r = await fetch(`${api}/publish`, {
+async function callApi(path, body) {
+  const r = await fetch(`${api}/${path}`, {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
     body: JSON.stringify(body),
@@ -105,6 +105,8 @@ async function publish(body) {
   assert.equal(r.status, 200, text);
   return JSON.parse(text);
 }
+
+const publish = (body) => callApi('publish', body);
 
 test('a connect without a token or with a bad one is refused with a clear connect_error', async () => {
   const none = connect('', { token: null, reconnection: false });
@@ -249,6 +251,36 @@ test('connection-state recovery: a socket whose transport dropped gets what it m
   await sleep(200);
   assert.equal(s.recovered, true, 'socket.recovered');
   assert.deepEqual(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'every event once, in order');
+});
+
+test('the server API reaches Socket.IO sockets: unsubscribe ends a membership, disconnect ends the user\'s sockets', async () => {
+  const room = uniqueRoom('kick');
+  const token = makeToken({ sub: 'kick-me' });
+  const main = await connected(connect('', { token }));
+  const unsubscribed = [];
+  main.on('fanout:unsubscribed', (m) => unsubscribed.push(m));
+  assert.deepEqual(await ack(main, 'join', room), { ok: true });
+  const nsp = await connected(connect(room, { token }));
+  const nspGone = new Promise((resolve) => nsp.on('disconnect', resolve));
+  const other = await connected(connect(room, { token: makeToken({ sub: 'stays' }) }));
+
+  const r = await callApi('unsubscribe', { sub: 'kick-me', channel: room, reason: 'left the event' });
+  assert.equal(r.connections, 2, safeJson(r));
+  assert.equal(await nspGone, 'io server disconnect');
+  await waitFor(() => unsubscribed.length === 1, 3000, 'fanout:unsubscribed');
+  assert.deepEqual(unsubscribed[0], { channel: room, reason: 'left the event' });
+  // The membership is gone: a publish no longer reaches the main socket.
+  const got = [];
+  main.on('after', (p) => got.push(p));
+  await publish({ channel: room, event: 'after', payload: {} });
+  await sleep(300);
+  assert.deepEqual(got, []);
+  assert.ok(other.connected, "another user's socket stays");
+
+  const mainGone = new Promise((resolve) => main.on('disconnect', resolve));
+  const d = await callApi('disconnect', { sub: 'kick-me', reason: 'removed', reconnect: false });
+  assert.ok(d.connections >= 1, safeJson(d));
+  assert.equal(await mainGone, 'io server disconnect', 'not retried by the client');
 });
 
 test('HTTP long-polling only: join, receive, emit with acks and binary, as over WebSocket', async () => {

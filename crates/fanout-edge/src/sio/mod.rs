@@ -17,6 +17,11 @@
 //!   missed, in order, once, through the same replay as a Supabase resume,
 //!   and `socket.recovered` is true.
 //!
+//! Database changes routed to a joined channel arrive as a
+//! `postgres_changes` event with the change record, under the token's row
+//! rules (`Routes::bindings_for_channel`; a private channel's through a feed
+//! in the public channel the ingester routes them to).
+//!
 //! Every namespace's CONNECT carries the token (`auth: { token }`),
 //! checked like a Supabase client's; a refusal is a CONNECT_ERROR whose
 //! message says why. Errors of emits with an ack are the ack's
@@ -31,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fanout_core::changes::Binding;
 use fanout_core::{ChannelName, Claims, Event, Origin, Position};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -102,7 +108,7 @@ struct Namespace {
     /// A channel's own namespace: its membership.
     channel: Option<Membership>,
     /// Channels joined on the main namespace.
-    rooms: HashMap<ChannelName, u64>,
+    rooms: HashMap<ChannelName, Joined>,
 }
 
 impl Namespace {
@@ -114,10 +120,14 @@ impl Namespace {
 #[derive(Debug)]
 struct Membership {
     channel: ChannelName,
-    /// Its membership id in the channel.
-    id: u64,
+    joined: Joined,
     write: bool,
 }
+
+/// The hub memberships of one joined channel, to leave with it: the
+/// channel's own, and for a private channel with database changes a feed
+/// in the public channel of the same name, where changes are routed.
+type Joined = Vec<(ChannelName, u64)>;
 
 /// A BINARY_EVENT waiting for its attachments.
 struct Pending {
@@ -244,7 +254,6 @@ impl Session {
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
-        let limits = self.edge.config.limits.clone();
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
         loop {
@@ -286,15 +295,9 @@ impl Session {
                     return CloseReason::quiet("eof");
                 },
             }
-            let incoming = tokio::select! {
-                biased;
-                () = done.cancelled() => return conn::closed_by_server(&self.writer),
-                () = shutdown.cancelled() => return conn::shutting_down(&self.edge).await,
-                r = tokio::time::timeout(limits.idle_timeout, reader.next_message()) => match r {
-                    Err(_) => return CloseReason::new(close_code::POLICY, "frame not completed in time", "idle"),
-                    Ok(Err(close)) => return close,
-                    Ok(Ok(incoming)) => incoming,
-                },
+            let incoming = match conn::read_message(reader, &self.writer, &self.edge).await {
+                Ok(incoming) => incoming,
+                Err(close) => return close,
             };
             match incoming {
                 Incoming::Text(bytes) => {
@@ -432,11 +435,7 @@ impl Session {
             return Ok(None);
         };
         let token = token.ok_or("unauthorized: a token is required: connect with auth: { token }")?;
-        let claims = if verifier.is_project_key(token) {
-            verifier.verify_apikey(token)
-        } else {
-            verifier.verify(token)
-        };
+        let claims = verifier.verify_apikey(token);
         claims.map(Some).map_err(|e| format!("unauthorized: {e}"))
     }
 
@@ -526,14 +525,17 @@ impl Session {
             ),
             None => (fresh, None, None),
         };
-        let id = self.join_channel(
-            &channel,
-            Wire::SocketIoNamespace { offsets: recovery },
-            vec![packet::text(&packet::connect_ok(Some(name), &sid, pid.as_deref()))],
-            resume_after,
-            reply_if_lost,
-        );
-        self.add_namespace(nsp, claims, Some(Membership { channel, id, write }));
+        let joined = self
+            .join_channel(
+                &channel,
+                Wire::SocketIoNamespace { offsets: recovery },
+                claims.as_ref(),
+                vec![packet::text(&packet::connect_ok(Some(name), &sid, pid.as_deref()))],
+                resume_after,
+                reply_if_lost,
+            )
+            .await;
+        self.add_namespace(nsp, claims, Some(Membership { channel, joined, write }));
     }
 
     fn connect_refused(&self, nsp: &str, label: &'static str, reason: &str) {
@@ -554,33 +556,78 @@ impl Session {
         self.namespaces.insert(nsp.to_owned(), ns);
     }
 
-    /// Adds a membership of `channel` framed as `wire`; the channel task
-    /// sends `reply` first. Returns its membership id.
-    fn join_channel(
+    /// The database changes routed to `channel`'s name, as bindings with
+    /// the token's row rules and column lists; a table without a read rule
+    /// is left out (when policies are enforced).
+    fn change_bindings(&self, channel: &ChannelName, claims: Option<&Claims>) -> Vec<Binding> {
+        let Some(routes) = self.edge.config.changes.as_deref() else {
+            return Vec::new();
+        };
+        let mut bindings = routes.bindings_for_channel(channel);
+        if self.edge.config.auth.is_some() {
+            let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
+            bindings.retain_mut(|b| conn::bind_row_rule(&self.edge.config.policy, &value, b).is_ok());
+        }
+        bindings
+    }
+
+    /// Adds a membership of `channel` framed as `wire`, with the database
+    /// changes routed to it; the channel task sends `reply` first.
+    async fn join_channel(
         &self,
         channel: &ChannelName,
         wire: Wire,
+        claims: Option<&Claims>,
         reply: Vec<Bytes>,
         resume_after: Option<Position>,
         reply_if_lost: Option<Vec<Bytes>>,
-    ) -> u64 {
+    ) -> Joined {
+        let member = |id: u64, feed: bool, changes: Option<Arc<[Binding]>>| Member {
+            conn: id,
+            origin: self.origin,
+            wire,
+            // A Socket.IO emit reaches the others, as a server's
+            // `socket.broadcast` does.
+            receive_own: false,
+            presence: false,
+            skip_through: 0,
+            feed_topic: feed.then(|| Arc::from("")),
+            changes,
+            writer: self.writer.clone(),
+        };
+        let bindings = self.change_bindings(channel, claims);
+        let mut joined = Vec::with_capacity(2);
+        let mut own = None;
+        if !bindings.is_empty() {
+            let bindings: Arc<[Binding]> = bindings.into();
+            match ChannelName::new(channel.name()) {
+                // A private channel's changes come from the public channel
+                // of its name: a feed there, live before the reply.
+                Ok(source) if channel.is_private() => {
+                    let id = self.edge.next_conn_id();
+                    let (ready, live) = tokio::sync::oneshot::channel();
+                    self.edge.hub.join(
+                        &source,
+                        JoinRequest {
+                            member: member(id, true, Some(bindings)),
+                            reply: Vec::new(),
+                            resume_after: None,
+                            reply_if_lost: None,
+                            room_user: None,
+                            ready: Some(ready),
+                        },
+                    );
+                    let _ = tokio::time::timeout(self.edge.config.feed_timeout, live).await;
+                    joined.push((source, id));
+                }
+                _ => own = Some(bindings),
+            }
+        }
         let id = self.edge.next_conn_id();
         self.edge.hub.join(
             channel,
             JoinRequest {
-                member: Member {
-                    conn: id,
-                    origin: self.origin,
-                    wire,
-                    // A Socket.IO emit reaches the others, as a server's
-                    // `socket.broadcast` does.
-                    receive_own: false,
-                    presence: false,
-                    skip_through: 0,
-                    feed_topic: None,
-                    changes: None,
-                    writer: self.writer.clone(),
-                },
+                member: member(id, false, own),
                 reply,
                 resume_after,
                 reply_if_lost,
@@ -588,8 +635,15 @@ impl Session {
                 ready: None,
             },
         );
+        joined.push((channel.clone(), id));
         metrics::counter!("fanout_joins_total").increment(1);
-        id
+        joined
+    }
+
+    fn leave(&self, joined: &[(ChannelName, u64)]) {
+        for (channel, id) in joined {
+            self.edge.hub.leave(channel, *id);
+        }
     }
 
     /// Leaves a namespace's channels (a client's DISCONNECT, or the
@@ -602,10 +656,10 @@ impl Session {
 
     fn leave_namespace(&self, ns: &Namespace) {
         if let Some(m) = &ns.channel {
-            self.edge.hub.leave(&m.channel, m.id);
+            self.leave(&m.joined);
         }
-        for (channel, id) in &ns.rooms {
-            self.edge.hub.leave(channel, *id);
+        for joined in ns.rooms.values() {
+            self.leave(joined);
         }
     }
 
@@ -627,7 +681,7 @@ impl Session {
         if ns.channel.is_none() {
             let cfg = &self.edge.config.socketio;
             if name == cfg.join_event {
-                return self.join_room(id, args);
+                return self.join_room(id, args).await;
             }
             if name == cfg.leave_event {
                 return self.leave_room(id, args);
@@ -715,7 +769,7 @@ impl Session {
             .map_err(|e| format!("invalid channel {name:?}: {e}"))
     }
 
-    fn join_room(&mut self, id: Option<u64>, args: &[&RawValue]) {
+    async fn join_room(&mut self, id: Option<u64>, args: &[&RawValue]) {
         let channel = match Self::room_arg(args) {
             Ok(c) => c,
             Err(reason) => return self.refuse("/", id, "bad_topic", &reason),
@@ -742,9 +796,12 @@ impl Session {
             return self.refuse("/", id, "forbidden", &reason);
         }
         // The ack goes out through the channel task, before any event.
-        let member = self.join_channel(&channel, Wire::SocketIoRoom, ok(id).into_iter().collect(), None, None);
+        let reply = ok(id).into_iter().collect();
+        let joined = self
+            .join_channel(&channel, Wire::SocketIoRoom, claims, reply, None, None)
+            .await;
         if let Some(ns) = self.namespaces.get_mut("/") {
-            ns.rooms.insert(channel, member);
+            ns.rooms.insert(channel, joined);
         }
     }
 
@@ -753,8 +810,8 @@ impl Session {
             Ok(c) => c,
             Err(reason) => return self.refuse("/", id, "bad_topic", &reason),
         };
-        if let Some(member) = self.namespaces.get_mut("/").and_then(|ns| ns.rooms.remove(&channel)) {
-            self.edge.hub.leave(&channel, member);
+        if let Some(joined) = self.namespaces.get_mut("/").and_then(|ns| ns.rooms.remove(&channel)) {
+            self.leave(&joined);
         }
         if let Some(id) = id {
             self.send(&packet::ack(None, id, r#"{"ok":true}"#));
@@ -806,8 +863,8 @@ impl Session {
                         .get_mut("/")
                         .filter(|ns| ns.sub() == Some(sub.as_str()))
                         .and_then(|ns| ns.rooms.remove(&channel));
-                    if let Some(member) = left {
-                        self.edge.hub.leave(&channel, member);
+                    if let Some(joined) = left {
+                        self.leave(&joined);
                         let body = serde_json::json!({ "channel": channel.name(), "reason": reason }).to_string();
                         self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
                     }

@@ -279,6 +279,23 @@ pub fn event_frames(nsp: Option<&str>, ev: &Event, offsets: bool) -> Option<Byte
     Some(Bytes::from(both))
 }
 
+/// A database change as a Socket.IO event: `postgres_changes` with the
+/// change record (`{schema, table, type, record, old_record, …}`), and
+/// the position last with `offsets`.
+pub fn change_frame(nsp: Option<&str>, ev: &Event, data: &[u8], offsets: bool) -> Bytes {
+    let record = std::str::from_utf8(data).unwrap_or("null");
+    let mut s = String::with_capacity(record.len() + 40);
+    s.push_str("42");
+    nsp_prefix(&mut s, nsp);
+    s.push_str(r#"["postgres_changes","#);
+    s.push_str(record);
+    if offsets {
+        s.push_str(&format!(r#","{}""#, ev.position));
+    }
+    s.push(']');
+    text(&s)
+}
+
 /// The offset a recovering client sends: a position.
 pub fn parse_offset(offset: &str) -> Option<Position> {
     if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_digit()) {
