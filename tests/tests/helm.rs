@@ -97,7 +97,8 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
 
     // What each values file deploys.
-    let minimal = kinds_and_names(&objects(&[ci_values("minimal-values.yaml")])?);
+    let minimal_objs = objects(&[ci_values("minimal-values.yaml")])?;
+    let minimal = kinds_and_names(&minimal_objs);
     let expected: BTreeSet<(String, String)> = [
         ("Deployment", "fanout-edge"),
         ("Service", "fanout-edge"),
@@ -150,6 +151,10 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(ports, ["ws"]);
+    // Socket.IO long-polling sessions stay on their edge when asked.
+    assert_eq!(public["spec"]["sessionAffinity"], "ClientIP");
+    let minimal_public = find(&minimal_objs, "Service", "fanout-edge")?;
+    assert_eq!(minimal_public["spec"]["sessionAffinity"], "None");
     // The server API has its own cluster-internal Service.
     let api = find(&full, "Service", "fanout-api")?;
     assert_eq!(api["spec"]["type"], "ClusterIP");
