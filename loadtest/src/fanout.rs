@@ -219,6 +219,11 @@ async fn receive(
             Incoming::Text(t) => match serde_json::from_slice::<serde_json::Value>(&t) {
                 // nchan delivers the published body as it was.
                 Ok(v) if v.get("seq").is_some() => (t, None),
+                // A Socket.IO event: 42["bench", payload].
+                _ if t.starts_with(b"42[") => match serde_json::from_slice::<serde_json::Value>(&t[2..]) {
+                    Ok(v) => (v[1].to_string().into_bytes(), None),
+                    Err(_) => continue,
+                },
                 // vsn 1.0.0 broadcasts are JSON objects.
                 Ok(v) if v["event"] == "broadcast" => (
                     v["payload"]["payload"].to_string().into_bytes(),

@@ -67,6 +67,13 @@ enum ServerKind {
     /// nginx address (ws://host:port); subscribers use /sub/<channel>, the
     /// publisher POSTs to /pub/<channel>.
     Nchan,
+    /// Socket.IO 4 (fanout's `/socket.io/` or the Socket.IO server in
+    /// loadtest/socketio), fanout and idle scenarios: --url is the server's
+    /// address (ws://host:port); subscribers open `/socket.io/?EIO=4&
+    /// transport=websocket`, CONNECT the main namespace (with --apikey as
+    /// `auth.token`) and join the channel with the `join` event; the
+    /// publisher POSTs to --api-url `/api/v1/publish`, which both serve.
+    Socketio,
 }
 
 #[derive(Parser, Debug)]
@@ -227,19 +234,27 @@ fn mint_jwt(
 async fn scenario(args: Arc<Args>, ctx: Arc<Ctx>) -> Result<Partial> {
     let conn = ConnectOpts {
         targets: args.url.iter().map(|u| Target::parse(u)).collect::<Result<_>>()?,
-        // nchan has no protocol version and no heartbeats.
-        vsn: if args.target == ServerKind::Nchan {
-            "nchan".into()
-        } else {
-            args.vsn.clone()
+        // nchan has no protocol version and no heartbeats; Socket.IO has
+        // its own.
+        vsn: match args.target {
+            ServerKind::Nchan => "nchan".into(),
+            ServerKind::Socketio => "socketio".into(),
+            ServerKind::Fanout => args.vsn.clone(),
         },
         apikey: args.apikey.clone(),
         source_ips: args.source_ips,
         concurrency: args.connect_concurrency,
         nchan: args.target == ServerKind::Nchan,
+        socketio: args.target == ServerKind::Socketio,
     };
     if conn.nchan && args.scenario != Scenario::Fanout {
         anyhow::bail!("--target nchan supports the fanout scenario only");
+    }
+    if conn.socketio && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle) {
+        anyhow::bail!("--target socketio supports the fanout and idle scenarios");
+    }
+    if conn.socketio && args.scenario == Scenario::Fanout && args.api_url.is_none() {
+        anyhow::bail!("--target socketio publishes through --api-url (POST /api/v1/publish)");
     }
     match args.scenario {
         Scenario::Workshop | Scenario::Soak => workshop::run(&args, &conn, &ctx).await,

@@ -113,6 +113,9 @@ pub struct ConnectOpts {
     /// Talk to nginx + nchan instead: subscribe with a WebSocket to
     /// `/sub/<topic>` (no join, no presence), publish with POST `/pub/<topic>`.
     pub nchan: bool,
+    /// Talk Socket.IO 4 instead: `/socket.io/` over WebSocket, CONNECT,
+    /// then the `join` event with an ack (see [`socketio_join`]).
+    pub socketio: bool,
 }
 
 pub type SharedWriter = Arc<Mutex<client::Writer>>;
@@ -141,11 +144,16 @@ where
         let on_joined = on_joined.clone();
         let stats = ctx.stats.clone();
         let nchan = opts.nchan;
+        let socketio = opts.socketio;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let t0 = Instant::now();
             let (r, w) = if nchan {
                 client::connect_path(&target, &nchan_path("sub", &plan.topic), src).await?
+            } else if socketio {
+                let (mut r, mut w) = client::connect_path(&target, SOCKETIO_PATH, src).await?;
+                socketio_join(&mut r, &mut w, &plan.topic, apikey.as_deref()).await?;
+                (r, w)
             } else {
                 let (mut r, mut w) = client::connect(&target, &vsn, apikey.as_deref(), src).await?;
                 join(&mut r, &mut w, &plan.topic, &vsn, &plan.join).await?;
@@ -183,6 +191,57 @@ where
     writers
 }
 
+/// Socket.IO's endpoint, Engine.IO 4 over WebSocket.
+pub const SOCKETIO_PATH: &str = "/socket.io/?EIO=4&transport=websocket";
+
+/// The next text frame, or why there is none.
+async fn next_text(r: &mut client::Reader) -> Result<String> {
+    loop {
+        match client::recv(r).await {
+            client::Incoming::Text(t) => return Ok(String::from_utf8_lossy(&t).into_owned()),
+            client::Incoming::Binary(_) => continue,
+            client::Incoming::Closed(why) => anyhow::bail!("closed: {why}"),
+        }
+    }
+}
+
+/// After the Engine.IO open packet: CONNECT the main namespace (with
+/// `token` as `auth.token`), then join `topic`'s channel with the `join`
+/// event and wait for its ack.
+pub async fn socketio_join(
+    r: &mut client::Reader,
+    w: &mut client::Writer,
+    topic: &str,
+    token: Option<&str>,
+) -> Result<()> {
+    let open = next_text(r).await?;
+    anyhow::ensure!(
+        open.starts_with("0{"),
+        "expected the Engine.IO open packet, got {open:?}"
+    );
+    let connect = token.map_or_else(
+        || "40".to_owned(),
+        |t| format!(r#"40{{"token":{}}}"#, serde_json::json!(t)),
+    );
+    client::send_text(w, &connect).await?;
+    loop {
+        let p = next_text(r).await?;
+        if p.starts_with("40") {
+            break;
+        }
+        anyhow::ensure!(!p.starts_with("44"), "CONNECT refused: {p}");
+    }
+    let channel = topic.strip_prefix("realtime:").unwrap_or(topic);
+    client::send_text(w, &format!(r#"421["join",{}]"#, serde_json::json!(channel))).await?;
+    loop {
+        let p = next_text(r).await?;
+        if let Some(ack) = p.strip_prefix("431") {
+            anyhow::ensure!(ack.contains(r#""ok":true"#), "join refused: {ack}");
+            return Ok(());
+        }
+    }
+}
+
 /// The nchan location for `topic` (`realtime:bench:fanout` → `/sub/bench-fanout`).
 pub fn nchan_path(kind: &str, topic: &str) -> String {
     let name = topic.strip_prefix("realtime:").unwrap_or(topic).replace(':', "-");
@@ -214,7 +273,10 @@ pub fn spawn_heartbeats(writers: Vec<SharedWriter>, vsn: String, stop: Arc<Notif
                 _ = tick.tick() => {}
                 () = stop.notified() => break,
             }
-            let msg = if vsn == "1.0.0" {
+            let msg = if vsn == "socketio" {
+                // An Engine.IO pong: both servers count it as a heartbeat.
+                "3".to_owned()
+            } else if vsn == "1.0.0" {
                 format!(r#"{{"topic":"phoenix","event":"heartbeat","payload":{{}},"ref":"h{n}"}}"#)
             } else {
                 format!(r#"[null,"h{n}","phoenix","heartbeat",{{}}]"#)
