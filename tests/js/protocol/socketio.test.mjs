@@ -22,6 +22,7 @@ import {
   safeJson,
   sleep,
   waitFor,
+  WebSocket,
 } from './helpers.mjs';
 import { freePort } from '../lib/server.mjs';
 
@@ -340,6 +341,23 @@ test('polling requests for unknown sessions and transports get Socket.IO errors'
   assert.equal((await eio3.json()).code, 5);
   const other = await fetch(`${server.url}/socket.io/?EIO=4&transport=carrier-pigeon`);
   assert.equal((await other.json()).code, 0);
+});
+
+test('an Engine.IO session that never CONNECTs a namespace is closed after the handshake timeout', async () => {
+  const quick = await startServer({ args: ['--handshake-timeout-secs', '1'] });
+  try {
+    const ws = new WebSocket(`ws://127.0.0.1:${quick.port}/socket.io/?EIO=4&transport=websocket`);
+    const first = new Promise((resolve) => ws.once('message', (d) => resolve(String(d))));
+    const closed = new Promise((resolve) => ws.on('close', (code, reason) => resolve({ code, reason: String(reason) })));
+    const open = await first;
+    assert.match(open, /^0\{"sid":/, 'the open packet first');
+    assert.equal(JSON.parse(open.slice(1)).maxPayload > 0, true);
+    const { code, reason } = await closed;
+    assert.equal(code, 1008);
+    assert.match(reason, /no namespace connected within 1 s/);
+  } finally {
+    await quick.stop();
+  }
 });
 
 test('recovery from an offset no longer retained starts fresh: recovered is false', async () => {

@@ -176,6 +176,9 @@ struct Session {
     pending: Option<Pending>,
     next_ping: Instant,
     pong_due: Option<Instant>,
+    /// A session must CONNECT a namespace by then (Socket.IO's
+    /// `connectTimeout`); `None` once one did.
+    connect_by: Option<Instant>,
 }
 
 /// Serves an upgraded Engine.IO WebSocket until it closes (see
@@ -228,6 +231,7 @@ pub(crate) async fn serve_session<R>(
         pending: None,
         next_ping: Instant::now() + cfg.ping_interval,
         pong_due: None,
+        connect_by: Some(Instant::now() + limits.handshake_timeout),
         edge: edge.clone(),
     };
     metrics::counter!("fanout_socketio_connections_total").increment(1);
@@ -271,6 +275,17 @@ impl Session {
                 () = conn::sleep_until_opt(expiry) => {
                     self.expire_tokens();
                     continue;
+                }
+                () = conn::sleep_until_opt(self.connect_by) => {
+                    metrics::counter!("fanout_client_errors_total", "reason" => "unauthorized").increment(1);
+                    return CloseReason::new(
+                        close_code::POLICY,
+                        format!(
+                            "no namespace connected within {} s: send a CONNECT with auth",
+                            self.edge.config.limits.handshake_timeout.as_secs()
+                        ),
+                        "idle",
+                    );
                 }
                 () = self.control.notify.notified() => {
                     match self.apply_kicks() {
@@ -544,6 +559,7 @@ impl Session {
     }
 
     fn add_namespace(&mut self, nsp: &str, claims: Option<Claims>, channel: Option<Membership>) {
+        self.connect_by = None;
         if let Some(sub) = claims.as_ref().and_then(|c| c.sub.as_deref()) {
             self.control.add_sub(sub);
         }
