@@ -44,6 +44,10 @@ pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore}
 /// Every metric the bus (the NATS bus; the memory bus emits none) emits, for the binary to describe and register
 /// at zero when it installs the recorder (see [`fanout_core::metric`]).
 pub const METRICS: &[Metric] = &[
+    Metric::counter(
+        "fanout_bus_ephemeral_published_total",
+        "Ephemeral broadcasts published on core NATS only (never stored).",
+    ),
     Metric::gauge(
         "fanout_bus_subscriptions",
         "Live NATS subscriptions, one per channel with local members.",

@@ -86,6 +86,7 @@ pub struct MemoryBus {
     logs: Mutex<HashMap<ChannelName, Log>>,
     seen: Mutex<SeenIds>,
     retention: Retention,
+    ephemeral: fanout_core::Ephemeral,
 }
 
 impl std::fmt::Debug for MemoryBus {
@@ -102,7 +103,15 @@ impl MemoryBus {
             logs: Mutex::new(HashMap::new()),
             seen: Mutex::new(SeenIds::default()),
             retention,
+            ephemeral: fanout_core::Ephemeral::default(),
         }
+    }
+
+    /// Delivers the broadcasts `ephemeral` matches live only: no position,
+    /// no history.
+    pub fn with_ephemeral(mut self, ephemeral: fanout_core::Ephemeral) -> Self {
+        self.ephemeral = ephemeral;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Log>> {
@@ -113,7 +122,7 @@ impl MemoryBus {
         let now = now_ms();
         let mut logs = self.lock();
         let log = logs.entry(event.channel.clone()).or_default();
-        if event.kind != EventKind::PresenceDiff {
+        if event.kind != EventKind::PresenceDiff && !self.ephemeral.matches(&event) {
             log.last += 1;
             event.position = log.last;
             log.history.push_back(event.clone());
@@ -282,6 +291,28 @@ mod tests {
         assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), vec![2, 0, 3]);
         assert_eq!(got[1].payload, Bytes::from("3"));
         assert!(sub.events.try_recv().is_err(), "nothing from channel b");
+    }
+
+    #[tokio::test]
+    async fn ephemeral_broadcasts_are_delivered_live_and_never_stored() {
+        let mut cursor = ev("a", EventKind::Broadcast, 2);
+        cursor.event = "cursor".into();
+        let bus = MemoryBus::new(Retention::default()).with_ephemeral(fanout_core::Ephemeral::new(["cursor"], [""]));
+        let ch = ChannelName::new("a").unwrap();
+        let mut sub = bus.subscribe(ch.clone()).await.unwrap();
+        assert_eq!(bus.publish(ev("a", EventKind::Broadcast, 1)).await, Ok(1));
+        assert_eq!(bus.publish(cursor).await, Ok(0), "no position");
+        assert_eq!(
+            bus.publish(ev("a", EventKind::Broadcast, 3)).await,
+            Ok(2),
+            "stored positions go on"
+        );
+        let got: Vec<_> = (0..3).map(|_| sub.events.try_recv().unwrap()).collect();
+        assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), vec![1, 0, 2]);
+        match bus.replay(ch, 0, 2).await.unwrap() {
+            Replay::Events(events) => assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), vec![1, 2]),
+            Replay::Expired => panic!("history is there"),
+        }
     }
 
     #[tokio::test]

@@ -78,6 +78,9 @@ pub struct NatsConfig {
     /// them and reports a slow consumer (then refilled from the stream).
     pub subscription_capacity: usize,
     pub retention: Retention,
+    /// Broadcasts published on core NATS only (never stored): see
+    /// [`fanout_core::Ephemeral`].
+    pub ephemeral: fanout_core::Ephemeral,
 }
 
 impl Default for NatsConfig {
@@ -92,6 +95,7 @@ impl Default for NatsConfig {
             replicas: 1,
             subscription_capacity: 65_536,
             retention: Retention::default(),
+            ephemeral: fanout_core::Ephemeral::default(),
         }
     }
 }
@@ -394,6 +398,21 @@ impl NatsBus {
                         None => break,
                     },
                 };
+                if msg.headers.as_ref().is_some_and(|h| h.get(EPHEMERAL_HEADER).is_some()) {
+                    // Live only: no position, nothing to catch up.
+                    match fanout_proto::decode_event(&msg.payload, 0) {
+                        Ok(ev) => {
+                            if tx.send(ev).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+                            tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
+                        }
+                    }
+                    continue;
+                }
                 let Some((seq, previous)) = republished_positions(&msg) else {
                     metrics::counter!("fanout_bus_decode_errors_total").increment(1);
                     tracing::warn!(subject = %msg.subject, "live event without stream positions skipped");
@@ -637,9 +656,36 @@ impl CatchUp {
 /// Publishes in flight at once in [`Bus::publish_deduplicated`].
 const PUBLISH_CHUNK: usize = 1024;
 
+/// Marks an event published on core NATS only, straight to the live
+/// subject: it has no stream position.
+const EPHEMERAL_HEADER: &str = "Fanout-Ephemeral";
+
+impl NatsBus {
+    /// Publishes an ephemeral event to its channel's live subject, where
+    /// every edge with members of the channel listens; no store, no ack.
+    /// Events from one publisher keep their order (one connection).
+    async fn publish_ephemeral(&self, event: &Event) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(EPHEMERAL_HEADER, "1");
+        self.client
+            .publish_with_headers(
+                self.live_subject(&event.channel),
+                headers,
+                fanout_proto::encode_event(event),
+            )
+            .await
+            .map_err(unavailable)?;
+        metrics::counter!("fanout_bus_ephemeral_published_total").increment(1);
+        Ok(())
+    }
+}
+
 impl Bus for NatsBus {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<Position, BusError>> {
         Box::pin(async move {
+            if self.config.ephemeral.matches(&event) {
+                return self.publish_ephemeral(&event).await.map(|()| 0);
+            }
             let subject = self.subject(&event.channel);
             let payload = fanout_proto::encode_event(&event);
             let ack = self.js.publish(subject, payload).await.map_err(unavailable)?;
@@ -693,6 +739,17 @@ impl Bus for NatsBus {
                     sent.push(Err(e.clone()));
                     continue;
                 }
+                if self.config.ephemeral.matches(&event) {
+                    // Not stored, so never a duplicate: no id to check.
+                    match self.publish_ephemeral(&event).await {
+                        Ok(()) => sent.push(Ok(None)),
+                        Err(e) => {
+                            failed = Some(e.clone());
+                            sent.push(Err(e));
+                        }
+                    }
+                    continue;
+                }
                 let subject = self.subject(&event.channel);
                 let mut publish =
                     jetstream::message::PublishMessage::build().payload(fanout_proto::encode_event(&event));
@@ -700,7 +757,7 @@ impl Bus for NatsBus {
                     publish = publish.message_id(id);
                 }
                 match self.js.send_publish(subject, publish).await {
-                    Ok(ack) => sent.push(Ok(ack)),
+                    Ok(ack) => sent.push(Ok(Some(ack))),
                     Err(e) => {
                         let e = unavailable(e);
                         failed = Some(e.clone());
@@ -713,9 +770,13 @@ impl Bus for NatsBus {
                 // A duplicate's ack carries the sequence of the message
                 // stored under that id first.
                 answers.push(match ack {
-                    Ok(ack) => ack.await.map_err(unavailable).map(|ack| Published {
+                    Ok(Some(ack)) => ack.await.map_err(unavailable).map(|ack| Published {
                         position: ack.sequence,
                         duplicate: ack.duplicate,
+                    }),
+                    Ok(None) => Ok(Published {
+                        position: 0,
+                        duplicate: false,
                     }),
                     Err(e) => Err(e),
                 });

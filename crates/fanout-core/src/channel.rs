@@ -193,9 +193,47 @@ pub fn channel_from_token(token: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Whether `name` matches `pattern`, where `*` stands for any run of
+/// characters (and nothing else is special).
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, rest) = parts.split_first().expect("split yields one part at least");
+    let Some(mut tail) = name.strip_prefix(first) else {
+        return false;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        return tail.is_empty();
+    };
+    for part in middle {
+        match tail.find(part) {
+            Some(i) => tail = &tail[i + part.len()..],
+            None => return false,
+        }
+    }
+    tail.len() >= last.len() && tail.ends_with(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs() {
+        for (p, n, want) in [
+            ("workshop:*", "workshop:42", true),
+            ("workshop:*", "workshop:", true),
+            ("workshop:*", "room:1", false),
+            ("*:42", "workshop:42", true),
+            ("*", "anything", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXcYb", false),
+            ("ab*ba", "aba", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob(p, n), want, "{p} ~ {n}");
+        }
+    }
 
     #[test]
     fn topics_parse_and_refuse() {

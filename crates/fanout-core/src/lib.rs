@@ -33,6 +33,7 @@
 pub mod auth;
 pub mod changes;
 pub mod channel;
+pub mod ephemeral;
 pub mod event;
 pub mod limits;
 pub mod metric;
@@ -42,6 +43,7 @@ pub mod record;
 
 pub use auth::{ApiKeys, ApiScope, AuthError, Claims, JwtVerifier};
 pub use channel::{ChannelError, ChannelName, shard_of, subject_token};
+pub use ephemeral::Ephemeral;
 pub use event::{Event, EventKind, Origin, Position, now_ms};
 pub use limits::Limits;
 pub use presence::{PresenceDiff, PresenceSet};

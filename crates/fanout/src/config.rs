@@ -42,6 +42,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The Socket.IO endpoint (`socketio.*`).
     pub socketio: fanout_edge::sio::SocketIoConfig,
+    /// Broadcasts delivered live only, never stored (`ephemeral.*`).
+    pub ephemeral: fanout_core::Ephemeral,
     /// NATS seed URLs (cluster mode), from a comma-separated list.
     pub nats_urls: Vec<String>,
     pub nats_credentials_file: Option<std::path::PathBuf>,
@@ -209,6 +211,10 @@ settings! {
         "Age limit of messages kept for resume";
     "channel_linger_ms", "FANOUT_CHANNEL_LINGER_MS", "channel-linger-ms", "MS", Some("2000"),
         "Keep a channel's bus subscription this long after its last local member left";
+    "ephemeral.events", "FANOUT_EPHEMERAL_EVENTS", "ephemeral-events", "NAMES", None,
+        "Broadcast event names delivered live only, never stored, replayed or caught up (e.g. cursor,typing); set the same on every process";
+    "ephemeral.channels", "FANOUT_EPHEMERAL_CHANNELS", "ephemeral-channels", "PATTERNS", None,
+        "Channel name patterns (* any run) whose broadcasts are ephemeral, comma-separated (e.g. cursors:*)";
     "socketio.join_event", "FANOUT_SOCKETIO_JOIN_EVENT", "socketio-join-event", "NAME", Some("join"),
         "Socket.IO: the main namespace's event that joins a channel (socket.emit(NAME, channel, ack))";
     "socketio.leave_event", "FANOUT_SOCKETIO_LEAVE_EVENT", "socketio-leave-event", "NAME", Some("leave"),
@@ -665,6 +671,14 @@ impl Config {
             channel_linger: Duration::from_millis(r.get("channel_linger_ms")),
             drain_window: Duration::from_secs(r.get("drain_secs")),
             shutdown_grace: Duration::from_secs(r.get("shutdown_grace_secs")),
+            ephemeral: fanout_core::Ephemeral::new(
+                r.opt::<String>("ephemeral.events")
+                    .map(|s| list(&s))
+                    .unwrap_or_default(),
+                r.opt::<String>("ephemeral.channels")
+                    .map(|s| list(&s))
+                    .unwrap_or_default(),
+            ),
             socketio: fanout_edge::sio::SocketIoConfig {
                 ping_interval: Duration::from_millis(r.get("socketio.ping_interval_ms")),
                 ping_timeout: Duration::from_millis(r.get("socketio.ping_timeout_ms")),

@@ -135,7 +135,12 @@ impl Encoder {
     pub fn event(self, topic: &str, ev: &Event, replayed: bool) -> Option<Bytes> {
         match ev.kind {
             EventKind::Broadcast => {
-                let mut meta = format!(r#"{{"id":"{}""#, ev.position);
+                // An ephemeral broadcast has no position to resume from.
+                let mut meta = if ev.position == 0 {
+                    r#"{"ephemeral":true"#.to_owned()
+                } else {
+                    format!(r#"{{"id":"{}""#, ev.position)
+                };
                 if replayed {
                     meta.push_str(r#","replayed":true"#);
                 }

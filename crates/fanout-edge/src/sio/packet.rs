@@ -243,7 +243,8 @@ pub fn event_frames(nsp: Option<&str>, ev: &Event, offsets: bool) -> Option<Byte
         return None;
     }
     let offset = |s: &mut String| {
-        if offsets {
+        // An ephemeral event (position 0) is no offset to recover from.
+        if offsets && ev.position != 0 {
             s.push_str(",\"");
             s.push_str(&ev.position.to_string());
             s.push('"');

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::process::Process;
 
 pub async fn standalone(config: Config) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(retention(&config)));
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(retention(&config)).with_ephemeral(config.ephemeral.clone()));
     let start = Start::bind(&config, Role::Standalone).await?;
     let node = Edge::random_node();
     if let Some(cdc) = cdc_config(&config) {

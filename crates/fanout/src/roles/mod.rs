@@ -110,6 +110,7 @@ fn nats_config(config: &Config) -> NatsConfig {
         replicas: config.nats_replicas,
         subscription_capacity: config.nats_subscription_capacity,
         retention: retention(config),
+        ephemeral: config.ephemeral.clone(),
     }
 }
 
