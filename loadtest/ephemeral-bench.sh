@@ -3,8 +3,9 @@
 # edge` on a private nats-server -js, the same load (the fanout scenario:
 # <subs> subscribers of one channel, a publisher at <rate> msg/s sending the
 # event "bench"), the edge started with --ephemeral-events bench or without,
-# in alternating runs. Measures NATS's CPU (from /proc, over the whole run)
-# per delivered event, and the edge's CPU per delivery (the loadtest report).
+# in alternating runs. Measures NATS's CPU (from /proc, over the whole run,
+# less its idle rate measured for 10 s before) per delivered event, and the
+# edge's CPU per delivery (the loadtest report).
 #
 #   bash loadtest/ephemeral-bench.sh [rounds] [subs] [rate]
 #
@@ -31,15 +32,21 @@ run() { # kind tag
     --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin "${extra[@]}" >"$out/$tag.server.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
-  n0=$(cpu $nats)
+  # NATS's own idle work (JetStream timers, the edge's heartbeats), to
+  # subtract: 10 s with the edge connected and no load.
+  local i0 i1 t0 t1
+  i0=$(cpu $nats); sleep 10; i1=$(cpu $nats)
+  n0=$(cpu $nats); t0=$(date +%s.%N)
   "$lt" --scenario fanout --url ws://127.0.0.1:$port/realtime/v1 --users "$subs" --rate "$rate" \
     --duration 20 --server-pid "$pid" --report "$dir" >"$out/$tag.log" 2>&1
-  n1=$(cpu $nats)
+  n1=$(cpu $nats); t1=$(date +%s.%N)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   sleep 1
   local delivered
-  delivered=$(python3 loadtest/figure.py "$dir/report.json" received | sed 's/.*=//')
-  echo "$tag nats_cpu_s=$(python3 -c "print(round($n1 - $n0, 3))") nats_us_per_delivery=$(python3 -c "print(round(($n1 - $n0) * 1e6 / max($delivered, 1), 4))") $(python3 loadtest/figure.py "$dir/report.json" received server_cpu_us_per_delivery p99 lost)"
+  delivered=$(python3 loadtest/figure.py "$dir/report.json" messages_received | sed 's/.*=//')
+  local busy
+  busy=$(python3 -c "print(max(0.0, ($n1 - $n0) - ($i1 - $i0) / 10 * ($t1 - $t0)))")
+  echo "$tag nats_cpu_s=$(python3 -c "print(round($n1 - $n0, 3))") nats_idle_cpu_per_s=$(python3 -c "print(round(($i1 - $i0) / 10, 4))") nats_us_per_delivery=$(python3 -c "print(round($busy * 1e6 / max($delivered, 1), 4))") $(python3 loadtest/figure.py "$dir/report.json" messages_received server_cpu_us_per_delivery p99 lost)"
 }
 
 for i in $(seq "$rounds"); do
