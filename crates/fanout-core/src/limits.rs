@@ -41,6 +41,11 @@ pub struct Limits {
     /// closed. realtime-js sends a heartbeat every 25 s.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// The write window: frames for one connection queued within it leave
+    /// in one vectored write at its end (Centrifugo's `client.write_delay`).
+    /// Zero writes each batch at once.
+    #[serde(with = "millis")]
+    pub write_delay: Duration,
 }
 
 impl Default for Limits {
@@ -58,7 +63,21 @@ impl Default for Limits {
             client_ip_header: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            write_delay: Duration::ZERO,
         }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms: u64 = serde::Deserialize::deserialize(d)?;
+        Ok(Duration::from_millis(ms))
     }
 }
 

@@ -136,7 +136,7 @@ impl<R: AsyncRead + Unpin + Send> Socket<R> {
         slot: crate::admission::Slot,
     ) -> Self {
         let limits = &edge.config.limits;
-        let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames));
+        let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames).with_delay(limits.write_delay));
         let drain = {
             let writer = writer.clone();
             edge.tasks.spawn(async move { writer.run().await })

@@ -72,6 +72,8 @@ struct State {
     close: Option<CloseReason>,
     /// Set on a write error: nothing more can be written.
     broken: bool,
+    /// With a write window: when the queued frames are due.
+    due: Option<tokio::time::Instant>,
 }
 
 impl State {
@@ -91,6 +93,8 @@ pub struct ConnWriter {
     state: Mutex<State>,
     notify: Notify,
     max_queue: usize,
+    /// The write window (zero: none).
+    delay: std::time::Duration,
     /// Cancelled when the connection must end (slow consumer, write error,
     /// close requested); the read side watches it.
     done: CancellationToken,
@@ -112,8 +116,18 @@ impl ConnWriter {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             max_queue: max_queue.max(1),
+            delay: std::time::Duration::ZERO,
             done: CancellationToken::new(),
         }
+    }
+
+    /// With a write window: frames sent within `delay` of the first one
+    /// queued leave together, in one vectored write, when it ends. Fewer
+    /// writes for a connection that gets many small frames (cursor moves),
+    /// at up to `delay` more latency.
+    pub fn with_delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     /// Cancelled once the connection is ending.
@@ -148,7 +162,12 @@ impl ConnWriter {
         }
         let mut rest = frames;
         let mut wake = false;
-        if st.queue.is_empty() {
+        if !self.delay.is_zero() && st.queue.is_empty() {
+            // The first frame of a window: the drain task writes them all
+            // when it ends.
+            st.due = Some(tokio::time::Instant::now() + self.delay);
+            wake = true;
+        } else if st.queue.is_empty() {
             match write_some(&*self.stream, rest, 0) {
                 Ok(mut n) => {
                     while let Some((first, tail)) = rest.split_first() {
@@ -218,6 +237,14 @@ impl ConnWriter {
             let notified = self.notify.notified();
             match self.drain() {
                 Drained::Empty => notified.await,
+                Drained::Due(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        // A close does not wait for the window.
+                        () = self.done.cancelled() => {}
+                    }
+                    self.lock().due = None;
+                }
                 Drained::Blocked => {
                     if std::future::poll_fn(|cx| self.stream.poll_writable(cx)).await.is_err() {
                         self.lock().broken = true;
@@ -244,6 +271,13 @@ impl ConnWriter {
                     Drained::Empty
                 };
             }
+            if let Some(at) = st.due
+                && st.close.is_none()
+                && tokio::time::Instant::now() < at
+            {
+                return Drained::Due(at);
+            }
+            st.due = None;
             let batch: Vec<Bytes> = st.queue.iter().take(MAX_IOVECS).cloned().collect();
             match write_some(&*self.stream, &batch, st.offset) {
                 Ok(mut n) => {
@@ -322,6 +356,8 @@ fn write_some(stream: &dyn SocketWrite, frames: &[Bytes], offset: usize) -> io::
 
 enum Drained {
     Empty,
+    /// Frames wait for the end of the write window.
+    Due(tokio::time::Instant),
     Blocked,
     Finished,
 }
@@ -362,5 +398,72 @@ impl<W: tokio::io::AsyncWrite + Unpin + Send + 'static> SocketWrite for MemorySo
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let _ = std::pin::Pin::new(&mut *w).poll_shutdown(&mut cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+
+    fn frame(n: u8) -> Bytes {
+        frame::encode(frame::Opcode::Text, &[b'a' + n])
+    }
+
+    #[tokio::test]
+    async fn a_write_window_sends_the_frames_queued_within_it_together_at_its_end() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let window = Duration::from_millis(150);
+        let writer = Arc::new(ConnWriter::new(Box::new(MemorySocket::new(ours)), 100).with_delay(window));
+        let task = tokio::spawn({
+            let w = writer.clone();
+            async move { w.run().await }
+        });
+        let start = Instant::now();
+        for n in 0..3 {
+            writer.send(frame(n)).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut buf = [0u8; 64];
+        let n = theirs.read(&mut buf).await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= window - Duration::from_millis(10),
+            "written after {waited:?}, before the window ended"
+        );
+        assert_eq!(
+            &buf[..n],
+            [frame(0), frame(1), frame(2)].concat(),
+            "all three in one go"
+        );
+        // The next frame opens a new window.
+        writer.send(frame(3)).unwrap();
+        let t = Instant::now();
+        let n = theirs.read(&mut buf).await.unwrap();
+        assert!(t.elapsed() >= window - Duration::from_millis(10));
+        assert_eq!(&buf[..n], &frame(3)[..]);
+        // A close does not wait for the window: queued frames, then the close.
+        writer.send(frame(4)).unwrap();
+        writer.close(CloseReason::quiet("server"), false);
+        task.await.unwrap();
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(&rest[..frame(4).len()], &frame(4)[..]);
+        assert_eq!(rest[frame(4).len()], 0x88, "then the close frame");
+    }
+
+    #[tokio::test]
+    async fn without_a_window_a_frame_is_written_at_once() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let writer = ConnWriter::new(Box::new(MemorySocket::new(ours)), 100);
+        writer.send(frame(0)).unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_millis(50), theirs.read(&mut buf))
+            .await
+            .expect("written by send itself, no task needed")
+            .unwrap();
+        assert_eq!(&buf[..n], &frame(0)[..]);
     }
 }

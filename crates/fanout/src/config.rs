@@ -203,6 +203,8 @@ settings! {
         "Origins browser handshakes may come from, comma-separated (* any); others get HTTP 403. Unset: any";
     "limits.client_ip_header", "FANOUT_CLIENT_IP_HEADER", "client-ip-header", "HEADER", None,
         "Header naming the client IP behind a proxy (its first address, e.g. x-forwarded-for); unset: the peer address";
+    "limits.write_delay_ms", "FANOUT_WRITE_DELAY_MS", "write-delay-ms", "MS", Some("0"),
+        "Write window: frames for one connection within it leave in one write at its end (fewer syscalls for many small frames, up to MS more latency; 0 = off)";
     "limits.handshake_timeout_secs", "FANOUT_HANDSHAKE_TIMEOUT_SECS", "handshake-timeout-secs", "SECS", Some("10"),
         "An HTTP request (a WebSocket handshake included) must arrive whole within this long";
     "history.max_messages", "FANOUT_HISTORY_MAX_MESSAGES", "history-max-messages", "N", Some("10000"),
@@ -639,6 +641,7 @@ impl Config {
                 .map(|s| s.to_ascii_lowercase()),
             handshake_timeout: Duration::from_secs(r.get("limits.handshake_timeout_secs")),
             idle_timeout: Duration::from_secs(r.get("limits.idle_timeout_secs")),
+            write_delay: Duration::from_millis(r.get("limits.write_delay_ms")),
         };
         let public_keys = r.opt::<String>("auth.public_keys");
         let jwks_spec = r.opt::<String>("auth.jwks");
