@@ -400,16 +400,8 @@ impl NatsBus {
                 };
                 if msg.headers.as_ref().is_some_and(|h| h.get(EPHEMERAL_HEADER).is_some()) {
                     // Live only: no position, nothing to catch up.
-                    match fanout_proto::decode_event(&msg.payload, 0) {
-                        Ok(ev) => {
-                            if tx.send(ev).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            metrics::counter!("fanout_bus_decode_errors_total").increment(1);
-                            tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
-                        }
+                    if !hand_on(&tx, &msg, 0) {
+                        break;
                     }
                     continue;
                 }
@@ -440,16 +432,8 @@ impl NatsBus {
                     }
                 }
                 last = seq;
-                match fanout_proto::decode_event(&msg.payload, seq) {
-                    Ok(ev) => {
-                        if tx.send(ev).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        metrics::counter!("fanout_bus_decode_errors_total").increment(1);
-                        tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
-                    }
+                if !hand_on(&tx, &msg, seq) {
+                    break;
                 }
             }
             metrics::gauge!("fanout_bus_subscriptions").decrement(1.0);
@@ -509,6 +493,20 @@ const REPUBLISH_IMMUTABLE: async_nats::jetstream::ErrorCode = async_nats::jetstr
 
 /// Prefix of the subjects streams republish stored events to.
 const LIVE_PREFIX: &str = "fanout-live";
+
+/// Decodes a live message as the event at `position` and hands it to the
+/// subscriber (an undecodable one is counted and skipped); false once the
+/// subscriber is gone.
+fn hand_on(tx: &mpsc::UnboundedSender<Event>, msg: &async_nats::Message, position: Position) -> bool {
+    match fanout_proto::decode_event(&msg.payload, position) {
+        Ok(ev) => tx.send(ev).is_ok(),
+        Err(e) => {
+            metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+            tracing::warn!(error = %e, subject = %msg.subject, "undecodable event skipped");
+            true
+        }
+    }
+}
 
 /// `Nats-Sequence` and `Nats-Last-Sequence` of a republished message.
 fn republished_positions(msg: &async_nats::Message) -> Option<(Position, Position)> {

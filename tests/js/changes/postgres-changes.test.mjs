@@ -5,7 +5,6 @@
 // against a cluster edge fed by a separate `fanout cdc` over NATS.
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import {
   startServer,
   makeClient,
@@ -20,52 +19,19 @@ import {
   subscribed,
   makeToken,
 } from '../protocol/helpers.mjs';
+import { DB, ROUTES, OPEN_TABLES, sql, sessions, changeStreamRunning } from './db.mjs';
 
-const DB = process.env.FANOUT_TEST_DATABASE_URL;
-const ROUTES =
-  'public.workshop_participants=workshop:{session_id},public.workshop_activities=workshop:{session_id},' +
-  'public.workshop_stage_submissions=workshop:{session_id}';
-
-// With a key configured, every table needs a row rule: this suite's server
-// opens its four tables; the row-policy test below runs an edge of its own.
-const OPEN_TABLES =
-  "{'public.workshop_sessions' = {read = 'public'}, 'public.workshop_participants' = {read = 'public'}, " +
-  "'public.workshop_activities' = {read = 'public'}, 'public.workshop_stage_submissions' = {read = 'public'}}";
 const STRICT_TABLES =
   "{'public.workshop_sessions' = {read = 'public'}, " +
   "'public.workshop_participants' = {read = 'session_id in claims.workshops', columns = ['id', 'session_id', 'display_name', 'role']}}";
 
-/** Runs SQL with psql; returns its unaligned output. */
-function sql(text) {
-  return execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-At', '-d', DB, '-c', text], {
-    encoding: 'utf8',
-  }).trim();
-}
-
-let nextSession = 100;
-/** A fresh workshop session row; returns its id. */
-function newSession() {
-  const id = nextSession++;
-  sql(`INSERT INTO workshop_sessions (id, title) VALUES (${id}, 'Workshop ${id}')`);
-  return id;
-}
+const newSession = sessions(100);
 
 let server;
 before(async () => {
   assert.ok(DB, 'FANOUT_TEST_DATABASE_URL must point at a PostgreSQL with wal_level=logical (tests/js_suites.rs sets it)');
   server = await startServer({ args: ['--database-url', DB, '--cdc-routes', ROUTES, '--auth-tables', OPEN_TABLES] });
-  // Standalone runs the ingester in-process; against a cluster edge
-  // (FANOUT_TEST_NATS_URL), the test harness runs `fanout cdc` and passes
-  // its admin port.
-  const ingesterAdmin = process.env.FANOUT_TEST_CDC_ADMIN_PORT ?? server.adminPort;
-  await waitFor(
-    async () => {
-      const text = await (await fetch(`http://127.0.0.1:${ingesterAdmin}/metrics`)).text();
-      return /^fanout_cdc_active 1$/m.test(text);
-    },
-    15000,
-    'the change stream to start',
-  );
+  await changeStreamRunning(server);
 });
 afterEach(async () => {
   await disconnectAll();

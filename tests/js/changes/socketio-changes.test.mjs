@@ -9,33 +9,15 @@
 // cluster pass, an edge fed by `fanout cdc` (tests/tests/js_suites.rs).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { io } from 'socket.io-client';
 import { startServer, makeToken, waitFor, sleep, safeJson } from '../protocol/helpers.mjs';
+import { DB, ROUTES, OPEN_TABLES, sql, sessions, changeStreamRunning } from './db.mjs';
 
-const DB = process.env.FANOUT_TEST_DATABASE_URL;
-const ROUTES =
-  'public.workshop_participants=workshop:{session_id},public.workshop_activities=workshop:{session_id},' +
-  'public.workshop_stage_submissions=workshop:{session_id}';
-const OPEN_TABLES =
-  "{'public.workshop_sessions' = {read = 'public'}, 'public.workshop_participants' = {read = 'public'}, " +
-  "'public.workshop_activities' = {read = 'public'}, 'public.workshop_stage_submissions' = {read = 'public'}}";
 const RULES =
   "[{pattern = 'workshop:{id}', read = '{id} in claims.workshops', " +
   "write = \"{id} in claims.workshops and claims.role == 'facilitator'\"}]";
 
-function sql(text) {
-  return execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-At', '-d', DB, '-c', text], {
-    encoding: 'utf8',
-  }).trim();
-}
-
-let nextSession = 5000;
-function newSession() {
-  const id = nextSession++;
-  sql(`INSERT INTO workshop_sessions (id, title) VALUES (${id}, 'Workshop ${id}')`);
-  return id;
-}
+const newSession = sessions(5000);
 
 let server;
 const sockets = [];
@@ -44,12 +26,7 @@ before(async () => {
   server = await startServer({
     args: ['--database-url', DB, '--cdc-routes', ROUTES, '--auth-tables', OPEN_TABLES, '--auth-channels', RULES],
   });
-  const ingesterAdmin = process.env.FANOUT_TEST_CDC_ADMIN_PORT ?? server.adminPort;
-  await waitFor(
-    async () => /^fanout_cdc_active 1$/m.test(await (await fetch(`http://127.0.0.1:${ingesterAdmin}/metrics`)).text()),
-    15000,
-    'the change stream to start',
-  );
+  await changeStreamRunning(server);
 });
 after(async () => {
   for (const s of sockets) s.disconnect();
