@@ -1,4 +1,4 @@
-// The peer for loadtest/socketio-bench.sh: the real Socket.IO 4.8 server
+// The peer for loadtest/peer-bench.sh socketio: the real Socket.IO 4.8 server
 // (npm `socket.io`, its default `ws` engine, one Node process), written
 // the way the event-signup app's server is: sockets join a channel's room
 // with the `join` event (acked), and the backend's POST /api/v1/publish

@@ -63,9 +63,10 @@ enum Scenario {
 enum ServerKind {
     /// fanout (or any Supabase Realtime server).
     Fanout,
-    /// nginx + nchan (fanout scenario only), for comparison: --url is the
-    /// nginx address (ws://host:port); subscribers use /sub/<channel>, the
-    /// publisher POSTs to /pub/<channel>.
+    /// nginx + nchan (fanout and idle scenarios), for comparison: --url is
+    /// the nginx address (ws://host:port); subscribers use /sub/<channel>,
+    /// the publisher POSTs to /pub/<channel>. Any server with that URL
+    /// scheme works the same (loadtest/uws: uWebSockets.js).
     Nchan,
     /// Socket.IO 4 (fanout's `/socket.io/` or the Socket.IO server in
     /// loadtest/socketio), fanout and idle scenarios: --url is the server's
@@ -247,8 +248,8 @@ async fn scenario(args: Arc<Args>, ctx: Arc<Ctx>) -> Result<Partial> {
         nchan: args.target == ServerKind::Nchan,
         socketio: args.target == ServerKind::Socketio,
     };
-    if conn.nchan && args.scenario != Scenario::Fanout {
-        anyhow::bail!("--target nchan supports the fanout scenario only");
+    if conn.nchan && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle) {
+        anyhow::bail!("--target nchan supports the fanout and idle scenarios");
     }
     if conn.socketio && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle) {
         anyhow::bail!("--target socketio supports the fanout and idle scenarios");
