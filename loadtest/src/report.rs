@@ -65,6 +65,11 @@ pub struct Reconnect {
     pub live_again: u64,
     /// From losing the socket to the rejoin reply.
     pub time_to_live_ms: Option<Latency>,
+    /// The most rejoins in one second: a drain spread over its window keeps
+    /// this low, a kill makes it the whole edge's share at once.
+    pub peak_reconnects_per_second: u64,
+    /// From the first second with a rejoin to the last.
+    pub reconnect_span_seconds: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,6 +183,16 @@ impl Report {
             affected: p.disconnected,
             live_again: p.reconnected,
             time_to_live_ms: Latency::of_raw(&p.reconnect_us),
+            peak_reconnects_per_second: agg.seconds.iter().map(|s| s.reconnects_per_s).max().unwrap_or(0),
+            reconnect_span_seconds: {
+                let with: Vec<i64> = agg
+                    .seconds
+                    .iter()
+                    .filter(|s| s.reconnects_per_s > 0)
+                    .map(|s| s.t)
+                    .collect();
+                with.first().zip(with.last()).map_or(0, |(a, b)| (b - a + 1) as u64)
+            },
         });
         let soak = (args.scenario == Scenario::Soak)
             .then(|| soak_windows(&agg.seconds, args.sample_every.max(1), args.duration));
@@ -624,6 +639,7 @@ mod tests {
             connections: 10,
             sent_per_s: 1,
             received_per_s: 9,
+            reconnects_per_s: 0,
             p50_ms: None,
             p99_ms: None,
             max_ms: None,

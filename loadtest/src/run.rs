@@ -247,6 +247,8 @@ pub struct Second {
     pub connections: u64,
     pub sent_per_s: u64,
     pub received_per_s: u64,
+    /// Clients that rejoined (after losing their server) in this second.
+    pub reconnects_per_s: u64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
@@ -382,6 +384,7 @@ pub async fn aggregate(
                 received: latest.iter().map(|t| t.received).sum(),
                 lost: latest.iter().map(|t| t.lost).sum(),
                 duplicated: latest.iter().map(|t| t.duplicated).sum(),
+                reconnected: latest.iter().map(|t| t.reconnected).sum(),
                 client_cpu_seconds: latest.iter().map(|t| t.client_cpu_seconds).sum(),
                 latency: Vec::new(),
             };
@@ -409,6 +412,7 @@ pub async fn aggregate(
                 connections: total.connections,
                 sent_per_s: total.sent.saturating_sub(prev_total.sent),
                 received_per_s: total.received.saturating_sub(prev_total.received),
+                reconnects_per_s: total.reconnected.saturating_sub(prev_total.reconnected),
                 p50_ms: hist.as_ref().map(|h| ms(h, 0.5)),
                 p99_ms: hist.as_ref().map(|h| ms(h, 0.99)),
                 max_ms: hist.as_ref().map(|h| h.max() as f64 / 1000.0),

@@ -114,6 +114,7 @@ impl Stats {
             received: load(&self.received),
             lost: load(&self.lost),
             duplicated: load(&self.duplicated),
+            reconnected: load(&self.reconnected),
             client_cpu_seconds,
             latency: take_raw(&self.second),
         }
@@ -139,6 +140,9 @@ pub struct Tick {
     pub received: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// Clients live again after losing their server (reconnect storm).
+    #[serde(default)]
+    pub reconnected: u64,
     /// Cumulative CPU time of the load process.
     pub client_cpu_seconds: f64,
     /// Latencies (µs) recorded in this second.
