@@ -8,7 +8,6 @@ import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { io } from 'socket.io-client';
 import {
-  startServer,
   makeClient,
   makeToken,
   subscribe,
@@ -20,19 +19,17 @@ import {
   safeJson,
   sleep,
   waitFor,
+  startServerWithApi,
+  apiPost,
+  API_KEY,
 } from './helpers.mjs';
-import { freePort } from '../lib/server.mjs';
 
-const KEY = 'test-api-key-all-0123456789';
 let server;
 let api;
 before(async () => {
-  const apiPort = await freePort();
-  server = await startServer({
-    args: ['--api-listen', `127.0.0.1:${apiPort}`, '--ephemeral-events', 'cursor,typing', '--ephemeral-channels', 'cursors:*'],
-    env: { FANOUT_API_KEYS: KEY },
-  });
-  api = `http://127.0.0.1:${apiPort}/api/v1`;
+  ({ server, api } = await startServerWithApi({
+    args: ['--ephemeral-events', 'cursor,typing', '--ephemeral-channels', 'cursors:*'],
+  }));
 });
 const sockets = [];
 afterEach(async () => {
@@ -77,16 +74,7 @@ test('ephemeral broadcasts arrive live and in order with meta.ephemeral; stored 
 test('nothing ephemeral is stored: a resume replays the stored events only, and history lists none', async () => {
   const room = uniqueRoom('cursors:doc');
   const ch = uniqueRoom('typing-room');
-  const publish = async (channel, event, payload) => {
-    const r = await fetch(`${api}/publish`, {
-      method: 'POST',
-      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
-      body: JSON.stringify({ channel, event, payload }),
-    });
-    const body = await r.json();
-    assert.equal(r.status, 200, safeJson(body));
-    return body;
-  };
+  const publish = (channel, event, payload) => apiPost(api, 'publish', { channel, event, payload });
   // A channel pattern makes every broadcast of the channel ephemeral.
   const eph = await publish(room, 'chat', { n: 1 });
   assert.equal(eph.position, '0', `an ephemeral publish has no position: ${safeJson(eph)}`);
@@ -96,11 +84,11 @@ test('nothing ephemeral is stored: a resume replays the stored events only, and 
   await sleep(200);
 
   const history = await (await fetch(`${api}/history?${new URLSearchParams({ channel: ch })}`, {
-    headers: { Authorization: `Bearer ${KEY}` },
+    headers: { Authorization: `Bearer ${API_KEY}` },
   })).json();
   assert.deepEqual(history.messages.map((e) => [e.event, e.payload.n]), [['chat', 1], ['chat', 3]], safeJson(history));
   const none = await (await fetch(`${api}/history?${new URLSearchParams({ channel: room })}`, {
-    headers: { Authorization: `Bearer ${KEY}` },
+    headers: { Authorization: `Bearer ${API_KEY}` },
   })).json();
   assert.deepEqual(none.messages, [], 'the pattern channel stored nothing');
 

@@ -6,7 +6,7 @@ import WebSocket from 'ws';
 import net from 'node:net';
 import { RealtimeClient } from '@supabase/realtime-js';
 import { createClient } from '@supabase/supabase-js';
-import { startFanout, signJwt, waitFor, sleep } from '../lib/server.mjs';
+import { startFanout, signJwt, waitFor, sleep, freePort } from '../lib/server.mjs';
 
 export { waitFor, sleep, signJwt, WebSocket };
 
@@ -25,6 +25,35 @@ export async function startServer({ env = {}, args = [], secret = SECRET, port, 
   const fullEnv = { ...env };
   if (secret) fullEnv.FANOUT_JWT_SECRET = secret;
   return startFanout({ env: fullEnv, args, port, adminPort });
+}
+
+/** The server API key startServerWithApi configures (scope all). */
+export const API_KEY = 'test-api-key-all-0123456789';
+
+/**
+ * Starts fanout (as startServer) with the server API on a free port and
+ * API_KEY; resolves {server, api}, `api` being the /api/v1 base URL.
+ */
+export async function startServerWithApi({ args = [], env = {}, ...rest } = {}) {
+  const apiPort = await freePort();
+  const server = await startServer({
+    ...rest,
+    args: ['--api-listen', `127.0.0.1:${apiPort}`, ...args],
+    env: { ...env, FANOUT_API_KEYS: API_KEY },
+  });
+  return { server, api: `http://127.0.0.1:${apiPort}/api/v1` };
+}
+
+/** POSTs `body` to `api`/`path` with API_KEY; asserts 200 and resolves the JSON answer. */
+export async function apiPost(api, path, body) {
+  const r = await fetch(`${api}/${path}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify(body),
+  });
+  const text = await r.text();
+  assert.equal(r.status, 200, `POST ${path}: ${text}`);
+  return JSON.parse(text);
 }
 
 let uniq = 0;

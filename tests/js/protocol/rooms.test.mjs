@@ -10,7 +10,6 @@ import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   WebSocket,
-  startServer,
   makeClient,
   makeToken,
   subscribe,
@@ -20,16 +19,14 @@ import {
   safeJson,
   sleep,
   waitFor,
+  startServerWithApi,
+  apiPost,
 } from './helpers.mjs';
-import { freePort } from '../lib/server.mjs';
 
-const KEY = 'test-api-key-all-0123456789';
 let server;
 let api;
 before(async () => {
-  const apiPort = await freePort();
-  server = await startServer({ args: ['--api-listen', `127.0.0.1:${apiPort}`], env: { FANOUT_API_KEYS: KEY } });
-  api = `http://127.0.0.1:${apiPort}/api/v1`;
+  ({ server, api } = await startServerWithApi());
 });
 const open = new Set();
 afterEach(async () => {
@@ -179,14 +176,7 @@ test('a token can come as the first message; without one the socket is closed wi
 
 test('the server API: an unsubscribe from the room or a disconnect closes the tab with the reason, and the user leaves', async () => {
   const room = uniqueRoom('kicked');
-  const call = async (path, body) => {
-    const r = await fetch(`${api}/${path}`, {
-      method: 'POST',
-      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
-      body: JSON.stringify(body),
-    });
-    assert.equal(r.status, 200, await r.text());
-  };
+  const call = (path, body) => apiPost(api, path, body);
   const ann = tab(room, { user: 'ann' });
   const bob = tab(room, { user: 'bob' });
   await welcomeOf(ann);

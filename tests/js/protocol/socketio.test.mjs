@@ -23,20 +23,14 @@ import {
   sleep,
   waitFor,
   WebSocket,
+  startServerWithApi,
+  apiPost,
 } from './helpers.mjs';
-import { freePort } from '../lib/server.mjs';
-
-const KEY = 'test-api-key-all-0123456789';
 
 let server;
 let api;
 before(async () => {
-  const apiPort = await freePort();
-  server = await startServer({
-    args: ['--api-listen', `127.0.0.1:${apiPort}`],
-    env: { FANOUT_API_KEYS: KEY },
-  });
-  api = `http://127.0.0.1:${apiPort}/api/v1`;
+  ({ server, api } = await startServerWithApi());
 });
 
 const sockets = new Set();
@@ -96,17 +90,7 @@ function refusal(s, ms = 5000) {
 
 const ack = (s, ...args) => s.timeout(5000).emitWithAck(...args);
 
-async function callApi(path, body) {
-  const r = await fetch(`${api}/${path}`, {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${KEY}` },
-    body: JSON.stringify(body),
-  });
-  const text = await r.text();
-  assert.equal(r.status, 200, text);
-  return JSON.parse(text);
-}
-
+const callApi = (path, body) => apiPost(api, path, body);
 const publish = (body) => callApi('publish', body);
 
 test('a connect without a token or with a bad one is refused with a clear connect_error', async () => {
@@ -310,12 +294,14 @@ test('HTTP long-polling only: join, receive, emit with acks and binary, as over 
 test('default transports: polling first, upgraded to WebSocket, nothing lost across the upgrade', async () => {
   const room = uniqueRoom('upgrade');
   const s = connect(room, { transports: undefined });
+  // The manager's engine exists from io() on: listen before the upgrade
+  // can happen.
+  const upgraded = new Promise((resolve) => s.io.engine.once('upgrade', resolve));
   const got = [];
   s.on('n', (p) => got.push(p.n));
   await connected(s);
   const sender = await connected(connect(room));
   let n = 0;
-  const upgraded = new Promise((resolve) => s.io.engine.once('upgrade', resolve));
   // Publish while the upgrade happens.
   while (s.io.engine.transport.name !== 'websocket' && n < 200) {
     n += 1;

@@ -99,10 +99,9 @@ struct Out {
     packets: VecDeque<String>,
     bytes: usize,
     closed: bool,
-    /// After the upgrade: the WebSocket's write half, and the frames
-    /// still to write to it before anything newer.
+    /// After the upgrade: the WebSocket's write half (installed once
+    /// every packet queued for polling has been written to it).
     ws: Option<OwnedWriteHalf>,
-    backlog: VecDeque<Bytes>,
     /// The session's writer, waiting for room.
     waker: Option<Waker>,
 }
@@ -132,25 +131,6 @@ impl Out {
             self.bytes += packet.len();
             self.packets.push_back(packet);
         }
-    }
-
-    /// Writes as much of the backlog as the WebSocket takes now; true
-    /// when all of it went.
-    fn flush(&mut self) -> io::Result<bool> {
-        let Some(ws) = &self.ws else { return Ok(true) };
-        while let Some(front) = self.backlog.front_mut() {
-            match ws.as_ref().try_write(front) {
-                Ok(n) => {
-                    front.advance(n);
-                    if front.is_empty() {
-                        self.backlog.pop_front();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
     }
 }
 
@@ -265,11 +245,7 @@ pub(crate) struct PollSink(Arc<PollSession>);
 impl SocketWrite for PollSink {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut out = self.0.lock();
-        if out.ws.is_some() {
-            if !out.flush()? {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let ws = out.ws.as_ref().ok_or(io::ErrorKind::NotConnected)?;
+        if let Some(ws) = &out.ws {
             return ws.as_ref().try_write_vectored(bufs);
         }
         if out.closed {
@@ -291,15 +267,8 @@ impl SocketWrite for PollSink {
 
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut out = self.0.lock();
-        if out.ws.is_some() {
-            loop {
-                if out.flush()? {
-                    let ws = out.ws.as_ref().ok_or(io::ErrorKind::NotConnected)?;
-                    return ws.as_ref().poll_write_ready(cx);
-                }
-                let ws = out.ws.as_ref().ok_or(io::ErrorKind::NotConnected)?;
-                std::task::ready!(ws.as_ref().poll_write_ready(cx))?;
-            }
+        if let Some(ws) = &out.ws {
+            return ws.as_ref().poll_write_ready(cx);
         }
         if out.bytes < MAX_QUEUED_BYTES || out.closed {
             return Poll::Ready(Ok(()));
@@ -392,11 +361,28 @@ pub(crate) async fn upgrade(
     let Some(mut pipe) = session.inbound.lock().await.take() else {
         return;
     };
-    {
-        let mut out = session.lock();
-        // What the last GET did not take goes first, as frames.
-        let queued: Vec<String> = out.packets.drain(..).collect();
-        out.bytes = 0;
+    // What no GET took goes first, as frames written here; the socket is
+    // handed to the sink only once nothing is left queued, under the lock,
+    // so no frame can slip in between (and none waits for a later write to
+    // flush it).
+    loop {
+        let queued: (Vec<String>, Bytes) = {
+            let mut out = session.lock();
+            let queued: Vec<String> = out.packets.drain(..).collect();
+            out.bytes = 0;
+            if let Some(w) = out.waker.take() {
+                w.wake();
+            }
+            if queued.is_empty() && out.raw.is_empty() {
+                out.ws = Some(write);
+                break;
+            }
+            // Bytes not parsed into a packet yet (an incomplete frame)
+            // follow the packets, as they were written.
+            (queued, out.raw.split().freeze())
+        };
+        let (queued, raw) = queued;
+        let mut frames = Vec::new();
         for p in queued {
             let f = match p
                 .strip_prefix('b')
@@ -405,11 +391,11 @@ pub(crate) async fn upgrade(
                 Some(Ok(bytes)) => frame::encode(Opcode::Binary, &bytes),
                 _ => frame::encode(Opcode::Text, p.as_bytes()),
             };
-            out.backlog.push_back(f);
+            frames.extend_from_slice(&f);
         }
-        out.ws = Some(write);
-        if let Some(w) = out.waker.take() {
-            w.wake();
+        frames.extend_from_slice(&raw);
+        if write.write_all(&frames).await.is_err() {
+            return;
         }
     }
     metrics::counter!("fanout_socketio_upgrades_total").increment(1);
@@ -425,6 +411,69 @@ pub(crate) async fn upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fanout_bus::{MemoryBus, MemoryPresence, Retention};
+    use tokio::io::AsyncReadExt;
+
+    /// A packet queued for polling when the client upgrades (say, the
+    /// CONNECT answer, which a NATS subscription delays) must reach it over
+    /// the WebSocket at once, not wait for a later frame to flush it.
+    #[tokio::test]
+    async fn packets_no_get_took_are_written_to_the_websocket_at_the_upgrade() {
+        let edge = Edge::new(
+            crate::EdgeConfig::default(),
+            1,
+            Arc::new(MemoryBus::new(Retention::default())),
+            Arc::new(MemoryPresence::new(1)),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let (_read, write) = tokio::io::duplex(1024);
+        let session = Arc::new(PollSession {
+            sid: "s".into(),
+            inbound: tokio::sync::Mutex::new(Some(write)),
+            out: Mutex::default(),
+            ready: tokio::sync::Notify::new(),
+            polling: AtomicBool::new(false),
+        });
+        let sink = PollSink(session.clone());
+        let connect_ok = frame::encode(Opcode::Text, br#"40/room,{"sid":"x"}"#);
+        // Queued while no GET waits.
+        sink.try_write_vectored(&[IoSlice::new(&connect_ok)]).unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (read, write) = server.into_split();
+        let task = tokio::spawn(upgrade(edge, session.clone(), read, write, Bytes::new()));
+        client.write_all(&client_frame(Opcode::Text, b"2probe")).await.unwrap();
+        let mut buf = vec![0u8; 256];
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &frame::encode(Opcode::Text, b"3probe")[..]);
+        client.write_all(&client_frame(Opcode::Text, b"5")).await.unwrap();
+        // The CONNECT answer, then the noop meant for the GET, in the order
+        // they were queued, over the socket.
+        let mut want = connect_ok.to_vec();
+        want.extend_from_slice(&frame::encode(Opcode::Text, b"6"));
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(2), client.read(&mut buf))
+                .await
+                .expect("the queued packets arrive without a later write")
+                .unwrap();
+            assert!(n > 0, "socket closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, want);
+        // From now on the sink writes to the socket.
+        let next = frame::encode(Opcode::Text, b"42[\"e\",1]");
+        sink.try_write_vectored(&[IoSlice::new(&next)]).unwrap();
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &next[..]);
+        drop(client);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
 
     #[test]
     fn server_frames_become_polling_packets() {
