@@ -752,21 +752,11 @@ impl Conn {
     }
 
     async fn untrack(&self, channel: &ChannelName) {
-        match self.edge.presence.untrack(channel, self.origin).await {
-            Ok(diff) => self.publish_diff(channel, diff).await,
-            Err(e) => tracing::warn!(error = %e, "presence untrack failed"),
-        }
+        untrack(&self.edge, channel, self.origin).await;
     }
 
     async fn publish_diff(&self, channel: &ChannelName, diff: fanout_core::PresenceDiff) {
-        if diff.is_empty() {
-            return;
-        }
-        let ev = Event::presence_diff(channel.clone(), &diff, Some(self.origin));
-        if let Err(e) = self.edge.bus.publish(ev).await {
-            metrics::counter!("fanout_bus_publish_errors_total").increment(1);
-            tracing::warn!(error = %e, "presence diff not published");
-        }
+        publish_diff(&self.edge, channel, diff, self.origin).await;
     }
 
     async fn access_token(&mut self, m: &Inbound, token: &Result<String, BadPayload>) {
@@ -812,7 +802,7 @@ impl Conn {
         }
         let policy = &self.edge.config.policy;
         let claims = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        let access = read_access(policy, channel, &claims)?;
+        let access = read_access(policy, channel, &claims, "join with config.private: true")?;
         for b in bindings
             .own
             .iter_mut()
@@ -935,11 +925,10 @@ impl Conn {
                     }
                 }
                 Kick::Disconnect { reason, reconnect } => {
-                    if reconnect {
-                        return Some(CloseReason::new(close_code::SERVICE_RESTART, reason, "disconnected"));
+                    if !reconnect {
+                        self.end_all_channels(&reason).await;
                     }
-                    self.end_all_channels(&reason).await;
-                    return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
+                    return Some(Kick::disconnect_close(reason, reconnect));
                 }
             }
         }
@@ -970,10 +959,12 @@ pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// The channel policy's answer for a join of `channel` by a token with
 /// `claims`: its access, or why it may not read the channel.
+/// `private_hint` says how this protocol asks for the private channel.
 pub(crate) fn read_access(
     policy: &Policy,
     channel: &ChannelName,
     claims: &serde_json::Value,
+    private_hint: &str,
 ) -> Result<Access, String> {
     let access = policy.channel_access(channel.name(), channel.is_private(), claims);
     if access.read {
@@ -986,8 +977,28 @@ pub(crate) fn read_access(
             policy.channels_claim
         )
     } else {
-        "public channels are closed on this server: join with config.private: true".to_owned()
+        format!("public channels are closed on this server: {private_hint}")
     })
+}
+
+/// Removes `origin`'s presence in `channel` and announces the diff.
+pub(crate) async fn untrack(edge: &Edge, channel: &ChannelName, origin: Origin) {
+    match edge.presence.untrack(channel, origin).await {
+        Ok(diff) => publish_diff(edge, channel, diff, origin).await,
+        Err(e) => tracing::warn!(error = %e, "presence untrack failed"),
+    }
+}
+
+/// Announces a presence diff on the bus (nothing when it is empty).
+pub(crate) async fn publish_diff(edge: &Edge, channel: &ChannelName, diff: fanout_core::PresenceDiff, origin: Origin) {
+    if diff.is_empty() {
+        return;
+    }
+    let ev = Event::presence_diff(channel.clone(), &diff, Some(origin));
+    if let Err(e) = edge.bus.publish(ev).await {
+        metrics::counter!("fanout_bus_publish_errors_total").increment(1);
+        tracing::warn!(error = %e, "presence diff not published");
+    }
 }
 
 /// What the policies granted a join.

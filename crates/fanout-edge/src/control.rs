@@ -31,6 +31,20 @@ pub(crate) enum Kick {
     },
 }
 
+impl Kick {
+    /// How a connection the server API disconnects closes: 1012 (service
+    /// restart) when it may come back, which clients retry, else 1008.
+    pub(crate) fn disconnect_close(reason: String, reconnect: bool) -> crate::frame::CloseReason {
+        use crate::frame::close_code;
+        let code = if reconnect {
+            close_code::SERVICE_RESTART
+        } else {
+            close_code::POLICY
+        };
+        crate::frame::CloseReason::new(code, reason, "disconnected")
+    }
+}
+
 /// One connection's entry in [`Sessions`].
 #[derive(Debug, Default)]
 pub(crate) struct ConnControl {

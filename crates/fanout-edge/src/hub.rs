@@ -240,8 +240,6 @@ const SHARD_SIZE: usize = 256;
 /// first.
 struct Batch {
     topic: String,
-    /// The channel's name (Socket.IO namespaces are `/<name>`).
-    name: String,
     /// When the channel task handed the batch to its shards.
     created: std::time::Instant,
     events: Vec<Event>,
@@ -254,9 +252,17 @@ struct Batch {
 }
 
 impl Batch {
+    /// The channel's name, the topic without `realtime:` (Socket.IO
+    /// namespaces are `/<name>`).
+    fn name(&self) -> &str {
+        self.topic
+            .strip_prefix(fanout_core::channel::TOPIC_PREFIX)
+            .unwrap_or(&self.topic)
+    }
+
     fn frame(&self, i: usize, wire: Wire) -> Option<&Bytes> {
         self.encoded[i][wire.slot()]
-            .get_or_init(|| wire.event(&self.topic, &self.name, &self.events[i], false))
+            .get_or_init(|| wire.event(&self.topic, self.name(), &self.events[i], false))
             .as_ref()
     }
 
@@ -280,7 +286,7 @@ impl Batch {
         let data = change.data(&self.events[i].payload, matched.columns.as_deref());
         let f = m
             .wire
-            .change(&key.1, &self.name, &self.events[i], &data, &key.2, false)?;
+            .change(&key.1, self.name(), &self.events[i], &data, &key.2, false)?;
         frames.insert(key, f.clone());
         Some(f)
     }
@@ -660,7 +666,6 @@ impl ChannelTask {
         let changes = events.iter().map(|_| OnceLock::new()).collect();
         let batch = Arc::new(Batch {
             topic: self.topic.clone(),
-            name: self.channel.name().to_owned(),
             created: std::time::Instant::now(),
             events,
             encoded,

@@ -255,13 +255,13 @@ impl RoomConn {
         self.token_exp = claims.as_ref().and_then(|c| c.exp);
         self.write = if self.edge.config.auth.is_some() {
             let value = claims.as_ref().map_or(Value::Null, Claims::to_value);
-            let access = conn::read_access(&self.edge.config.policy, &self.channel, &value).map_err(|e| {
-                CloseReason::new(
-                    close_code::POLICY,
-                    e.replace("config.private: true", "?private=true"),
-                    "protocol",
-                )
-            })?;
+            let access = conn::read_access(
+                &self.edge.config.policy,
+                &self.channel,
+                &value,
+                "join with ?private=true",
+            )
+            .map_err(|e| CloseReason::new(close_code::POLICY, e, "protocol"))?;
             access.write
         } else {
             true
@@ -280,7 +280,7 @@ impl RoomConn {
             {
                 Ok(diff) => {
                     self.tracked = true;
-                    self.publish_diff(diff).await;
+                    conn::publish_diff(&self.edge, &self.channel, diff, self.origin).await;
                 }
                 Err(e) => self.send(error_frame(&format!("presence unavailable: {e}"))),
             }
@@ -355,26 +355,12 @@ impl RoomConn {
         })
     }
 
-    async fn publish_diff(&self, diff: fanout_core::PresenceDiff) {
-        if diff.is_empty() {
-            return;
-        }
-        let ev = Event::presence_diff(self.channel.clone(), &diff, Some(self.origin));
-        if let Err(e) = self.edge.bus.publish(ev).await {
-            metrics::counter!("fanout_bus_publish_errors_total").increment(1);
-            tracing::warn!(error = %e, "presence diff not published");
-        }
-    }
-
     async fn leave(&mut self) {
         if let Some(id) = self.member.take() {
             self.edge.hub.leave(&self.channel, id);
         }
         if std::mem::take(&mut self.tracked) {
-            match self.edge.presence.untrack(&self.channel, self.origin).await {
-                Ok(diff) => self.publish_diff(diff).await,
-                Err(e) => tracing::warn!(error = %e, "presence untrack failed"),
-            }
+            conn::untrack(&self.edge, &self.channel, self.origin).await;
         }
     }
 
@@ -492,14 +478,7 @@ impl RoomConn {
                     return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
                 }
                 Kick::Unsubscribe { .. } => {}
-                Kick::Disconnect { reason, reconnect } => {
-                    let code = if reconnect {
-                        close_code::SERVICE_RESTART
-                    } else {
-                        close_code::POLICY
-                    };
-                    return Some(CloseReason::new(code, reason, "disconnected"));
-                }
+                Kick::Disconnect { reason, reconnect } => return Some(Kick::disconnect_close(reason, reconnect)),
             }
         }
         None

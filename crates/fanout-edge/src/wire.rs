@@ -2,10 +2,10 @@
 //!
 //! The hub is one fan-out for every protocol front: a channel's members may
 //! speak Supabase Realtime (Phoenix Channels, either version), Socket.IO or
-//! plain room JSON.
-//! Room clients too. Each event is encoded at most once per [`Wire`] (a slot per kind in the
-//! batch) and the same bytes go to every member of that kind, so a message
-//! published by any protocol reaches members of every protocol.
+//! plain room JSON. Each event is encoded at most once per [`Wire`] (a slot
+//! per kind in the batch) and the same bytes go to every member of that
+//! kind, so a message published by any protocol reaches members of every
+//! protocol.
 
 use bytes::Bytes;
 use fanout_core::Event;
@@ -67,9 +67,7 @@ impl Wire {
             Self::Room => crate::room::event_frame(ev),
         }
     }
-}
 
-impl Wire {
     /// The frame of a database change whose bindings `ids` matched, with
     /// `data` its record as this member may see it. `None` for framings
     /// without database changes (rooms).

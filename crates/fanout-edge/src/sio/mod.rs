@@ -483,9 +483,13 @@ impl Session {
             return Ok(true);
         }
         let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        conn::read_access(&self.edge.config.policy, channel, &value)
-            .map(|a| a.write)
-            .map_err(|e| e.replace("config.private: true", "the channel marked private"))
+        conn::read_access(
+            &self.edge.config.policy,
+            channel,
+            &value,
+            "join with the channel marked private",
+        )
+        .map(|a| a.write)
     }
 
     async fn connect(&mut self, nsp: &str, data: Option<&RawValue>) {
@@ -744,14 +748,16 @@ impl Session {
                 &format!("event name {name:?} is reserved by Socket.IO"),
             );
         }
-        if name.len() > 255 {
-            return self.refuse(nsp, id, "bad_payload", "event name is longer than 255 bytes");
-        }
+        // The Supabase front's rule (event names travel in one length byte).
+        let b = match crate::protocol::Broadcast::checked(name.to_owned(), payload, binary) {
+            Ok(b) => b,
+            Err(e) => return self.refuse(nsp, id, e.label, &e.reason),
+        };
         if !m.write {
             let reason = format!("not allowed to broadcast on {}: this token may only read it", m.channel);
             return self.refuse(nsp, id, "forbidden", &reason);
         }
-        let mut ev = Event::broadcast(m.channel.clone(), name, payload, binary, Some(self.origin));
+        let mut ev = Event::broadcast(m.channel.clone(), &b.event, b.payload, b.binary, Some(self.origin));
         if let Err(reason) = self.edge.stamp_sender(&mut ev, ns.sub()) {
             return self.refuse(nsp, id, "forbidden", &reason);
         }
@@ -886,14 +892,13 @@ impl Session {
                     }
                 }
                 Kick::Disconnect { reason, reconnect } => {
-                    if reconnect {
-                        return Some(CloseReason::new(close_code::SERVICE_RESTART, reason, "disconnected"));
+                    if !reconnect {
+                        let all: Vec<String> = self.namespaces.keys().cloned().collect();
+                        for nsp in all {
+                            self.end_namespace(&nsp);
+                        }
                     }
-                    let all: Vec<String> = self.namespaces.keys().cloned().collect();
-                    for nsp in all {
-                        self.end_namespace(&nsp);
-                    }
-                    return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
+                    return Some(Kick::disconnect_close(reason, reconnect));
                 }
             }
         }
