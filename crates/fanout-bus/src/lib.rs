@@ -20,6 +20,10 @@
 //! - [`presence`]: the [`PresenceStore`] contract and [`MemoryPresence`].
 //! - [`control`]: the [`Control`] contract (commands to every edge, one
 //!   report back from each), [`MemoryControl`] and [`NatsControl`].
+//! - [`members`]: the membership mirror ([`MemberMirror`]) edges decide
+//!   `member.<set>` rules from, and the [`MemberStore`] the ingester writes
+//!   it through: [`MemoryMembers`], or [`NatsMembers`] over a JetStream
+//!   key-value bucket.
 //!
 //! # What it does not do
 //! It holds no client sockets and serves no HTTP (that is `fanout-edge`), and
@@ -31,12 +35,14 @@ use fanout_core::metric::Metric;
 
 pub mod bus;
 pub mod control;
+pub mod members;
 pub mod memory;
 pub mod nats;
 pub mod presence;
 
 pub use bus::{BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription};
 pub use control::{Command, CommandHandler, Control, MemoryControl, NatsControl, NodeReport};
+pub use members::{MemberChange, MemberMirror, MemberStore, MemberUpdate, MemoryMembers, NatsMembers};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsConfig};
 pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore};
@@ -44,6 +50,18 @@ pub use presence::{LocalPresences, MemoryPresence, PresenceError, PresenceStore}
 /// Every metric the bus (the NATS bus; the memory bus emits none) emits, for the binary to describe and register
 /// at zero when it installs the recorder (see [`fanout_core::metric`]).
 pub const METRICS: &[Metric] = &[
+    Metric::gauge(
+        "fanout_members_rows",
+        "Membership rows (user, value) in this process's mirror of the membership sets.",
+    ),
+    Metric::gauge(
+        "fanout_members_revision",
+        "The membership mirror's revision (the bucket's sequence) this process has reached.",
+    ),
+    Metric::counter(
+        "fanout_members_updates_total",
+        "Users whose memberships changed in this process's mirror.",
+    ),
     Metric::counter(
         "fanout_bus_ephemeral_published_total",
         "Ephemeral broadcasts published on core NATS only (never stored).",

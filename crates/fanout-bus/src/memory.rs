@@ -269,6 +269,7 @@ mod tests {
             position: 0,
             published_at_ms: now_ms(),
             sender: None,
+            memberships: 0,
         }
     }
 

@@ -333,6 +333,11 @@ impl NatsBus {
 
     /// The publishing connection, for the control seam
     /// ([`NatsControl`](crate::NatsControl)) to share.
+    /// How many replicas the streams keep.
+    pub fn replicas(&self) -> usize {
+        self.config.replicas
+    }
+
     pub fn client(&self) -> async_nats::Client {
         self.client.clone()
     }

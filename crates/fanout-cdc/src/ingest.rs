@@ -20,13 +20,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fanout_bus::{Bus, BusError};
+use fanout_bus::{Bus, BusError, MemberStore};
 use fanout_core::Event;
 use fanout_core::changes::Routes;
+use fanout_core::membership::MembershipSet;
 use futures_util::FutureExt;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::members::MemberState;
 use crate::pgoutput::{self, Message};
 use crate::record::{Catalog, RecordError};
 use crate::value::commit_timestamp;
@@ -46,6 +48,10 @@ pub struct CdcConfig {
     /// Once shutdown is requested, how long the session may take to finish a
     /// publish in flight and stop the stream before it is dropped.
     pub stop_grace: Duration,
+    /// Membership sets to mirror (see [`crate::members`]), and the store
+    /// that holds the mirror. Both or neither.
+    pub memberships: Vec<MembershipSet>,
+    pub members: Option<Arc<dyn MemberStore>>,
 }
 
 impl CdcConfig {
@@ -58,6 +64,8 @@ impl CdcConfig {
             max_record_bytes: 1024 * 1024,
             standby_poll: Duration::from_secs(1),
             stop_grace: Duration::from_secs(10),
+            memberships: Vec::new(),
+            members: None,
         }
     }
 }
@@ -210,11 +218,11 @@ fn replication_config(config: &CdcConfig) -> Result<ReplicationConfig, CdcError>
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=1"))
 }
 
-fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn text(row: &[Option<bytes::Bytes>], i: usize) -> Option<String> {
+pub(crate) fn text(row: &[Option<bytes::Bytes>], i: usize) -> Option<String> {
     row.get(i)?.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
@@ -318,6 +326,75 @@ struct Transaction {
     changes: Vec<(String, Event)>,
 }
 
+/// The membership mirror this session writes: the sets' state, the
+/// snapshot's consistent point and the revision the store last answered.
+struct Mirror<'a> {
+    store: &'a dyn MemberStore,
+    sets: &'a [MembershipSet],
+    state: MemberState,
+    /// Membership changes of transactions committed before it are in the
+    /// snapshot already.
+    consistent: u64,
+    revision: u64,
+}
+
+impl<'a> Mirror<'a> {
+    /// Reads the sets at a consistent point and makes the store hold them.
+    async fn load(
+        config: &'a CdcConfig,
+        client: &mut ReplicationClient,
+        repl: &ReplicationConfig,
+    ) -> Result<Option<Mirror<'a>>, CdcError> {
+        let Some(store) = config.members.as_deref() else {
+            return Ok(None);
+        };
+        if config.memberships.is_empty() {
+            return Ok(None);
+        }
+        crate::members::check_tables(client, &config.publication, &config.memberships).await?;
+        let started = Instant::now();
+        let (state, consistent) = crate::members::snapshot(repl.clone(), &config.slot, &config.memberships).await?;
+        let rows = state.rows();
+        let revision = store.replace(state.full()).await?;
+        metrics::gauge!("fanout_cdc_membership_rows").set(rows as f64);
+        metrics::histogram!("fanout_cdc_membership_load_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(rows, at = %consistent, revision, took = ?started.elapsed(), "membership sets loaded");
+        Ok(Some(Mirror {
+            store,
+            sets: &config.memberships,
+            state,
+            consistent: consistent.as_u64(),
+            revision,
+        }))
+    }
+
+    /// Applies a change of a membership table from a transaction
+    /// committed at `commit_lsn` (skipped when the snapshot has it).
+    fn apply(&mut self, commit_lsn: u64, change: &fanout_core::ChangeRecord) {
+        if commit_lsn < self.consistent {
+            return;
+        }
+        for set in self.sets {
+            if set.schema == change.schema && set.table == change.table {
+                self.state.apply(set, change);
+            }
+        }
+    }
+
+    /// Writes the users changed since the last write; returns the revision
+    /// the changes published after it must be decided against.
+    async fn write(&mut self) -> Result<u64, CdcError> {
+        let updates = self.state.take_updates();
+        if !updates.is_empty() {
+            let n = updates.len() as u64;
+            self.revision = self.revision.max(self.store.update(updates).await?);
+            metrics::counter!("fanout_cdc_membership_updates_total").increment(n);
+            metrics::gauge!("fanout_cdc_membership_rows").set(self.state.rows() as f64);
+        }
+        Ok(self.revision)
+    }
+}
+
 /// Committed transactions waiting to be published.
 #[derive(Default)]
 struct Pending {
@@ -336,20 +413,25 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), CdcError> {
     let setup = async {
-        let mut client = ReplicationClient::connect_gated(repl).await.map_err(classify)?;
+        let mut client = ReplicationClient::connect_gated(repl.clone()).await.map_err(classify)?;
         // The session authenticates in the background: a refused login or a
         // missing privilege surfaces on the first query.
         prepare(&mut client, config).await.map_err(|e| match e {
             CdcError::Replication(e) => classify(e),
             other => other,
         })?;
+        // Before the stream starts: its first changes may need the sets.
+        let mirror = Mirror::load(config, &mut client, &repl).await.map_err(|e| match e {
+            CdcError::Replication(e) => classify(e),
+            other => other,
+        })?;
         client.start().await.map_err(classify)?;
         client.wait_started().await.map_err(classify)?;
-        Ok::<_, CdcError>(client)
+        Ok::<_, CdcError>((client, mirror))
     };
     // Nothing is published before the stream starts, so shutdown need not
     // wait for a setup (a connect to an unreachable server can take long).
-    let mut client = tokio::select! {
+    let (mut client, mut mirror) = tokio::select! {
         client = setup => client?,
         () = shutdown.cancelled() => return Ok(()),
     };
@@ -367,11 +449,11 @@ async fn session(
             match client.recv().now_or_never() {
                 Some(ev) if pending.changes.len() < MAX_BATCH => ev,
                 Some(ev) => {
-                    flush(&client, bus, &mut pending).await?;
+                    flush(&client, bus, &mut pending, mirror.as_mut()).await?;
                     ev
                 }
                 None => {
-                    flush(&client, bus, &mut pending).await?;
+                    flush(&client, bus, &mut pending, mirror.as_mut()).await?;
                     continue;
                 }
             }
@@ -415,6 +497,9 @@ async fn session(
                 let Some(t) = tx.as_mut() else { continue };
                 if let Some(record) = catalog.record(&message, &t.timestamp, config.max_record_bytes)? {
                     let change = &record.change;
+                    if let Some(m) = mirror.as_mut() {
+                        m.apply(t.commit_lsn, change);
+                    }
                     let channel = config
                         .routes
                         .channel_for_change(&change.schema, &change.table, change.row());
@@ -450,9 +535,22 @@ async fn session(
     }
 }
 
-/// Publishes the pending changes, then confirms their position to the slot.
-async fn flush(client: &ReplicationClient, bus: &dyn Bus, pending: &mut Pending) -> Result<(), CdcError> {
-    let batch = std::mem::take(pending);
+/// Writes the membership changes of the pending transactions, publishes
+/// their changes (stamped with the mirror's revision), then confirms their
+/// position to the slot.
+async fn flush(
+    client: &ReplicationClient,
+    bus: &dyn Bus,
+    pending: &mut Pending,
+    mirror: Option<&mut Mirror<'_>>,
+) -> Result<(), CdcError> {
+    let mut batch = std::mem::take(pending);
+    if let Some(m) = mirror {
+        let revision = m.write().await?;
+        for (_, ev) in &mut batch.changes {
+            ev.memberships = revision;
+        }
+    }
     let started = Instant::now();
     let n = batch.changes.len() as u64;
     if n > 0 {

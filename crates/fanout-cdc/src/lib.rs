@@ -8,6 +8,8 @@
 //!   Realtime types them (numbers, booleans, objects, ISO timestamps).
 //! - [`record`]: row messages to change records (`record`, `old_record`,
 //!   `columns`, `errors`), per the table's REPLICA IDENTITY.
+//! - [`members`]: the membership sets' mirror: a snapshot consistent with
+//!   a temporary slot's position, then the tables' changes from the stream.
 //! - [`ingest`]: the replication session: setup checks, slot creation,
 //!   standby while another instance holds the slot, group-committed
 //!   publishing with deduplication ids, and slot acknowledgement only after
@@ -22,6 +24,7 @@
 use fanout_core::metric::Metric;
 
 pub mod ingest;
+pub mod members;
 pub mod pgoutput;
 pub mod record;
 pub mod value;
@@ -56,6 +59,18 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "fanout_cdc_truncates_skipped_total",
         "Truncate messages skipped (Supabase Realtime does not deliver truncates either).",
+    ),
+    Metric::gauge(
+        "fanout_cdc_membership_rows",
+        "Membership rows (user, value) the ingester holds for the mirror.",
+    ),
+    Metric::histogram(
+        "fanout_cdc_membership_load_seconds",
+        "Time to read the membership tables' snapshot and write the mirror, per session start.",
+    ),
+    Metric::counter(
+        "fanout_cdc_membership_updates_total",
+        "Users whose memberships the ingester rewrote in the mirror.",
     ),
     Metric::counter(
         "fanout_cdc_reconnects_total",

@@ -57,6 +57,10 @@ pub struct Event {
     /// The verified `sub` of the client that sent a broadcast, when the
     /// edge stamps senders; clients see it as `meta.sub`.
     pub sender: Option<Arc<str>>,
+    /// For a database change: the revision of the membership mirror it
+    /// must be decided against (the ingester's last membership write
+    /// before it); an edge delivers it once its mirror reached it. 0: none.
+    pub memberships: u64,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -111,6 +115,7 @@ impl Event {
             position: 0,
             published_at_ms: now_ms(),
             sender: None,
+            memberships: 0,
         }
     }
 }

@@ -19,6 +19,9 @@
 //!   server API's keys ([`ApiKeys`]).
 //! - [`policy`]: channel and row policies decided from claims, and their
 //!   rule language ([`policy::expr`]).
+//! - [`membership`]: membership sets (`member.<name>` in rules), the
+//!   [`membership::Members`] an edge reads them through and the mirror's
+//!   key layout.
 //! - [`presence`]: [`PresenceSet`], one channel's presences with Phoenix
 //!   `presence_state` / `presence_diff` semantics.
 //! - [`limits`]: the [`Limits`] on everything a client controls.
@@ -36,6 +39,7 @@ pub mod channel;
 pub mod ephemeral;
 pub mod event;
 pub mod limits;
+pub mod membership;
 pub mod metric;
 pub mod policy;
 pub mod presence;

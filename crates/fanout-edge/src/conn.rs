@@ -77,6 +77,9 @@ struct Joined {
     /// The user (`sub`) the channel was joined as: the join's
     /// `access_token`, or the connection's token. A refresh must keep it.
     sub: Option<String>,
+    /// The claims the channel was joined (or last refreshed) with, to
+    /// re-decide it when memberships change.
+    claims: Option<Arc<Claims>>,
     /// May broadcast and track (the channel policy's `write`).
     write: bool,
     /// This socket gets `presence_state` and diffs: asked for at join, or
@@ -543,6 +546,7 @@ impl Conn {
                 ack: config.broadcast.ack,
                 presence_key,
                 sub: sub.inspect(|s| self.control.add_sub(s)),
+                claims: claims.map(Arc::new),
                 write: grant.access.write,
                 presence,
                 tracked: None,
@@ -802,7 +806,7 @@ impl Conn {
         }
         let policy = &self.edge.config.policy;
         let claims = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        let access = read_access(policy, channel, &claims, "join with config.private: true")?;
+        let access = read_access(&self.edge, channel, &claims, "join with config.private: true")?;
         for b in bindings
             .own
             .iter_mut()
@@ -829,7 +833,12 @@ impl Conn {
         };
         let policy = self.edge.config.policy.clone();
         let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        let access = policy.channel_access(joined.channel.name(), joined.channel.is_private(), &value);
+        let access = policy.channel_access(
+            joined.channel.name(),
+            joined.channel.is_private(),
+            &value,
+            &*self.edge.config.members,
+        );
         let rebind = |bindings: &Arc<[Binding]>| -> Result<Arc<[Binding]>, String> {
             let mut out = bindings.to_vec();
             for b in &mut out {
@@ -855,6 +864,7 @@ impl Conn {
             }
         };
         joined.write = access.write;
+        joined.claims = claims.cloned().map(Arc::new);
         if !own.is_empty() {
             self.edge.hub.set_changes(&joined.channel, self.id, own.clone());
         }
@@ -930,6 +940,24 @@ impl Conn {
                     }
                     return Some(Kick::disconnect_close(reason, reconnect));
                 }
+                Kick::Recheck { sub } => {
+                    let decided: Vec<(String, Access)> = self
+                        .joined
+                        .iter()
+                        .filter(|(_, j)| sub.is_none() || j.sub == sub)
+                        .filter_map(|(t, j)| Some((t.clone(), recheck(&self.edge, &j.channel, j.claims.as_deref())?)))
+                        .collect();
+                    for (topic, access) in decided {
+                        if access.read {
+                            if let Some(j) = self.joined.get_mut(&topic) {
+                                j.write = access.write;
+                            }
+                        } else if let Some(j) = self.joined.get(&topic) {
+                            let reason = revoked(&j.channel);
+                            self.end_channel(&topic, &reason).await;
+                        }
+                    }
+                }
             }
         }
         None
@@ -961,14 +989,22 @@ pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
 /// `claims`: its access, or why it may not read the channel.
 /// `private_hint` says how this protocol asks for the private channel.
 pub(crate) fn read_access(
-    policy: &Policy,
+    edge: &Edge,
     channel: &ChannelName,
     claims: &serde_json::Value,
     private_hint: &str,
 ) -> Result<Access, String> {
-    let access = policy.channel_access(channel.name(), channel.is_private(), claims);
+    let policy = &edge.config.policy;
+    let members = &edge.config.members;
+    let access = policy.channel_access(channel.name(), channel.is_private(), claims, &**members);
     if access.read {
         return Ok(access);
+    }
+    if policy.channel_reads_members(channel.name()) && !members.is_ready() {
+        return Err(format!(
+            "cannot decide {:?} yet: this edge is still loading the membership sets; retry shortly",
+            channel.name()
+        ));
     }
     Err(if channel.is_private() {
         format!(
@@ -979,6 +1015,26 @@ pub(crate) fn read_access(
     } else {
         format!("public channels are closed on this server: {private_hint}")
     })
+}
+
+/// After a membership change: what `claims` may now do on the joined
+/// `channel`, or `None` when its access does not follow memberships (a
+/// public channel, a rule without `member.…`, or policies not enforced).
+pub(crate) fn recheck(edge: &Edge, channel: &ChannelName, claims: Option<&Claims>) -> Option<Access> {
+    let policy = &edge.config.policy;
+    if edge.config.auth.is_none() || !channel.is_private() || !policy.channel_reads_members(channel.name()) {
+        return None;
+    }
+    let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
+    Some(policy.channel_access(channel.name(), true, &value, &*edge.config.members))
+}
+
+/// Why a channel [`recheck`] refused ends.
+pub(crate) fn revoked(channel: &ChannelName) -> String {
+    format!(
+        "access revoked: no membership grants private channel {:?} any longer",
+        channel.name()
+    )
 }
 
 /// Removes `origin`'s presence in `channel` and announces the diff.

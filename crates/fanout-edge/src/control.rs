@@ -29,6 +29,10 @@ pub(crate) enum Kick {
         channel: ChannelName,
         reason: String,
     },
+    /// The membership sets of `sub` (of everyone, when `None`) changed:
+    /// re-decide the private channels whose rules read them, and end those
+    /// the user may no longer read.
+    Recheck { sub: Option<String> },
 }
 
 impl Kick {
@@ -107,6 +111,14 @@ impl Sessions {
 
     pub(crate) fn unregister(&self, id: u64) {
         self.lock().remove(&id);
+    }
+
+    /// Leaves `kick` with every connection.
+    fn kick_all(&self, kick: &Kick) {
+        let targets: Vec<Arc<ConnControl>> = self.lock().values().cloned().collect();
+        for c in &targets {
+            c.push(kick.clone());
+        }
     }
 
     /// Leaves `kick` with every connection acting for `sub`; how many.
@@ -217,5 +229,47 @@ mod tests {
         sessions.unregister(1);
         assert_eq!(sessions.kick("alice", &kick), 1);
         assert_eq!(sessions.kick("nobody", &kick), 0);
+    }
+}
+
+/// Follows the membership mirror: each user whose memberships changed gets
+/// a [`Kick::Recheck`] on every connection acting for them (everyone's
+/// connections when the feed lagged, or when a set's user is not the
+/// `sub` claim, which connections are registered by). Runs until
+/// shutdown; only started when membership sets are configured.
+pub(crate) async fn follow_memberships(edge: Weak<Edge>, shutdown: tokio_util::sync::CancellationToken) {
+    let Some(mirror) = edge.upgrade().map(|e| e.config.members.clone()) else {
+        return;
+    };
+    let mut changes = mirror.changes();
+    loop {
+        let change = tokio::select! {
+            c = changes.recv() => c,
+            () = shutdown.cancelled() => return,
+        };
+        let Some(edge) = edge.upgrade() else { return };
+        let by_sub = |set: &str| {
+            edge.config
+                .policy
+                .memberships
+                .get(set)
+                .is_some_and(|s| s.claim.len() == 1 && s.claim[0] == "sub")
+        };
+        match change {
+            Ok(c) if by_sub(&c.set) => {
+                let n = edge.sessions.kick(
+                    &c.user,
+                    &Kick::Recheck {
+                        sub: Some(c.user.clone()),
+                    },
+                );
+                metrics::counter!("fanout_members_rechecks_total").increment(n);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                edge.sessions.kick_all(&Kick::Recheck { sub: None });
+                metrics::counter!("fanout_members_rechecks_total").increment(1);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }

@@ -318,7 +318,12 @@ fn refuse_write(edge: &Edge, ev: &mut Event, claims: Option<&fanout_core::Claims
     let policy = &edge.config.policy;
     let value = claims.map_or(serde_json::Value::Null, fanout_core::Claims::to_value);
     if !policy
-        .channel_access(ev.channel.name(), ev.channel.is_private(), &value)
+        .channel_access(
+            ev.channel.name(),
+            ev.channel.is_private(),
+            &value,
+            &*edge.config.members,
+        )
         .write
     {
         return Some(format!(

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_core::changes::Binding;
+use fanout_core::membership::Members;
 use fanout_core::{ChangeRecord, ChannelName, Event, EventKind, Origin, Position};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -28,7 +29,7 @@ use crate::protocol::{Encoder, Vsn};
 use crate::room::Roster;
 use crate::wire::Wire;
 use crate::writer::ConnWriter;
-use fanout_bus::{Bus, PresenceStore, Replay, Subscription};
+use fanout_bus::{Bus, MemberMirror, PresenceStore, Replay, Subscription};
 
 /// One connection's membership in a channel: either the channel's own
 /// topic, or a *change feed*, the database changes routed to this channel
@@ -95,6 +96,8 @@ struct Entry {
 struct Inner {
     bus: Arc<dyn Bus>,
     presence: Arc<dyn PresenceStore>,
+    /// The membership sets row rules read (`member.<set>`).
+    members: Arc<MemberMirror>,
     channels: Mutex<HashMap<ChannelName, Entry>>,
     next_generation: std::sync::atomic::AtomicU64,
     linger: Duration,
@@ -120,6 +123,7 @@ impl Hub {
     pub fn new(
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
+        members: Arc<MemberMirror>,
         linger: Duration,
         tasks: TaskTracker,
         shutdown: CancellationToken,
@@ -128,6 +132,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 bus,
                 presence,
+                members,
                 channels: Mutex::new(HashMap::new()),
                 next_generation: std::sync::atomic::AtomicU64::new(1),
                 linger,
@@ -227,6 +232,9 @@ impl Hub {
     }
 }
 
+/// How long a change waits for the membership mirror to reach its stamp.
+const MEMBERS_WAIT: Duration = Duration::from_secs(10);
+
 /// Events taken from the bus in one go when several are waiting.
 const MAX_BATCH: usize = 64;
 
@@ -249,6 +257,8 @@ struct Batch {
     /// Database change frames by (event, topic, matching binding ids, vsn):
     /// members with the same topic and bindings share one encoding.
     change_frames: Mutex<HashMap<ChangeFrameKey, Bytes>>,
+    /// The membership sets row rules read.
+    members: Arc<MemberMirror>,
 }
 
 impl Batch {
@@ -273,7 +283,7 @@ impl Batch {
         let change = self.changes[i]
             .get_or_init(|| Change::decode(&self.events[i].payload))
             .as_ref()?;
-        let matched = change.matching(bindings);
+        let matched = change.matching(bindings, &*self.members);
         if matched.ids.is_empty() {
             return None;
         }
@@ -328,7 +338,7 @@ impl Change {
     /// The bindings this change is for. A filter or row rule that cannot
     /// be evaluated on the row only excludes its own binding, and is
     /// counted.
-    fn matching(&self, bindings: &[Binding]) -> Matched {
+    fn matching(&self, bindings: &[Binding], members: &dyn Members) -> Matched {
         let r = &self.record;
         let row = r.row();
         let mut columns = None;
@@ -345,7 +355,7 @@ impl Change {
             })
             .filter(|b| match &b.access {
                 None => true,
-                Some(rule) => rule.allows(row).unwrap_or_else(|e| {
+                Some(rule) => rule.allows(row, members).unwrap_or_else(|e| {
                     metrics::counter!("fanout_row_policy_errors_total").increment(1);
                     tracing::debug!(error = %e, rule = rule.source(), "row rule failed for one binding");
                     false
@@ -469,6 +479,7 @@ impl ChannelTask {
                                 Err(_) => break,
                             }
                         }
+                        self.await_members(&batch).await;
                         self.dispatch(batch);
                     }
                     None => {
@@ -493,6 +504,33 @@ impl ChannelTask {
                     idle_since = Some(Instant::now());
                 }
             }
+        }
+    }
+
+    /// Holds a batch until the membership mirror reached the revision its
+    /// changes were stamped with (the ingester's membership writes before
+    /// them), so a change committed after a membership row is decided with
+    /// it. Bounded: past [`MEMBERS_WAIT`] the batch goes out as the mirror
+    /// stands, and the wait is counted.
+    async fn await_members(&self, batch: &[Event]) {
+        let Some(stamp) = batch.iter().map(|e| e.memberships).max().filter(|&s| s > 0) else {
+            return;
+        };
+        let members = &self.hub.inner.members;
+        if members.revision() >= stamp {
+            return;
+        }
+        let started = Instant::now();
+        let reached = members.wait_for(stamp, MEMBERS_WAIT).await;
+        metrics::histogram!("fanout_members_wait_seconds").record(started.elapsed().as_secs_f64());
+        if !reached {
+            metrics::counter!("fanout_members_wait_timeouts_total").increment(1);
+            tracing::warn!(
+                channel = %self.channel,
+                stamp,
+                reached = members.revision(),
+                "membership mirror did not reach a change's revision in time; delivering as it stands"
+            );
         }
     }
 
@@ -543,7 +581,7 @@ impl ChannelTask {
                     preface.extend(events.iter().filter_map(|ev| match ev.kind {
                         EventKind::PostgresChange => {
                             let change = Change::decode(&ev.payload)?;
-                            let matched = change.matching(member.changes.as_deref()?);
+                            let matched = change.matching(member.changes.as_deref()?, &*self.hub.inner.members);
                             if matched.ids.is_empty() {
                                 return None;
                             }
@@ -671,6 +709,7 @@ impl ChannelTask {
             encoded,
             changes,
             change_frames: Mutex::new(HashMap::new()),
+            members: self.hub.inner.members.clone(),
         });
         let channel_topic: Arc<str> = Arc::from(self.topic.as_str());
         for shard in self.shards.iter().filter(|s| s.len > 0) {

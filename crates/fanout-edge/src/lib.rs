@@ -86,6 +86,10 @@ pub struct EdgeConfig {
     pub api_port: Option<u16>,
     /// The Socket.IO endpoint (`/socket.io/`).
     pub socketio: sio::SocketIoConfig,
+    /// The membership sets `member.<set>` rules read (empty without
+    /// `auth.memberships`): the in-process store's mirror standalone, the
+    /// watched bucket's in a cluster.
+    pub members: Arc<fanout_bus::MemberMirror>,
 }
 
 impl Default for EdgeConfig {
@@ -100,6 +104,7 @@ impl Default for EdgeConfig {
             policy: Arc::default(),
             api_port: None,
             socketio: sio::SocketIoConfig::default(),
+            members: fanout_bus::MemberMirror::new(),
         }
     }
 }
@@ -157,12 +162,14 @@ impl Edge {
         let hub = Hub::new(
             bus.clone(),
             presence.clone(),
+            config.members.clone(),
             config.channel_linger,
             tasks.clone(),
             shutdown.clone(),
         );
         let admission = Arc::new(admission::Admission::new(&config.limits));
-        Arc::new(Self {
+        let follow = !config.policy.memberships.is_empty();
+        let edge = Arc::new(Self {
             node,
             config,
             hub,
@@ -176,7 +183,14 @@ impl Edge {
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
-        })
+        });
+        if follow {
+            edge.tasks.spawn(control::follow_memberships(
+                Arc::downgrade(&edge),
+                edge.shutdown.clone(),
+            ));
+        }
+        edge
     }
 
     pub(crate) fn next_conn_id(&self) -> u64 {

@@ -172,6 +172,8 @@ struct RoomConn {
     session: String,
     user: String,
     write: bool,
+    /// The token's claims, to re-decide the room when memberships change.
+    claims: Option<Claims>,
     /// The member's id in the channel, once joined.
     member: Option<u64>,
     tracked: bool,
@@ -206,6 +208,7 @@ pub(crate) async fn serve<R>(
         session: client.session.clone(),
         user: String::new(),
         write: false,
+        claims: None,
         member: None,
         tracked: false,
         token_exp: None,
@@ -255,17 +258,13 @@ impl RoomConn {
         self.token_exp = claims.as_ref().and_then(|c| c.exp);
         self.write = if self.edge.config.auth.is_some() {
             let value = claims.as_ref().map_or(Value::Null, Claims::to_value);
-            let access = conn::read_access(
-                &self.edge.config.policy,
-                &self.channel,
-                &value,
-                "join with ?private=true",
-            )
-            .map_err(|e| CloseReason::new(close_code::POLICY, e, "protocol"))?;
+            let access = conn::read_access(&self.edge, &self.channel, &value, "join with ?private=true")
+                .map_err(|e| CloseReason::new(close_code::POLICY, e, "protocol"))?;
             access.write
         } else {
             true
         };
+        self.claims = claims;
         // Tracked before the join, so the welcome (read from the presence
         // state when the channel task takes the join) always lists the
         // joiner's own user, and its own join notice is not sent to it.
@@ -478,6 +477,18 @@ impl RoomConn {
                     return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
                 }
                 Kick::Unsubscribe { .. } => {}
+                Kick::Recheck { sub } if sub.is_none() || sub.as_deref() == Some(self.user.as_str()) => {
+                    match conn::recheck(&self.edge, &self.channel, self.claims.as_ref()) {
+                        Some(access) if !access.read => {
+                            let reason = conn::revoked(&self.channel);
+                            self.send(error_frame(&reason));
+                            return Some(CloseReason::new(close_code::POLICY, reason, "disconnected"));
+                        }
+                        Some(access) => self.write = access.write,
+                        None => {}
+                    }
+                }
+                Kick::Recheck { .. } => {}
                 Kick::Disconnect { reason, reconnect } => return Some(Kick::disconnect_close(reason, reconnect)),
             }
         }

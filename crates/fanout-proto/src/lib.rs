@@ -54,6 +54,7 @@ pub fn encode_event(event: &Event) -> Bytes {
         }),
         published_at_ms: event.published_at_ms,
         sender: event.sender.as_deref().map(str::to_owned),
+        memberships: event.memberships,
     };
     Bytes::from(envelope.encode_to_vec())
 }
@@ -80,6 +81,7 @@ pub fn decode_event(bytes: &[u8], position: Position) -> Result<Event, DecodeErr
         position,
         published_at_ms: envelope.published_at_ms,
         sender: envelope.sender.map(Arc::from),
+        memberships: envelope.memberships,
     })
 }
 
@@ -99,6 +101,7 @@ mod tests {
             position: 0,
             published_at_ms: 1_700_000_000_000,
             sender: Some(Arc::from("user-1")),
+            memberships: 17,
         };
         let decoded = decode_event(&encode_event(&event), 42).unwrap();
         assert_eq!(decoded, Event { position: 42, ..event });

@@ -180,6 +180,10 @@ settings! {
     "auth.tables", "FANOUT_AUTH_TABLES", "auth-tables", "RULES", None,
         "Row rules per table ([auth.tables.\"schema.table\"] with read, columns); as a variable or flag, a TOML \
          inline table: {'public.notes' = {read = 'user_id == claims.sub'}}";
+    "auth.memberships", "FANOUT_AUTH_MEMBERSHIPS", "auth-memberships", "SETS", None,
+        "Membership sets rules read as member.<name> ([auth.memberships.<name>] with table, user, value and \
+         optionally claim, default sub), mirrored by the ingester from the table; as a variable or flag, a TOML \
+         inline table: {workshops = {table = 'public.workshop_participants', user = 'user_id', value = 'session_id'}}";
     "limits.max_frame_bytes", "FANOUT_MAX_FRAME_BYTES", "max-frame-bytes", "BYTES", Some("1048576"),
         "Largest client message in bytes";
     "limits.max_channels_per_connection", "FANOUT_MAX_CHANNELS_PER_CONNECTION", "max-channels-per-connection", "N",
@@ -420,6 +424,19 @@ struct ChannelRules(Vec<ChannelRuleSpec>);
 #[serde(transparent)]
 struct TableRules(BTreeMap<String, TableRuleSpec>);
 
+/// `auth.memberships`: a table of tables in the file, a TOML inline table
+/// in a variable or flag.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+struct MembershipSets(BTreeMap<String, fanout_core::membership::MembershipSpec>);
+
+impl FromStr for MembershipSets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        inline_toml(s)
+    }
+}
+
 /// Parses a one-line TOML value (an inline array or table).
 fn inline_toml<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     #[derive(serde::Deserialize)]
@@ -593,6 +610,7 @@ impl Reader<'_, '_> {
 fn read_policy(r: &mut Reader<'_, '_>) -> Policy {
     let channels = r.opt::<ChannelRules>("auth.channels").unwrap_or_default();
     let tables = r.opt::<TableRules>("auth.tables").unwrap_or_default();
+    let memberships = r.opt::<MembershipSets>("auth.memberships").unwrap_or_default();
     let bypass: String = r.get("auth.bypass_role");
     let bind_presence: bool = r.get("auth.bind_presence_key");
     let presence_claim: String = r.get("auth.presence_key_claim");
@@ -604,7 +622,7 @@ fn read_policy(r: &mut Reader<'_, '_>) -> Policy {
         stamp_sender: r.get("auth.stamp_sender"),
         ..Policy::default()
     };
-    match base.clone().with_rules(&channels.0, &tables.0) {
+    match base.clone().with_memberships(&memberships.0, &channels.0, &tables.0) {
         Ok(policy) => policy,
         Err(errors) => {
             r.errors.extend(errors.into_iter().map(|e| format!("auth policy: {e}")));
@@ -1031,6 +1049,61 @@ mod tests {
         assert!(!c.cdc_routes.is_empty());
         assert_eq!((c.cdc_slot.as_str(), c.cdc_publication.as_str()), ("fanout", "fanout"));
         let err = load("", &[("FANOUT_CDC_ROUTES", "nodot=x:{y}")], &[("cdc-slot", "Bad-Slot")]).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn membership_sets_as_the_readme_spells_them() {
+        let file = r#"
+[auth.memberships.workshops]
+table = "public.workshop_participants"
+user  = "user_id"
+value = "session_id"
+
+[auth.tables."public.workshop_activities"]
+read = "session_id in member.workshops"
+
+[[auth.channels]]
+pattern = "workshop:{id}"
+read  = "{id} in member.workshops"
+write = "{id} in member.workshops"
+"#;
+        let c = load(file, &[], &[]).unwrap();
+        let set = &c.policy.memberships["workshops"];
+        assert_eq!(
+            (
+                set.qualified_table().as_str(),
+                set.user_column.as_str(),
+                set.value_column.as_str()
+            ),
+            ("public.workshop_participants", "user_id", "session_id")
+        );
+        assert!(c.policy.channel_reads_members("workshop:42"));
+        assert!(
+            c.policy
+                .table("public", "workshop_activities")
+                .unwrap()
+                .read
+                .reads_members()
+        );
+        // The same as an environment variable.
+        let c = load(
+            "",
+            &[(
+                "FANOUT_AUTH_MEMBERSHIPS",
+                "{teams = {table = 'team_members', user = 'uid', value = 'team_id', claim = 'app.uid'}}",
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.policy.memberships["teams"].claim, ["app", "uid"]);
+        // A rule naming a set that is not configured, and a bad set, are errors.
+        let err = load(
+            "[auth.memberships.bad]\ntable = \"t\"\nuser = \"u\"\nvalue = \"u\"\n\n[auth.tables.\"public.x\"]\nread = \"a in member.other\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(err.0.len(), 2, "{err}");
     }
 }

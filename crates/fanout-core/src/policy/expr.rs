@@ -11,6 +11,8 @@
 //!                                      segment may be quoted: claims."https://x".id)
 //!          | "{" name "}"              a part captured from the channel name
 //!          | column | "row." column    a column of the changed row (row rules)
+//!          | "member." set               the values of a membership set for the
+//!                                      token's user (right side of `in` only)
 //!          | 'text' | "text" | number | true | false | null
 //!          | "[" operand { "," operand } "]"
 //! ```
@@ -23,11 +25,21 @@
 //! `x in list` is true when `x` equals an element; a right side that is not a
 //! list (and not `null`) is an evaluation error, as is a missing column or
 //! ordering a number against a word.
+//!
+//! `member.<set>` ([`crate::membership`]) is read when the rule is decided,
+//! from the mirror the caller passes in [`Context::members`]: binding a
+//! row rule to a token fixes whose memberships it reads, not what they are,
+//! so a membership granted or revoked later applies to the next change.
 
 use std::cmp::Ordering;
 use std::fmt;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
+
+use crate::membership::{Members, MembershipSet, NoMembers};
 
 /// Where a rule is used: what its operands may refer to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +91,16 @@ enum Operand {
     Claim(Vec<String>),
     Capture(String),
     Column(String),
+    /// `member.<set>`, read for the user named by the claim at `claim`.
+    Member {
+        set: String,
+        claim: Vec<String>,
+    },
+    /// `member.<set>` bound to one user.
+    MemberOf {
+        set: String,
+        user: String,
+    },
     Lit(Value),
     List(Vec<Operand>),
 }
@@ -95,23 +117,41 @@ enum Op {
     NotIn,
 }
 
-/// What a rule reads besides the row: the token's claims (a JSON object) and
-/// the channel's captures.
-#[derive(Debug, Clone, Copy)]
+/// What a rule reads besides the row: the token's claims (a JSON object),
+/// the channel's captures and the membership sets.
+#[derive(Clone, Copy)]
 pub struct Context<'a> {
     pub claims: &'a Value,
     pub captures: &'a [(String, String)],
+    pub members: &'a dyn Members,
 }
 
+/// No membership sets configured.
+static NO_SETS: BTreeMap<String, MembershipSet> = BTreeMap::new();
+
 impl Expr {
-    /// Parses `source` for `scope`.
+    /// Parses `source` for `scope`, on a server without membership sets.
     pub fn parse(source: &str, scope: Scope<'_>) -> Result<Self, RuleError> {
+        Self::parse_with_sets(source, scope, &NO_SETS)
+    }
+
+    /// Parses `source` for `scope`; `member.<name>` may name `sets`.
+    pub fn parse_with_sets(
+        source: &str,
+        scope: Scope<'_>,
+        sets: &BTreeMap<String, MembershipSet>,
+    ) -> Result<Self, RuleError> {
         let err = |reason: String| RuleError {
             rule: source.to_owned(),
             reason,
         };
         let tokens = lex(source).map_err(err)?;
-        let mut p = Parser { tokens, at: 0, scope };
+        let mut p = Parser {
+            tokens,
+            at: 0,
+            scope,
+            sets,
+        };
         let node = if p.tokens.len() == 1 && p.tokens[0] == Token::Word("public".into()) {
             p.at = 1;
             Node::Const(true)
@@ -132,17 +172,27 @@ impl Expr {
         &self.source
     }
 
+    /// Whether the rule reads membership sets.
+    pub fn reads_members(&self) -> bool {
+        node_reads_members(&self.node)
+    }
+
     /// Decides a rule that needs no row (a channel rule).
     pub fn eval(&self, ctx: Context<'_>) -> Result<bool, EvalError> {
         eval(&self.node, ctx, None)
     }
 
     /// Binds a row rule to one token: every claim becomes its value, and
-    /// every part that no longer depends on the row is decided now, so a
-    /// change costs only the column lookups left. `None` when the rule
-    /// holds for every row (`public`, or a claim that decides it).
+    /// every part that no longer depends on the row or on memberships is
+    /// decided now, so a change costs only the column lookups left. `None`
+    /// when the rule holds for every row (`public`, or a claim that
+    /// decides it).
     pub fn bind(&self, claims: &Value) -> Option<RowRule> {
-        let ctx = Context { claims, captures: &[] };
+        let ctx = Context {
+            claims,
+            captures: &[],
+            members: &NoMembers,
+        };
         match fold(&self.node, ctx) {
             Node::Const(true) => None,
             node => Some(RowRule {
@@ -167,13 +217,21 @@ pub struct RowRule {
 }
 
 impl RowRule {
-    /// Whether `row` may be sent to the subscriber.
-    pub fn allows(&self, row: &Map<String, Value>) -> Result<bool, EvalError> {
+    /// Whether `row` may be sent to the subscriber, with its memberships
+    /// as `members` has them now.
+    pub fn allows(&self, row: &Map<String, Value>, members: &dyn Members) -> Result<bool, EvalError> {
         let ctx = Context {
             claims: &Value::Null,
             captures: &[],
+            members,
         };
         eval(&self.node, ctx, Some(row))
+    }
+
+    /// Whether the rule reads membership sets (and so can change its
+    /// answer without a new token).
+    pub fn reads_members(&self) -> bool {
+        node_reads_members(&self.node)
     }
 
     /// The rule as written (for logs).
@@ -328,6 +386,7 @@ struct Parser<'a> {
     tokens: Vec<Token>,
     at: usize,
     scope: Scope<'a>,
+    sets: &'a BTreeMap<String, MembershipSet>,
 }
 
 impl Parser<'_> {
@@ -425,6 +484,12 @@ impl Parser<'_> {
             Err(e) => return Err(format!("{e}: expected a comparison after an operand")),
         };
         let right = self.operand()?;
+        if matches!(left, Operand::Member { .. }) {
+            return Err("member.<set> is a set: it goes on the right of `in` (x in member.<set>)".into());
+        }
+        if matches!(right, Operand::Member { .. }) && !matches!(op, Op::In | Op::NotIn) {
+            return Err("member.<set> is a set: compare with `in` or `not in`".into());
+        }
         Ok(Node::Cmp(left, op, right))
     }
 
@@ -457,7 +522,25 @@ impl Parser<'_> {
                 "false" => Ok(Operand::Lit(Value::Bool(false))),
                 "null" => Ok(Operand::Lit(Value::Null)),
                 "claims" => Ok(Operand::Claim(self.path("claims")?)),
-                "member" => Err("membership sets (member.…) are not configured on this server".into()),
+                "member" => {
+                    let path = self.path("member")?;
+                    let [name] = path.as_slice() else {
+                        return Err("member.<set> names one membership set".into());
+                    };
+                    match self.sets.get(name) {
+                        Some(set) => Ok(Operand::Member {
+                            set: name.clone(),
+                            claim: set.claim.clone(),
+                        }),
+                        None if self.sets.is_empty() => Err(format!(
+                            "member.{name}: no membership sets are configured (add [auth.memberships.{name}])"
+                        )),
+                        None => Err(format!(
+                            "member.{name}: no such membership set (configured: {})",
+                            self.sets.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                        )),
+                    }
+                }
                 "row" => {
                     let mut path = self.path("row")?;
                     if path.len() != 1 {
@@ -505,6 +588,8 @@ enum Val<'a> {
     Ref(&'a Value),
     Owned(Value),
     List(Vec<Val<'a>>),
+    /// A membership set's values for one user (none: empty).
+    Set(Option<Arc<[Value]>>),
 }
 
 impl Val<'_> {
@@ -512,7 +597,7 @@ impl Val<'_> {
         match self {
             Val::Ref(v) => Some(v),
             Val::Owned(v) => Some(v),
-            Val::List(_) => None,
+            Val::List(_) | Val::Set(_) => None,
         }
     }
 }
@@ -541,6 +626,11 @@ fn value<'a>(op: &'a Operand, ctx: Context<'a>, row: Option<&'a Map<String, Valu
             _ => return Err(EvalError::MissingColumn(name.clone())),
         },
         Operand::List(items) => Val::List(items.iter().map(|i| value(i, ctx, row)).collect::<Result<_, _>>()?),
+        Operand::Member { set, claim } => match crate::membership::user_of(ctx.claims, claim) {
+            Some(user) => Val::Set(ctx.members.values(set, &user)),
+            None => Val::Ref(&Value::Null),
+        },
+        Operand::MemberOf { set, user } => Val::Set(ctx.members.values(set, user)),
     })
 }
 
@@ -580,6 +670,7 @@ fn compare(l: &Val<'_>, op: Op, r: &Val<'_>) -> Result<bool, EvalError> {
             };
             let found = match r {
                 Val::List(items) => items.iter().any(|i| i.get().is_some_and(|v| equal(x, v))),
+                Val::Set(values) => values.as_deref().is_some_and(|vs| vs.iter().any(|v| equal(x, v))),
                 _ => match r.get() {
                     Some(Value::Array(items)) => items.iter().any(|v| equal(x, v)),
                     Some(Value::Null) => return Ok(false),
@@ -702,8 +793,9 @@ fn fold(node: &Node, ctx: Context<'_>) -> Node {
         }
         Node::Cmp(l, op, r) => {
             let (l, r) = (resolve(l, ctx), resolve(r, ctx));
-            if !mentions_row(&l) && !mentions_row(&r) {
-                // No row needed: decide now (an error is false, fail closed).
+            if !is_live(&l) && !is_live(&r) {
+                // Neither the row nor memberships needed: decide now (an
+                // error is false, fail closed).
                 let decided = eval(&Node::Cmp(l, *op, r), ctx, None).unwrap_or(false);
                 return Node::Const(decided);
             }
@@ -716,15 +808,34 @@ fn resolve(op: &Operand, ctx: Context<'_>) -> Operand {
     match op {
         Operand::Claim(path) => Operand::Lit(claim(ctx.claims, path).clone()),
         Operand::List(items) => Operand::List(items.iter().map(|i| resolve(i, ctx)).collect()),
+        Operand::Member { set, claim: path } => match crate::membership::user_of(ctx.claims, path) {
+            Some(user) => Operand::MemberOf { set: set.clone(), user },
+            // No user: the set is `null`, and `x in null` is false.
+            None => Operand::Lit(Value::Null),
+        },
         other => other.clone(),
     }
 }
 
-fn mentions_row(op: &Operand) -> bool {
+/// Whether an operand's value is only known when a change is decided: a
+/// column of the row, or a membership set (which may change after the
+/// rule was bound).
+fn is_live(op: &Operand) -> bool {
     match op {
-        Operand::Column(_) => true,
-        Operand::List(items) => items.iter().any(mentions_row),
+        Operand::Column(_) | Operand::MemberOf { .. } | Operand::Member { .. } => true,
+        Operand::List(items) => items.iter().any(is_live),
         _ => false,
+    }
+}
+
+fn node_reads_members(node: &Node) -> bool {
+    match node {
+        Node::Const(_) => false,
+        Node::Or(parts) | Node::And(parts) => parts.iter().any(node_reads_members),
+        Node::Not(inner) => node_reads_members(inner),
+        Node::Cmp(l, _, r) => [l, r]
+            .iter()
+            .any(|o| matches!(o, Operand::Member { .. } | Operand::MemberOf { .. })),
     }
 }
 
@@ -744,7 +855,7 @@ mod tests {
     fn allows(rule: &str, claims: Value, r: Value) -> Result<bool, EvalError> {
         match row_rule(rule).bind(&claims) {
             None => Ok(true),
-            Some(bound) => bound.allows(&row(r)),
+            Some(bound) => bound.allows(&row(r), &NoMembers),
         }
     }
 
@@ -794,6 +905,7 @@ mod tests {
             let ctx = Context {
                 claims,
                 captures: &caps,
+                members: &NoMembers,
             };
             (read.eval(ctx).unwrap(), write.eval(ctx).unwrap())
         };
@@ -830,7 +942,7 @@ mod tests {
             Node::Cmp(Operand::Column("session_id".into()), Op::In, Operand::Lit(json!([1])))
         );
         let never = row_rule("claims.role == 'admin' and user_id == claims.sub").bind(&json!({"role": "x"}));
-        assert_eq!(never.unwrap().allows(&row(json!({}))), Ok(false));
+        assert_eq!(never.unwrap().allows(&row(json!({})), &NoMembers), Ok(false));
     }
 
     #[test]
@@ -898,5 +1010,100 @@ mod tests {
         assert!(reason("claims == 1", Scope::Row).contains("claims.<name>"));
         assert!(reason("x in member.workshops", Scope::Row).contains("membership"));
         assert!(reason("(id == 1", Scope::Row).contains("ends too early"));
+    }
+
+    /// A fixed mirror for the tests.
+    struct Fixed(std::collections::HashMap<(String, String), Arc<[Value]>>);
+
+    impl Members for Fixed {
+        fn values(&self, set: &str, user: &str) -> Option<Arc<[Value]>> {
+            self.0.get(&(set.to_owned(), user.to_owned())).cloned()
+        }
+    }
+
+    fn sets() -> BTreeMap<String, MembershipSet> {
+        let spec = crate::membership::MembershipSpec {
+            table: "public.workshop_participants".into(),
+            user: "user_id".into(),
+            value: "session_id".into(),
+            claim: None,
+        };
+        let set = MembershipSet::from_spec("workshops", &spec).unwrap();
+        BTreeMap::from([("workshops".to_owned(), set)])
+    }
+
+    #[test]
+    fn member_sets_are_read_when_a_change_is_decided() {
+        let rule = Expr::parse_with_sets("session_id in member.workshops", Scope::Row, &sets()).unwrap();
+        assert!(rule.reads_members());
+        let bound = rule
+            .bind(&json!({"sub": "u1"}))
+            .expect("depends on the row and the mirror");
+        assert!(bound.reads_members());
+        let mut mirror = Fixed(Default::default());
+        let r7 = row(json!({"session_id": 7}));
+        let r42 = row(json!({"session_id": "42"}));
+        assert_eq!(bound.allows(&r7, &mirror), Ok(false), "no memberships yet");
+        mirror
+            .0
+            .insert(("workshops".into(), "u1".into()), Arc::from(vec![json!(7)]));
+        assert_eq!(bound.allows(&r7, &mirror), Ok(true));
+        assert_eq!(bound.allows(&r42, &mirror), Ok(false));
+        // Granted later: the same bound rule sees it.
+        mirror
+            .0
+            .insert(("workshops".into(), "u1".into()), Arc::from(vec![json!(7), json!(42)]));
+        assert_eq!(bound.allows(&r42, &mirror), Ok(true), "text 42 equals number 42");
+        // Another user's memberships are not this token's.
+        let other = rule.bind(&json!({"sub": "u2"})).unwrap();
+        assert_eq!(other.allows(&r7, &mirror), Ok(false));
+        // A token without the claim has no memberships at all.
+        assert_eq!(rule.bind(&json!({})).unwrap().allows(&r7, &mirror), Ok(false));
+        let not_in = Expr::parse_with_sets("session_id not in member.workshops", Scope::Row, &sets()).unwrap();
+        assert_eq!(
+            not_in.bind(&json!({"sub": "u2"})).unwrap().allows(&r7, &mirror),
+            Ok(true)
+        );
+        assert_eq!(
+            not_in.bind(&json!({"sub": "u1"})).unwrap().allows(&r7, &mirror),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn channel_rules_read_member_sets_with_captures() {
+        let captures = ["id".to_owned()];
+        let chan = Scope::Channel { captures: &captures };
+        let rule = Expr::parse_with_sets("{id} in member.workshops", chan, &sets()).unwrap();
+        let mirror = Fixed(std::collections::HashMap::from([(
+            ("workshops".to_owned(), "u1".to_owned()),
+            Arc::from(vec![json!(42)]),
+        )]));
+        let ctx = |claims: &'static Value, id: &str| {
+            let caps = vec![("id".to_owned(), id.to_owned())];
+            let claims: &Value = claims;
+            rule.eval(Context {
+                claims,
+                captures: &caps,
+                members: &mirror,
+            })
+        };
+        static U1: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"sub": "u1"}));
+        assert_eq!(ctx(&U1, "42"), Ok(true));
+        assert_eq!(ctx(&U1, "7"), Ok(false));
+        // Without memberships configured, rules that name them are refused.
+        let reason = Expr::parse("{id} in member.workshops", chan).unwrap_err().reason;
+        assert!(reason.contains("no membership sets are configured"), "{reason}");
+        let reason = Expr::parse_with_sets("x in member.teams", Scope::Row, &sets())
+            .unwrap_err()
+            .reason;
+        assert!(reason.contains("configured: workshops"), "{reason}");
+        for bad in [
+            "member.workshops in claims.x",
+            "x == member.workshops",
+            "x in member.a.b",
+        ] {
+            assert!(Expr::parse_with_sets(bad, Scope::Row, &sets()).is_err(), "{bad}");
+        }
     }
 }

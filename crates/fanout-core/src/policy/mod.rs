@@ -13,6 +13,9 @@
 //!   decided per change against the row (new row, old row for a delete),
 //!   and an optional `columns` allow-list ([`TableRule`]). With keys
 //!   configured, a table without a rule is refused at join.
+//! - **Memberships.** `[auth.memberships.<name>]` names a table of
+//!   (user, value) rows; rules read a token's values as `member.<name>`
+//!   ([`crate::membership`]), decided against the mirror the caller passes.
 //! - Tokens whose `role` is the bypass role (`service_role`, as Supabase's
 //!   service key) pass every channel and row policy.
 //!
@@ -27,6 +30,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub use expr::{Context, EvalError, Expr, RowRule, RuleError, Scope};
+
+use crate::membership::{Members, MembershipError, MembershipSet, MembershipSpec};
 
 /// What a token may do on one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,13 +189,14 @@ pub struct ChannelRule {
 }
 
 impl ChannelRule {
-    pub fn from_spec(spec: &ChannelRuleSpec) -> Result<Self, RuleError> {
+    pub fn from_spec(spec: &ChannelRuleSpec, sets: &BTreeMap<String, MembershipSet>) -> Result<Self, RuleError> {
         let pattern = Pattern::parse(&spec.pattern)?;
         let captures = pattern.captures();
         let scope = Scope::Channel { captures: &captures };
+        let parse = |rule: &str| Expr::parse_with_sets(rule, scope, sets);
         Ok(Self {
-            read: Expr::parse(&spec.read, scope)?,
-            write: spec.write.as_deref().map(|w| Expr::parse(w, scope)).transpose()?,
+            read: parse(&spec.read)?,
+            write: spec.write.as_deref().map(parse).transpose()?,
             pattern,
         })
     }
@@ -205,7 +211,11 @@ pub struct TableRule {
 }
 
 impl TableRule {
-    pub fn from_spec(table: &str, spec: &TableRuleSpec) -> Result<Self, RuleError> {
+    pub fn from_spec(
+        table: &str,
+        spec: &TableRuleSpec,
+        sets: &BTreeMap<String, MembershipSet>,
+    ) -> Result<Self, RuleError> {
         let err = |reason: &str| RuleError {
             rule: table.to_owned(),
             reason: reason.to_owned(),
@@ -220,7 +230,7 @@ impl TableRule {
             ));
         }
         Ok(Self {
-            read: Expr::parse(&spec.read, Scope::Row)?,
+            read: Expr::parse_with_sets(&spec.read, Scope::Row, sets)?,
             columns: spec.columns.clone().map(Arc::from),
         })
     }
@@ -245,6 +255,8 @@ pub struct Policy {
     pub presence_key_claim: Option<String>,
     /// Stamp each client broadcast's `meta.sub` with the sender's `sub`.
     pub stamp_sender: bool,
+    /// Membership sets by name (`member.<name>` in rules).
+    pub memberships: BTreeMap<String, MembershipSet>,
 }
 
 impl Default for Policy {
@@ -257,6 +269,7 @@ impl Default for Policy {
             bypass_role: Some("service_role".into()),
             presence_key_claim: None,
             stamp_sender: false,
+            memberships: BTreeMap::new(),
         }
     }
 }
@@ -264,19 +277,42 @@ impl Default for Policy {
 impl Policy {
     /// Parses every rule; all problems are returned together.
     pub fn with_rules(
+        self,
+        channels: &[ChannelRuleSpec],
+        tables: &BTreeMap<String, TableRuleSpec>,
+    ) -> Result<Self, Vec<RuleError>> {
+        self.with_memberships(&BTreeMap::new(), channels, tables)
+    }
+
+    /// Validates the membership sets, then parses every rule (which may
+    /// read them as `member.<name>`); all problems are returned together.
+    pub fn with_memberships(
         mut self,
+        memberships: &BTreeMap<String, MembershipSpec>,
         channels: &[ChannelRuleSpec],
         tables: &BTreeMap<String, TableRuleSpec>,
     ) -> Result<Self, Vec<RuleError>> {
         let mut errors = Vec::new();
+        for (name, spec) in memberships {
+            match MembershipSet::from_spec(name, spec) {
+                Ok(set) => {
+                    self.memberships.insert(name.clone(), set);
+                }
+                Err(MembershipError { set, reason }) => errors.push(RuleError {
+                    rule: format!("auth.memberships.{set}"),
+                    reason,
+                }),
+            }
+        }
+        let sets = &self.memberships;
         for spec in channels {
-            match ChannelRule::from_spec(spec) {
+            match ChannelRule::from_spec(spec, sets) {
                 Ok(r) => self.channel_rules.push(r),
                 Err(e) => errors.push(e),
             }
         }
         for (table, spec) in tables {
-            match TableRule::from_spec(table, spec) {
+            match TableRule::from_spec(table, spec, sets) {
                 Ok(r) => {
                     self.tables.insert(table.clone(), r);
                 }
@@ -294,8 +330,8 @@ impl Policy {
     }
 
     /// What `claims` may do on the channel `name` (its visible name),
-    /// private or not.
-    pub fn channel_access(&self, name: &str, private: bool, claims: &Value) -> Access {
+    /// private or not, with memberships as `members` has them now.
+    pub fn channel_access(&self, name: &str, private: bool, claims: &Value, members: &dyn Members) -> Access {
         if self.bypasses(claims) {
             return Access::ALL;
         }
@@ -323,12 +359,22 @@ impl Policy {
             let ctx = Context {
                 claims,
                 captures: &captures,
+                members,
             };
             let decide = |e: &Expr| e.eval(ctx).unwrap_or(false);
             access.read |= decide(&rule.read);
             access.write |= rule.write.as_ref().is_some_and(decide);
         }
         access
+    }
+
+    /// Whether the channel rule deciding `name` reads membership sets: its
+    /// access can change when a membership row does.
+    pub fn channel_reads_members(&self, name: &str) -> bool {
+        self.channel_rules
+            .iter()
+            .find(|r| r.pattern.matches(name).is_some())
+            .is_some_and(|r| r.read.reads_members() || r.write.as_ref().is_some_and(Expr::reads_members))
     }
 
     /// The rule of a table, if configured.
@@ -348,6 +394,7 @@ fn claim_pattern_matches(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::NoMembers;
     use serde_json::json;
 
     fn workshop_policy() -> Policy {
@@ -378,28 +425,43 @@ mod tests {
         let p = workshop_policy();
         let facilitator = json!({"workshops": [42], "role": "facilitator"});
         let participant = json!({"workshops": ["42"], "role": "authenticated"});
-        assert_eq!(p.channel_access("workshop:42", true, &facilitator), Access::ALL);
         assert_eq!(
-            p.channel_access("workshop:42", true, &participant),
+            p.channel_access("workshop:42", true, &facilitator, &NoMembers),
+            Access::ALL
+        );
+        assert_eq!(
+            p.channel_access("workshop:42", true, &participant, &NoMembers),
             Access {
                 read: true,
                 write: false
             }
         );
-        assert_eq!(p.channel_access("workshop:7", true, &participant), Access::NONE);
+        assert_eq!(
+            p.channel_access("workshop:7", true, &participant, &NoMembers),
+            Access::NONE
+        );
         // A capture does not span `:`.
-        assert_eq!(p.channel_access("workshop:42:notes", true, &facilitator), Access::NONE);
-        assert!(p.channel_access("lobby:x:y", true, &json!({})).read);
+        assert_eq!(
+            p.channel_access("workshop:42:notes", true, &facilitator, &NoMembers),
+            Access::NONE
+        );
+        assert!(p.channel_access("lobby:x:y", true, &json!({}), &NoMembers).read);
         // Public channels are open unless closed.
-        assert_eq!(p.channel_access("workshop:7", false, &participant), Access::ALL);
+        assert_eq!(
+            p.channel_access("workshop:7", false, &participant, &NoMembers),
+            Access::ALL
+        );
         let closed = Policy {
             public_channels: false,
             ..p.clone()
         };
-        assert_eq!(closed.channel_access("workshop:7", false, &participant), Access::NONE);
+        assert_eq!(
+            closed.channel_access("workshop:7", false, &participant, &NoMembers),
+            Access::NONE
+        );
         // The service role passes everything.
         assert_eq!(
-            closed.channel_access("x", true, &json!({"role": "service_role"})),
+            closed.channel_access("x", true, &json!({"role": "service_role"}), &NoMembers),
             Access::ALL
         );
     }
@@ -408,16 +470,22 @@ mod tests {
     fn the_channels_claim_grants_names_and_prefixes() {
         let p = Policy::default();
         let c = json!({"channels": ["workshop:42", "workshop:7:*"]});
-        assert_eq!(p.channel_access("workshop:42", true, &c), Access::ALL);
-        assert_eq!(p.channel_access("workshop:7:chat", true, &c), Access::ALL);
-        assert_eq!(p.channel_access("workshop:4", true, &c), Access::NONE);
-        assert_eq!(p.channel_access("workshop:420", true, &c), Access::NONE);
+        assert_eq!(p.channel_access("workshop:42", true, &c, &NoMembers), Access::ALL);
+        assert_eq!(p.channel_access("workshop:7:chat", true, &c, &NoMembers), Access::ALL);
+        assert_eq!(p.channel_access("workshop:4", true, &c, &NoMembers), Access::NONE);
+        assert_eq!(p.channel_access("workshop:420", true, &c, &NoMembers), Access::NONE);
         let renamed = Policy {
             channels_claim: "rooms".into(),
             ..Policy::default()
         };
-        assert_eq!(renamed.channel_access("workshop:42", true, &c), Access::NONE);
-        assert_eq!(renamed.channel_access("a", true, &json!({"rooms": ["a"]})), Access::ALL);
+        assert_eq!(
+            renamed.channel_access("workshop:42", true, &c, &NoMembers),
+            Access::NONE
+        );
+        assert_eq!(
+            renamed.channel_access("a", true, &json!({"rooms": ["a"]}), &NoMembers),
+            Access::ALL
+        );
     }
 
     #[test]

@@ -483,13 +483,7 @@ impl Session {
             return Ok(true);
         }
         let value = claims.map_or(serde_json::Value::Null, Claims::to_value);
-        conn::read_access(
-            &self.edge.config.policy,
-            channel,
-            &value,
-            "join with the channel marked private",
-        )
-        .map(|a| a.write)
+        conn::read_access(&self.edge, channel, &value, "join with the channel marked private").map(|a| a.write)
     }
 
     async fn connect(&mut self, nsp: &str, data: Option<&RawValue>) {
@@ -864,6 +858,48 @@ impl Session {
         self.send(&packet::disconnect(nsp_name(nsp)));
     }
 
+    /// Memberships of `sub` (everyone's: `None`) changed: channel
+    /// namespaces and main-namespace channels the user may no longer read
+    /// end, as an unsubscribe from the server API ends them.
+    fn recheck(&mut self, sub: Option<&str>) {
+        let edge = self.edge.clone();
+        let mut ended = Vec::new();
+        let mut left = Vec::new();
+        for (nsp, ns) in &mut self.namespaces {
+            if sub.is_some() && ns.sub() != sub {
+                continue;
+            }
+            if let Some(m) = ns.channel.as_mut()
+                && let Some(access) = conn::recheck(&edge, &m.channel, ns.claims.as_ref())
+            {
+                m.write = access.write;
+                if !access.read {
+                    ended.push((nsp.clone(), conn::revoked(&m.channel)));
+                }
+            }
+            let lost: Vec<ChannelName> = ns
+                .rooms
+                .keys()
+                .filter(|c| conn::recheck(&edge, c, ns.claims.as_ref()).is_some_and(|a| !a.read))
+                .cloned()
+                .collect();
+            for channel in lost {
+                if let Some(joined) = ns.rooms.remove(&channel) {
+                    left.push((channel, joined));
+                }
+            }
+        }
+        for (nsp, reason) in ended {
+            self.error_event(&nsp, None, &reason);
+            self.end_namespace(&nsp);
+        }
+        for (channel, joined) in left {
+            self.leave(&joined);
+            let body = serde_json::json!({ "channel": channel.name(), "reason": conn::revoked(&channel) }).to_string();
+            self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
+        }
+    }
+
     /// The server API's kicks (see `conn.rs`).
     fn apply_kicks(&mut self) -> Option<CloseReason> {
         for kick in self.control.take() {
@@ -891,6 +927,7 @@ impl Session {
                         self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
                     }
                 }
+                Kick::Recheck { sub } => self.recheck(sub.as_deref()),
                 Kick::Disconnect { reason, reconnect } => {
                     if !reconnect {
                         let all: Vec<String> = self.namespaces.keys().cloned().collect();

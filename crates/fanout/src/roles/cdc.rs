@@ -6,14 +6,19 @@ use std::sync::Arc;
 use anyhow::Context;
 use fanout_bus::Bus;
 
-use super::{AdminOnly, Role, cdc_config, connect_nats};
+use super::{AdminOnly, Role, cdc_config, connect_nats, open_members};
 use crate::config::Config;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let start = AdminOnly::start(&config, Role::Cdc).await?;
-    let bus: Arc<dyn Bus> = Arc::new(connect_nats(&config).await?);
+    let nats = connect_nats(&config).await?;
+    let members = open_members(&config, &nats, &start.process.shutdown).await?;
+    let bus: Arc<dyn Bus> = Arc::new(nats);
     let process = start.serve_admin(bus.clone());
-    let cdc = cdc_config(&config).context("database URL")?;
+    let mut cdc = cdc_config(&config).context("database URL")?;
+    if let Some(members) = members {
+        cdc.members = Some(members);
+    }
     tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
     let result = fanout_cdc::run(cdc, bus, process.shutdown.clone()).await;
     // The ingester ends on shutdown or on a fatal error; either way the

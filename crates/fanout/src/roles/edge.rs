@@ -5,20 +5,31 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use fanout_bus::{Bus, Control, MemoryBus, MemoryControl, MemoryPresence, NatsControl, PresenceStore};
+use fanout_bus::{
+    Bus, Control, MemberStore, MemoryBus, MemoryControl, MemoryMembers, MemoryPresence, NatsControl, PresenceStore,
+};
 use fanout_edge::{Edge, EdgeConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use super::{Role, bind_admin, cdc_config, connect_nats, connect_redis, retention};
+use super::{Role, bind_admin, cdc_config, connect_nats, connect_redis, open_members, retention};
 use crate::config::Config;
 use crate::process::Process;
 
 pub async fn standalone(config: Config) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(retention(&config)).with_ephemeral(config.ephemeral.clone()));
-    let start = Start::bind(&config, Role::Standalone).await?;
+    let mut start = Start::bind(&config, Role::Standalone).await?;
     let node = Edge::random_node();
-    if let Some(cdc) = cdc_config(&config) {
+    // Membership sets live in memory, written by the in-process ingester.
+    let members = (!config.policy.memberships.is_empty()).then(MemoryMembers::new);
+    if let Some(members) = &members {
+        start.edge_config.members = members.mirror();
+        if config.database_url.is_none() {
+            tracing::warn!("auth.memberships is set but no database.url: the membership sets stay empty");
+        }
+    }
+    if let Some(mut cdc) = cdc_config(&config) {
+        cdc.members = members.map(|m| m as Arc<dyn MemberStore>);
         // The in-process ingester: a setup problem is logged and leaves the
         // rest of the server running.
         let (bus, shutdown) = (bus.clone(), start.process.shutdown.clone());
@@ -40,8 +51,11 @@ pub async fn standalone(config: Config) -> anyhow::Result<()> {
 pub async fn edge(config: Config) -> anyhow::Result<()> {
     let nats = connect_nats(&config).await?;
     let client = nats.client();
+    let mut start = Start::bind(&config, Role::Edge).await?;
+    if let Some(members) = open_members(&config, &nats, &start.process.shutdown).await? {
+        start.edge_config.members = members.mirror();
+    }
     let bus: Arc<dyn Bus> = Arc::new(nats);
-    let start = Start::bind(&config, Role::Edge).await?;
     let control: Arc<dyn Control> = Arc::new(
         NatsControl::new(client, start.process.shutdown.clone())
             .await

@@ -144,7 +144,24 @@ fn cdc_config(config: &Config) -> Option<fanout_cdc::CdcConfig> {
     c.routes = Arc::new(config.cdc_routes.clone());
     c.max_record_bytes = config.cdc_max_record_bytes;
     c.stop_grace = config.shutdown_grace;
+    c.memberships = config.policy.memberships.values().cloned().collect();
     Some(c)
+}
+
+/// The membership bucket on NATS, when membership sets are configured:
+/// the cdc role writes it, edges watch it into their mirror.
+async fn open_members(
+    config: &Config,
+    nats: &NatsBus,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<Arc<fanout_bus::NatsMembers>>> {
+    if config.policy.memberships.is_empty() {
+        return Ok(None);
+    }
+    let members = fanout_bus::NatsMembers::open(nats, shutdown.clone())
+        .await
+        .context("opening the membership bucket on NATS JetStream")?;
+    Ok(Some(members))
 }
 
 async fn bind_admin(config: &Config) -> anyhow::Result<TcpListener> {
