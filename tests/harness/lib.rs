@@ -836,6 +836,11 @@ impl Drop for Postgres {
 pub const WORKSHOP_ROUTES: &str = "public.workshop_participants=workshop:{session_id},\
 public.workshop_activities=workshop:{session_id},public.workshop_stage_submissions=workshop:{session_id}";
 
+/// The membership set of the workshop schema: a user's workshops are the
+/// `session_id`s of their `workshop_participants` rows.
+pub const WORKSHOP_MEMBERSHIPS: &str =
+    "{workshops = {table = 'public.workshop_participants', user = 'user_id', value = 'session_id'}}";
+
 /// An HS256 token for `sub`, valid for ten minutes, signed with `secret`.
 pub fn hs256_token(secret: &str, sub: &str) -> String {
     let exp = std::time::SystemTime::now()

@@ -91,7 +91,9 @@ async fn realtime_js_postgres_changes_suite_against_a_cluster() {
     let pg = fanout_tests::Postgres::start().await.expect("PostgreSQL starts");
     pg.apply_workshop_schema().expect("workshop schema");
     let nats = fanout_tests::Nats::start().await.expect("nats-server starts");
-    let cdc = fanout_tests::Fanout::start_cdc(&nats, &pg, &[])
+    // The membership set of changes/memberships.test.mjs: the ingester
+    // mirrors it for the edges that use it (the others ignore it).
+    let cdc = fanout_tests::Fanout::start_cdc(&nats, &pg, &["--auth-memberships", fanout_tests::WORKSHOP_MEMBERSHIPS])
         .await
         .expect("fanout cdc starts");
     let env = [

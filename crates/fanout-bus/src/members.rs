@@ -274,19 +274,34 @@ impl NatsMembers {
     pub async fn open(bus: &crate::NatsBus, shutdown: CancellationToken) -> Result<Arc<Self>, BusError> {
         let replicas = bus.replicas();
         let js = jetstream::new(bus.client());
+        // The bucket's stream is created here rather than by
+        // `create_key_value`, which first asks for the account's info in a
+        // form NATS 2.9 does not answer; the configuration is the one a
+        // key-value bucket has (one value per key, rollups, direct gets).
         let store = match js.get_key_value(BUCKET).await {
             Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "fanout membership sets: <set>.<user> -> JSON array of values".into(),
-                    history: 1,
-                    num_replicas: replicas.max(1),
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?,
+            Err(_) => {
+                let created = js
+                    .create_stream(jetstream::stream::Config {
+                        name: format!("KV_{BUCKET}"),
+                        description: Some("fanout membership sets: <set>.<user> -> JSON array of values".into()),
+                        subjects: vec![format!("$KV.{BUCKET}.>")],
+                        max_messages_per_subject: 1,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: jetstream::stream::DiscardPolicy::New,
+                        num_replicas: replicas.max(1),
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                if let Err(e) = created {
+                    // Another process may have created it meanwhile.
+                    tracing::debug!(error = %e, "membership bucket creation raced");
+                }
+                js.get_key_value(BUCKET).await.map_err(unavailable)?
+            }
         };
         let mirror = MemberMirror::new();
         tokio::spawn(watch_bucket(store, mirror.clone(), shutdown));

@@ -96,8 +96,9 @@ struct Entry {
 struct Inner {
     bus: Arc<dyn Bus>,
     presence: Arc<dyn PresenceStore>,
-    /// The membership sets row rules read (`member.<set>`).
-    members: Arc<MemberMirror>,
+    /// The membership sets row rules read (`member.<set>`); `None` when
+    /// none are configured (changes' membership stamps are then ignored).
+    members: Option<Arc<MemberMirror>>,
     channels: Mutex<HashMap<ChannelName, Entry>>,
     next_generation: std::sync::atomic::AtomicU64,
     linger: Duration,
@@ -123,7 +124,7 @@ impl Hub {
     pub fn new(
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
-        members: Arc<MemberMirror>,
+        members: Option<Arc<MemberMirror>>,
         linger: Duration,
         tasks: TaskTracker,
         shutdown: CancellationToken,
@@ -232,6 +233,14 @@ impl Hub {
     }
 }
 
+/// The mirror to decide `member.<set>` with (none configured: no sets).
+fn members_of(members: &Option<Arc<MemberMirror>>) -> &dyn Members {
+    match members {
+        Some(m) => &**m,
+        None => &fanout_core::membership::NoMembers,
+    }
+}
+
 /// How long a change waits for the membership mirror to reach its stamp.
 const MEMBERS_WAIT: Duration = Duration::from_secs(10);
 
@@ -258,7 +267,7 @@ struct Batch {
     /// members with the same topic and bindings share one encoding.
     change_frames: Mutex<HashMap<ChangeFrameKey, Bytes>>,
     /// The membership sets row rules read.
-    members: Arc<MemberMirror>,
+    members: Option<Arc<MemberMirror>>,
 }
 
 impl Batch {
@@ -283,7 +292,7 @@ impl Batch {
         let change = self.changes[i]
             .get_or_init(|| Change::decode(&self.events[i].payload))
             .as_ref()?;
-        let matched = change.matching(bindings, &*self.members);
+        let matched = change.matching(bindings, members_of(&self.members));
         if matched.ids.is_empty() {
             return None;
         }
@@ -516,7 +525,9 @@ impl ChannelTask {
         let Some(stamp) = batch.iter().map(|e| e.memberships).max().filter(|&s| s > 0) else {
             return;
         };
-        let members = &self.hub.inner.members;
+        let Some(members) = &self.hub.inner.members else {
+            return;
+        };
         if members.revision() >= stamp {
             return;
         }
@@ -581,7 +592,8 @@ impl ChannelTask {
                     preface.extend(events.iter().filter_map(|ev| match ev.kind {
                         EventKind::PostgresChange => {
                             let change = Change::decode(&ev.payload)?;
-                            let matched = change.matching(member.changes.as_deref()?, &*self.hub.inner.members);
+                            let matched =
+                                change.matching(member.changes.as_deref()?, members_of(&self.hub.inner.members));
                             if matched.ids.is_empty() {
                                 return None;
                             }

@@ -162,7 +162,7 @@ impl Edge {
         let hub = Hub::new(
             bus.clone(),
             presence.clone(),
-            config.members.clone(),
+            (!config.policy.memberships.is_empty()).then(|| config.members.clone()),
             config.channel_linger,
             tasks.clone(),
             shutdown.clone(),
