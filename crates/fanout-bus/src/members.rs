@@ -368,25 +368,36 @@ impl MemberStore for NatsMembers {
 /// Keeps `mirror` equal to the bucket: every entry from the start, then
 /// every change; after an interruption, from the revision after the last
 /// one applied. The mirror is ready once it reached the revision the
-/// bucket had when the watch started.
+/// bucket had when the read started.
+///
+/// An ordered pull consumer on the bucket's stream, rather than the
+/// client's key-value watch: that one filters with `filter_subjects`, which
+/// NATS before 2.10 does not know.
 async fn watch_bucket(store: kv::Store, mirror: Arc<MemberMirror>, shutdown: CancellationToken) {
+    let prefix = format!("$KV.{BUCKET}.");
     let mut delay = Duration::from_millis(100);
     loop {
         let started = async {
-            let last = store.status().await.map_err(unavailable)?.info.state.last_sequence;
-            let from = mirror.revision() + 1;
-            let watch = if from == 1 {
-                store.watch_all().await
-            } else {
-                store.watch_all_from_revision(from).await
-            };
-            Ok::<_, BusError>((last, watch.map_err(unavailable)?))
+            let mut stream = store.stream.clone();
+            let last = stream.info().await.map_err(unavailable)?.state.last_sequence;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: format!("{prefix}>"),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: mirror.revision() + 1,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let messages = consumer.messages().await.map_err(unavailable)?;
+            Ok::<_, BusError>((last, messages))
         };
-        let (last, mut entries) = tokio::select! {
+        let (last, mut messages) = tokio::select! {
             r = started => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "membership bucket watch not started; retrying");
+                    tracing::warn!(error = %e, "membership bucket read not started; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = shutdown.cancelled() => return,
@@ -402,34 +413,44 @@ async fn watch_bucket(store: kv::Store, mirror: Arc<MemberMirror>, shutdown: Can
             mirror.set_ready();
         }
         loop {
-            let entry = tokio::select! {
-                e = entries.next() => e,
+            let message = tokio::select! {
+                m = messages.next() => m,
                 () = shutdown.cancelled() => return,
             };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
+            let message = match message {
+                Some(Ok(m)) => m,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "membership bucket watch failed; restarting it");
+                    tracing::warn!(error = %e, "membership bucket read failed; restarting it");
                     break;
                 }
                 None => break,
             };
-            let Some((set, user)) = parse_mirror_key(&entry.key) else {
-                tracing::warn!(key = %entry.key, "membership bucket key skipped: not <set>.<user>");
+            let Ok(info) = message.info() else { continue };
+            let revision = info.stream_sequence;
+            let key = message.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
+            let Some((set, user)) = parse_mirror_key(key) else {
+                tracing::warn!(key, "membership bucket key skipped: not <set>.<user>");
+                mirror.apply(revision, []);
                 continue;
             };
-            let values = match entry.operation {
-                kv::Operation::Put => match serde_json::from_slice::<Vec<Value>>(&entry.value) {
+            let deleted = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            let values = if deleted {
+                None
+            } else {
+                match serde_json::from_slice::<Vec<Value>>(&message.payload) {
                     Ok(v) => Some(Arc::from(v)),
                     Err(e) => {
-                        tracing::warn!(key = %entry.key, error = %e, "membership entry is not a JSON array; read as empty");
+                        tracing::warn!(key, error = %e, "membership entry is not a JSON array; read as empty");
                         None
                     }
-                },
-                kv::Operation::Delete | kv::Operation::Purge => None,
+                }
             };
-            mirror.apply(entry.revision, [(set, user, values)]);
-            if !mirror.is_ready() && entry.revision >= last {
+            mirror.apply(revision, [(set, user, values)]);
+            if !mirror.is_ready() && revision >= last {
                 mirror.set_ready();
             }
         }
