@@ -208,3 +208,62 @@ async fn grants_and_revocations_hold_across_a_killed_ingester_and_a_standby_take
     }
     Ok(())
 }
+
+/// A membership table the ingester cannot follow stops `fanout cdc` with
+/// the problem and the SQL that fixes it: not in the publication, or a
+/// REPLICA IDENTITY that leaves the user and value out of a deleted row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_tables_the_ingester_cannot_follow_are_explained() -> Result<()> {
+    let nats = Nats::start().await?;
+    let pg = Postgres::start().await?;
+    pg.apply_workshop_schema()?;
+    let run = |memberships: &'static str| {
+        let (nats_url, db) = (nats.url(), pg.url());
+        async move {
+            let child = tokio::process::Command::new(fanout_tests::fanout_bin())
+                .args(["cdc", "--nats-url", &nats_url, "--database-url", &db])
+                .args(["--auth-memberships", memberships])
+                .args(["--admin-listen", &format!("127.0.0.1:{}", fanout_tests::free_port())])
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+                .await
+                .context("fanout cdc kept running instead of reporting the setup problem")??;
+            anyhow::Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+        }
+    };
+    // The primary key (id) does not cover user_id and session_id.
+    pg.psql("ALTER TABLE workshop_participants REPLICA IDENTITY DEFAULT")?;
+    let (code, err) = run(WORKSHOP_MEMBERSHIPS).await?;
+    ensure!(code == Some(1), "exit {code:?}: {err}");
+    ensure!(
+        err.contains("REPLICA IDENTITY does not include user_id and session_id")
+            && err.contains("ALTER TABLE \"public\".\"workshop_participants\" REPLICA IDENTITY FULL"),
+        "{err}"
+    );
+    // A table outside the publication.
+    pg.psql("CREATE TABLE team_members (team_id bigint, user_id uuid, PRIMARY KEY (team_id, user_id))")?;
+    let (code, err) = run("{teams = {table = 'public.team_members', user = 'user_id', value = 'team_id'}}").await?;
+    ensure!(code == Some(1), "exit {code:?}: {err}");
+    ensure!(
+        err.contains("is not in publication") && err.contains("ALTER PUBLICATION \"fanout\" ADD TABLE"),
+        "{err}"
+    );
+    // Once published, its primary key (team_id, user_id) covers both
+    // columns: no REPLICA IDENTITY FULL needed, and the ingester streams.
+    pg.psql("ALTER PUBLICATION fanout ADD TABLE team_members")?;
+    let cdc = Fanout::start_cdc(
+        &nats,
+        &pg,
+        &[
+            "--auth-memberships",
+            "{teams = {table = 'public.team_members', user = 'user_id', value = 'team_id'}}",
+        ],
+    )
+    .await?;
+    wait_active(&[&cdc]).await?;
+    Ok(())
+}
