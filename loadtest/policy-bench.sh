@@ -8,11 +8,17 @@
 #    a private PostgreSQL. Once with the table's rule `public`, once with
 #    `session_id in claims.workshops` (every subscriber's token lists the
 #    workshop). Figure: server CPU per delivered change, rules / open.
+#    A third run reads the workshop from a membership table instead:
+#    `session_id in member.workshops`, the token carrying only its `sub`
+#    and one workshop_participants row naming it (issue 19). Figure:
+#    members / open.
 # 2. Token verification. A connect storm (5,000 connections), once with an
 #    HS256 apikey and once with an ES256 one, against a server that has both
 #    keys. Figure: connects per second, ES256 / HS256.
 #
 #   bash loadtest/policy-bench.sh [rounds] [fanout-binary] [loadtest-binary]
+#
+# PARTS=rows runs only the row-policy part (PARTS=connects only the other).
 #
 # Rounds alternate the order (A B, then B A) so warm-up and drift fall on both.
 set -euo pipefail
@@ -39,6 +45,13 @@ psql -X -q -d "$db" -v ON_ERROR_STOP=1 -f deploy/sql/workshop.sql >/dev/null
 
 open_tables="{'public.workshop_activities' = {read = 'public'}}"
 rule_tables="{'public.workshop_activities' = {read = 'session_id in claims.workshops'}}"
+member_tables="{'public.workshop_activities' = {read = 'session_id in member.workshops'}}"
+memberships="{workshops = {table = 'public.workshop_participants', user = 'user_id', value = 'session_id'}}"
+member=6f1c2a9e-0d4b-4b8e-9a51-7c3e2f1d0a42
+parts=${PARTS:-all}
+# The load tester's workshop is session 0; the member's row names it.
+psql -X -q -d "$db" -v ON_ERROR_STOP=1 -c "INSERT INTO workshop_sessions (id, title) VALUES (0, 'bench') ON CONFLICT DO NOTHING" \
+  -c "INSERT INTO workshop_participants (session_id, user_id, display_name) VALUES (0, '$member', 'bench') ON CONFLICT DO NOTHING" >/dev/null
 
 
 start_server() { # log, extra args...
@@ -53,13 +66,15 @@ stop_server() {
   sleep 1
 }
 
-rows() { # tag tables
-  local tag=$1 tables=$2
-  start_server "$out/$tag.server.log" --database-url "$db" --cdc-slot "bench_$RANDOM" --auth-tables "$tables"
+rows() { # tag tables [memberships]
+  local tag=$1 tables=$2 sets=${3:-}
+  local extra=() claims='{"workshops": [0]}'
+  if [ -n "$sets" ]; then extra=(--auth-memberships "$sets"); claims="{\"sub\": \"$member\"}"; fi
+  start_server "$out/$tag.server.log" --database-url "$db" --cdc-slot "bench_$RANDOM" --auth-tables "$tables" "${extra[@]}"
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/metrics" | grep -q '^fanout_cdc_active 1$' && break; sleep 0.1; done
   FANOUT_JWT_SECRET=$secret "$lt" --scenario workshop --url ws://127.0.0.1:$port/realtime/v1 \
     --users 1000 --workshops 1 --chat-rate 0 --typing-rate 0 --database-url "$db" --activity-rate 600 \
-    --jwt-claims '{"workshops": [0]}' --duration 20 --server-pid "$pid" --report "$out/$tag" --quiet >"$out/$tag.log" 2>&1
+    --jwt-claims "$claims" --duration 20 --server-pid "$pid" --report "$out/$tag" --quiet >"$out/$tag.log" 2>&1
   stop_server
   psql -X -q -d "$db" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active" >/dev/null
   echo "$tag $(python3 loadtest/figure.py "$out/$tag/report.json" server_cpu_us_per_delivery messages_received lost)"
@@ -76,12 +91,18 @@ connects() { # tag key-flag...
 
 {
   for i in $(seq "$rounds"); do
-    if (( i % 2 )); then order="open rule"; else order="rule open"; fi
+    [ "$parts" = connects ] && break
+    if (( i % 2 )); then order="open rule member"; else order="member rule open"; fi
     for who in $order; do
-      if [ "$who" = open ]; then rows "rows-open-$i" "$open_tables"; else rows "rows-rule-$i" "$rule_tables"; fi
+      case $who in
+        open) rows "rows-open-$i" "$open_tables" ;;
+        rule) rows "rows-rule-$i" "$rule_tables" ;;
+        member) rows "rows-member-$i" "$member_tables" "$memberships" ;;
+      esac
     done
   done
   for i in $(seq "$rounds"); do
+    [ "$parts" = rows ] && break
     if (( i % 2 )); then order="hs es"; else order="es hs"; fi
     for who in $order; do
       if [ "$who" = hs ]; then connects "connect-hs256-$i"; else connects "connect-es256-$i" --jwt-es256-key "$keys/ec.key"; fi
@@ -104,6 +125,8 @@ for g, v in sorted(m.items()):
     print(f"{g:<16} mean={v:.3f} runs={vals[g]}")
 if 'rows-open' in m and 'rows-rule' in m:
     print(f"row rules: CPU per delivery rule/open = {m['rows-rule'] / m['rows-open']:.3f}")
+if 'rows-open' in m and 'rows-member' in m:
+    print(f"membership rules: CPU per delivery member/open = {m['rows-member'] / m['rows-open']:.3f}")
 if 'connect-hs256' in m and 'connect-es256' in m:
     print(f"tokens: connects/s ES256/HS256 = {m['connect-es256'] / m['connect-hs256']:.3f}")
 PY

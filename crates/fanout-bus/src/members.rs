@@ -42,9 +42,12 @@ pub struct MemberChange {
     pub user: String,
 }
 
+/// Users' values by set, then by user.
+type Sets = HashMap<String, HashMap<String, Arc<[Value]>>>;
+
 /// One process's copy of the membership sets. See the module docs.
 pub struct MemberMirror {
-    sets: RwLock<HashMap<String, HashMap<String, Arc<[Value]>>>>,
+    sets: RwLock<Sets>,
     revision: watch::Sender<u64>,
     /// Whether the initial load is complete (joins may be decided).
     ready: watch::Sender<bool>,
@@ -120,7 +123,7 @@ impl MemberMirror {
         }
     }
 
-    fn rows_gauge(&self, sets: &HashMap<String, HashMap<String, Arc<[Value]>>>) {
+    fn rows_gauge(&self, sets: &Sets) {
         let rows: usize = sets.values().flat_map(|u| u.values()).map(|v| v.len()).sum();
         metrics::gauge!("fanout_members_rows").set(rows as f64);
     }

@@ -206,32 +206,6 @@ impl CommandHandler for EdgeCommands {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kicks_reach_only_the_users_connections() {
-        let sessions = Sessions::default();
-        let a = sessions.register(1, Some("alice"));
-        let b = sessions.register(2, Some("bob"));
-        let anon = sessions.register(3, None);
-        anon.add_sub("alice");
-        let kick = Kick::Disconnect {
-            reason: "bye".into(),
-            reconnect: true,
-        };
-        assert_eq!(sessions.kick("alice", &kick), 2);
-        assert_eq!(a.take(), vec![kick.clone()]);
-        assert_eq!(anon.take(), vec![kick.clone()]);
-        assert!(b.take().is_empty());
-        assert!(a.take().is_empty(), "taken once");
-        sessions.unregister(1);
-        assert_eq!(sessions.kick("alice", &kick), 1);
-        assert_eq!(sessions.kick("nobody", &kick), 0);
-    }
-}
-
 /// Follows the membership mirror: each user whose memberships changed gets
 /// a [`Kick::Recheck`] on every connection acting for them (everyone's
 /// connections when the feed lagged, or when a set's user is not the
@@ -271,5 +245,31 @@ pub(crate) async fn follow_memberships(edge: Weak<Edge>, shutdown: tokio_util::s
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kicks_reach_only_the_users_connections() {
+        let sessions = Sessions::default();
+        let a = sessions.register(1, Some("alice"));
+        let b = sessions.register(2, Some("bob"));
+        let anon = sessions.register(3, None);
+        anon.add_sub("alice");
+        let kick = Kick::Disconnect {
+            reason: "bye".into(),
+            reconnect: true,
+        };
+        assert_eq!(sessions.kick("alice", &kick), 2);
+        assert_eq!(a.take(), vec![kick.clone()]);
+        assert_eq!(anon.take(), vec![kick.clone()]);
+        assert!(b.take().is_empty());
+        assert!(a.take().is_empty(), "taken once");
+        sessions.unregister(1);
+        assert_eq!(sessions.kick("alice", &kick), 1);
+        assert_eq!(sessions.kick("nobody", &kick), 0);
     }
 }
