@@ -13,7 +13,7 @@
 //   2. revoke:  DELETE the user's workshop_participants row; time until
 //               both edges ended the private channel (system message).
 //   3. grant:   INSERT the row again; time until a private join succeeds on
-//               both edges (retried every 10 ms: an upper bound).
+//               both edges (retried every 1 ms: an upper bound).
 // Every time runs from just before the statement is written to a
 // long-lived psql (autocommit) to the effect, so the SQL path is the same
 // for all three. Prints a JSON summary.
@@ -127,7 +127,7 @@ for (let i = 0; i < rounds; i++) {
     priv.map(async (s) => {
       for (let k = 0; k < 1000; k++) {
         if ((await s.join({ private: true })) === 'ok') return;
-        await new Promise((r) => setTimeout(r, 10));
+        await new Promise((r) => setTimeout(r, 1));
       }
       throw new Error('the grant never took effect');
     }),

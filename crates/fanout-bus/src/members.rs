@@ -48,6 +48,8 @@ type Sets = HashMap<String, HashMap<String, Arc<[Value]>>>;
 /// One process's copy of the membership sets. See the module docs.
 pub struct MemberMirror {
     sets: RwLock<Sets>,
+    /// Values held over every set and user (the `fanout_members_rows` gauge).
+    rows: std::sync::atomic::AtomicUsize,
     revision: watch::Sender<u64>,
     /// Whether the initial load is complete (joins may be decided).
     ready: watch::Sender<bool>,
@@ -58,6 +60,7 @@ impl Default for MemberMirror {
     fn default() -> Self {
         Self {
             sets: RwLock::default(),
+            rows: std::sync::atomic::AtomicUsize::new(0),
             revision: watch::Sender::new(0),
             ready: watch::Sender::new(false),
             changes: broadcast::Sender::new(4096),
@@ -96,17 +99,24 @@ impl MemberMirror {
         let mut changed = Vec::new();
         {
             let mut sets = self.sets.write().unwrap_or_else(|e| e.into_inner());
+            let (mut added, mut removed) = (0, 0);
             for (set, user, values) in updates {
                 let users = sets.entry(set.clone()).or_default();
-                let before = match values.filter(|v| !v.is_empty()) {
-                    Some(v) => users.insert(user.clone(), v.clone()).is_none_or(|old| old != v),
-                    None => users.remove(&user).is_some(),
+                let new = values.filter(|v| !v.is_empty());
+                added += new.as_ref().map_or(0, |v| v.len());
+                let old = match new.clone() {
+                    Some(v) => users.insert(user.clone(), v),
+                    None => users.remove(&user),
                 };
-                if before {
+                removed += old.as_ref().map_or(0, |v| v.len());
+                if old != new {
                     changed.push(MemberChange { set, user });
                 }
             }
-            self.rows_gauge(&sets);
+            use std::sync::atomic::Ordering::Relaxed;
+            let rows = (self.rows.load(Relaxed) + added).saturating_sub(removed);
+            self.rows.store(rows, Relaxed);
+            metrics::gauge!("fanout_members_rows").set(rows as f64);
         }
         self.revision.send_if_modified(|r| {
             let raise = revision > *r;
@@ -121,11 +131,6 @@ impl MemberMirror {
             // No receiver is fine: nobody needs to re-decide anything.
             let _ = self.changes.send(c);
         }
-    }
-
-    fn rows_gauge(&self, sets: &Sets) {
-        let rows: usize = sets.values().flat_map(|u| u.values()).map(|v| v.len()).sum();
-        metrics::gauge!("fanout_members_rows").set(rows as f64);
     }
 
     /// The revision the mirror has reached.
