@@ -6,6 +6,7 @@
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
+import { io } from 'socket.io-client';
 import {
   startServer,
   makeClient,
@@ -18,6 +19,7 @@ import {
   signJwt,
   SECRET,
   nowSec,
+  WebSocket,
 } from '../protocol/helpers.mjs';
 import { DB, ROUTES, sql, sessions, changeStreamRunning } from './db.mjs';
 
@@ -158,4 +160,56 @@ test('two users, one table: each sees only its own workshops', async () => {
   await sleep(300);
   assert.deepEqual(gotA, [{ w: wa, seq: 1 }]);
   assert.deepEqual(gotB, [{ w: wb, seq: 2 }]);
+});
+
+test('Socket.IO and room clients: a revoked membership ends their private channel too', async () => {
+  const w = newSession();
+  const u = randomUUID();
+  join(w, u);
+  // A join is decided by the edge's mirror as it stands: wait until it
+  // has the membership (a row committed after it arrives).
+  const got = [];
+  await watchWorkshop(makeClient(server, { apikey: subOnly(u) }), w, got);
+  activity(w, 1);
+  await waitFor(() => got.length === 1, 10000, 'the row committed after the membership');
+  const opts = (auth) => ({ transports: ['websocket'], auth, forceNew: true, reconnection: false });
+  // A private channel namespace, and a private channel joined on the main namespace.
+  const nsp = io(`${server.url}/workshop:${w}`, opts({ token: subOnly(u), private: true }));
+  const main = io(server.url, opts({ token: subOnly(u) }));
+  const room = new WebSocket(`ws://127.0.0.1:${server.port}/rooms/${encodeURIComponent(`workshop:${w}`)}?token=${subOnly(u)}&private=true`);
+  const roomGot = [];
+  room.on('message', (d) => roomGot.push(JSON.parse(String(d))));
+  const roomClosed = new Promise((resolve) => room.on('close', (code, reason) => resolve({ code, reason: String(reason) })));
+  try {
+    await Promise.all(
+      [nsp, main].map(
+        (s) =>
+          new Promise((resolve, reject) => {
+            s.once('connect', resolve);
+            s.once('connect_error', reject);
+          }),
+      ),
+    );
+    assert.deepEqual(await main.timeout(5000).emitWithAck('join', { channel: `workshop:${w}`, private: true }), { ok: true });
+    await waitFor(() => roomGot.some((m) => m.type === 'welcome'), 5000, 'the room welcome');
+    const nspErrors = [];
+    nsp.on('fanout:error', (e) => nspErrors.push(e));
+    const nspGone = new Promise((resolve) => nsp.once('disconnect', resolve));
+    const unsubscribed = new Promise((resolve) => main.once('fanout:unsubscribed', resolve));
+
+    leave(w, u);
+    assert.equal(await nspGone, 'io server disconnect', 'the namespace is disconnected by the server');
+    assert.match(safeJson(nspErrors), /access revoked/);
+    const u2 = await unsubscribed;
+    assert.equal(u2.channel, `workshop:${w}`);
+    assert.match(u2.reason, /access revoked/);
+    const closed = await roomClosed;
+    assert.equal(closed.code, 1008, safeJson(closed));
+    assert.match(closed.reason, /access revoked/);
+    assert.ok(main.connected, 'the main namespace stays connected');
+  } finally {
+    nsp.disconnect();
+    main.disconnect();
+    room.terminate();
+  }
 });
