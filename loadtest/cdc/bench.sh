@@ -20,27 +20,9 @@ ROWS=${1:-200000}
 RATE=${2:-1000}
 SECS=${3:-30}
 BIN=${FANOUT_BIN:-target/release/fanout}
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-WORK=$(mktemp -d /tmp/fanout-cdc-bench.XXXXXX)
-chmod 755 "$WORK"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PGPORT=$(free_port); NPORT=$(free_port); CADMIN=$(free_port); EPORT=$(free_port); EADMIN=$(free_port)
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-as_pg "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust -E UTF8 --no-sync --locale=C >/dev/null
-as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 \
-  -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10 -c shared_buffers=256MB" start >/dev/null
-DB="postgres://postgres@127.0.0.1:$PGPORT/postgres"
-psql() { command psql -X -q -v ON_ERROR_STOP=1 -At -d "$DB" "$@"; }
-psql -f deploy/sql/workshop.sql
+BENCH_NAME=fanout-cdc-bench
+. loadtest/cdc/private-pg.sh
+NPORT=$(free_port); CADMIN=$(free_port); EPORT=$(free_port); EADMIN=$(free_port)
 psql -c "INSERT INTO workshop_sessions (id, title) VALUES (1, 'bench'), (2, 'latency')"
 
 nats-server -a 127.0.0.1 -p "$NPORT" -js -sd "$WORK/nats" >/dev/null 2>&1 &

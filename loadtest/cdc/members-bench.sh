@@ -19,27 +19,9 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${1:-30}
 MILLIONS=${2:-1}
 BIN=${FANOUT_BIN:-target/release/fanout}
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-WORK=$(mktemp -d /tmp/fanout-members-bench.XXXXXX)
-chmod 755 "$WORK"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PGPORT=$(free_port); NPORT=$(free_port); CADMIN=$(free_port)
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-as_pg "$PGBIN/initdb" -D "$WORK/pg" -U postgres --auth=trust -E UTF8 --no-sync --locale=C >/dev/null
-as_pg "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 \
-  -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10 -c shared_buffers=256MB" start >/dev/null
-DB="postgres://postgres@127.0.0.1:$PGPORT/postgres"
-psql() { command psql -X -q -v ON_ERROR_STOP=1 -At -d "$DB" "$@"; }
-psql -f deploy/sql/workshop.sql
+BENCH_NAME=fanout-members-bench
+. loadtest/cdc/private-pg.sh
+NPORT=$(free_port); CADMIN=$(free_port)
 USER_ID=6f1c2a9e-0d4b-4b8e-9a51-7c3e2f1d0a42
 psql -c "INSERT INTO workshop_sessions (id, title) SELECT g, 'w' || g FROM generate_series(1, 10) g" \
   -c "INSERT INTO workshop_participants (session_id, user_id, display_name) VALUES (1, '$USER_ID', 'bench')"

@@ -836,6 +836,25 @@ impl Drop for Postgres {
 pub const WORKSHOP_ROUTES: &str = "public.workshop_participants=workshop:{session_id},\
 public.workshop_activities=workshop:{session_id},public.workshop_stage_submissions=workshop:{session_id}";
 
+/// Runs `fanout cdc` against `nats_url` and `database_url` (with `args`)
+/// until it exits, at most 30 s: for setup problems, which it must report
+/// instead of retrying. Returns its exit code and stderr.
+pub async fn run_cdc_to_exit(nats_url: &str, database_url: &str, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let child = tokio::process::Command::new(fanout_bin())
+        .args(["cdc", "--nats-url", nats_url, "--database-url", database_url])
+        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("fanout cdc kept running instead of reporting the setup problem")??;
+    Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
 /// The membership set of the workshop schema: a user's workshops are the
 /// `session_id`s of their `workshop_participants` rows.
 pub const WORKSHOP_MEMBERSHIPS: &str =

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use fanout_tests::{Fanout, Nats, Postgres, WORKSHOP_ROUTES, WsClient, fanout_bin, metric_value, v1};
+use fanout_tests::{Fanout, Nats, Postgres, WORKSHOP_ROUTES, WsClient, metric_value, v1};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -299,24 +299,10 @@ async fn wait_active(ingesters: &[&Fanout], timeout: Duration) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_problems_are_explained() -> Result<()> {
     let nats = Nats::start().await?;
-    // Runs `fanout cdc` until it exits (at most 30 s: it must not retry).
     let nats_url = nats.url();
-    let run = move |db: String| {
+    let run = |db: String| {
         let nats_url = nats_url.clone();
-        async move {
-            let child = tokio::process::Command::new(fanout_bin())
-                .args(["cdc", "--nats-url", &nats_url, "--database-url", &db])
-                .args(["--admin-listen", &format!("127.0.0.1:{}", fanout_tests::free_port())])
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-                .await
-                .context("fanout cdc kept running instead of reporting the setup problem")??;
-            anyhow::Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
-        }
+        async move { fanout_tests::run_cdc_to_exit(&nats_url, &db, &[]).await }
     };
     let replica = Postgres::start_with("replica").await?;
     let (code, err) = run(replica.url()).await?;

@@ -217,23 +217,10 @@ async fn membership_tables_the_ingester_cannot_follow_are_explained() -> Result<
     let nats = Nats::start().await?;
     let pg = Postgres::start().await?;
     pg.apply_workshop_schema()?;
+    let (nats_url, db) = (nats.url(), pg.url());
     let run = |memberships: &'static str| {
-        let (nats_url, db) = (nats.url(), pg.url());
-        async move {
-            let child = tokio::process::Command::new(fanout_tests::fanout_bin())
-                .args(["cdc", "--nats-url", &nats_url, "--database-url", &db])
-                .args(["--auth-memberships", memberships])
-                .args(["--admin-listen", &format!("127.0.0.1:{}", fanout_tests::free_port())])
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-                .await
-                .context("fanout cdc kept running instead of reporting the setup problem")??;
-            anyhow::Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
-        }
+        let (nats_url, db) = (nats_url.clone(), db.clone());
+        async move { fanout_tests::run_cdc_to_exit(&nats_url, &db, &["--auth-memberships", memberships]).await }
     };
     // The primary key (id) does not cover user_id and session_id.
     pg.psql("ALTER TABLE workshop_participants REPLICA IDENTITY DEFAULT")?;
