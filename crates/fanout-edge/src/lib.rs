@@ -258,6 +258,18 @@ const MAX_STAMPED_SUB: usize = 128;
 pub const METRICS: &[Metric] = &[
     Metric::gauge("fanout_connections", "Open client WebSocket connections."),
     Metric::counter(
+        "fanout_members_rechecks_total",
+        "Connections told to re-decide their private channels after a membership change.",
+    ),
+    Metric::histogram(
+        "fanout_members_wait_seconds",
+        "Time a batch of database changes waited for the membership mirror to reach its revision.",
+    ),
+    Metric::counter(
+        "fanout_members_wait_timeouts_total",
+        "Batches delivered before the membership mirror reached their revision (the wait is bounded).",
+    ),
+    Metric::counter(
         "fanout_connections_opened_total",
         "Client WebSocket connections accepted.",
     ),
