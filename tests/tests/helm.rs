@@ -328,6 +328,48 @@ async fn an_edge_starts_and_is_ready_with_the_charts_environment() -> Result<()>
     Ok(())
 }
 
+/// Every alert rule the chart deploys links its runbook entry
+/// (docs/RUNBOOKS.md), and has a promtool unit test in which it fires.
+#[test]
+fn every_alert_has_a_runbook_entry_and_a_unit_test_that_fires_it() -> Result<()> {
+    let full = objects(&[ci_values("full-values.yaml")])?;
+    let runbooks = std::fs::read_to_string(repo_root().join("docs/RUNBOOKS.md"))?;
+    let tests = std::fs::read_to_string(repo_root().join("tests/helm/alerts_test.yaml"))?;
+    let test_lines: Vec<&str> = tests.lines().map(str::trim).collect();
+    // `alertname: X` followed by a non-empty `exp_alerts:` list.
+    let fired: BTreeSet<&str> = test_lines
+        .windows(2)
+        .filter(|w| w[1] == "exp_alerts:")
+        .filter_map(|w| w[0].strip_prefix("alertname: "))
+        .collect();
+    let mut alerts = 0;
+    for rule_set in full.iter().filter(|o| o["kind"] == "PrometheusRule") {
+        for group in rule_set["spec"]["groups"].as_array().context("groups")? {
+            for rule in group["rules"].as_array().context("rules")? {
+                let name = rule["alert"].as_str().context("an alert rule")?;
+                let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_default();
+                ensure!(
+                    url == format!("docs/RUNBOOKS.md#{}", name.to_lowercase()),
+                    "{name}: runbook_url {url:?}"
+                );
+                ensure!(
+                    runbooks.lines().any(|l| l == format!("## {name}")),
+                    "{name}: no entry in docs/RUNBOOKS.md"
+                );
+                ensure!(
+                    fired.contains(name),
+                    "{name}: no unit test in alerts_test.yaml fires it"
+                );
+                alerts += 1;
+            }
+        }
+    }
+    ensure!(alerts >= 14, "only {alerts} alert rules rendered");
+    let entries = runbooks.lines().filter(|l| l.starts_with("## ")).count();
+    ensure!(entries == alerts, "{entries} runbook entries for {alerts} alerts");
+    Ok(())
+}
+
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() -> Result<()> {
     let check = run(Command::new(tool("promtool"))
