@@ -355,6 +355,137 @@ impl Drop for Nats {
     }
 }
 
+/// A private three-node JetStream cluster (`nats-server` routes on
+/// loopback, one store directory per node), the production set-up the
+/// README describes; killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Child>,
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl NatsCluster {
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("fanout-nats-cluster-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir)?;
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|r| format!("nats-route://127.0.0.1:{r}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let conf = dir.join(format!("n{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{store}\" }}\n\
+                     cluster {{\n  name: fanout\n  listen: 127.0.0.1:{route}\n  routes: [{route_list}]\n}}\n",
+                    port = ports[i],
+                    store = dir.join(format!("d{i}")).display(),
+                    route = routes[i],
+                ),
+            )?;
+            nodes.push(
+                Command::new(nats_server_bin())
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("spawning nats-server (tests/run.sh installs it)")?,
+            );
+        }
+        let me = Self { nodes, ports, dir };
+        // Ready once JetStream answers on every node (a meta leader is elected).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &port in &me.ports {
+            loop {
+                if let Ok(info) = nats_request(port, "$JS.API.INFO").await
+                    && info.contains("\"memory\"")
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the NATS cluster's JetStream did not come up");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(me)
+    }
+
+    /// Every node's client URL, comma-separated (as `--nats-url` takes them).
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].kill();
+        let _ = self.nodes[i].wait();
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nats_server_bin() -> &'static str {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("nats-server")
+}
+
+/// One NATS request on a fresh connection to `port` (plain protocol, no
+/// client library): the reply's payload as text.
+pub async fn nats_request(port: u16, subject: &str) -> Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    lines.read_line(&mut line).await?; // INFO
+    write
+        .write_all(
+            format!("CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.t 1\r\nPUB {subject} _INBOX.t 0\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let reply = async {
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await? == 0 {
+                bail!("connection closed");
+            }
+            if line.starts_with("PING") {
+                write.write_all(b"PONG\r\n").await?;
+            } else if line.starts_with("MSG ") {
+                let mut payload = String::new();
+                lines.read_line(&mut payload).await?;
+                return Ok(payload.trim_end().to_owned());
+            } else if line.starts_with("-ERR") {
+                bail!("{}", line.trim_end());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .context("no reply")?
+}
+
 /// A private `redis-server` on a free port (no persistence), killed on drop.
 /// `tests/run.sh` installs Debian's `redis-server` when missing.
 pub struct Redis {

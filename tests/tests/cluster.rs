@@ -339,3 +339,105 @@ async fn edges_starting_together_all_come_up() -> Result<()> {
     assert_eq!(seqs, vec![0, 1]);
     Ok(())
 }
+
+/// The production set-up: a three-node JetStream cluster, fanout's streams
+/// created with `--nats-replicas 3`, two edges connected to all three
+/// nodes. SIGKILL of the node leading the channel's stream: every broadcast
+/// the publisher had acknowledged reaches the subscriber on the other edge,
+/// once and in order, and publishing works again on the surviving two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_jetstream_cluster_survives_the_loss_of_a_node() -> Result<()> {
+    let mut nats = fanout_tests::NatsCluster::start().await?;
+    let urls = nats.urls();
+    let args = [
+        "--nats-url",
+        urls.as_str(),
+        "--nats-shards",
+        "8",
+        "--nats-streams",
+        "2",
+        "--nats-replicas",
+        "3",
+    ];
+    let a = Fanout::start_role("edge", free_port(), &args, &[]).await?;
+    a.wait_ready(Duration::from_secs(30)).await?;
+    let b = Fanout::start_role("edge", free_port(), &args, &[]).await?;
+    b.wait_ready(Duration::from_secs(30)).await?;
+    let topic = "realtime:workshop:quorum";
+    let mut sub = WsClient::connect(b.port, &b.ws_path("1.0.0", None)).await?;
+    join_v1(&mut sub, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(a.port, &a.ws_path("1.0.0", None)).await?;
+    join_v1(&mut publisher, topic, json!({"broadcast": {"ack": true}}), "1").await?;
+
+    // Both streams keep three replicas; find the leader of this channel's
+    // (shard of the channel's name, 8 shards over 2 streams).
+    let own = format!("FANOUT_{}", fanout_core::shard_of("workshop:quorum", 8) * 2 / 8);
+    let mut leader = String::new();
+    for stream in ["FANOUT_0", "FANOUT_1"] {
+        let info: Value = serde_json::from_str(
+            &fanout_tests::nats_request(nats.ports[0], &format!("$JS.API.STREAM.INFO.{stream}")).await?,
+        )?;
+        assert_eq!(info["config"]["num_replicas"], 3, "{stream}: {info}");
+        assert_eq!(
+            info["cluster"]["replicas"].as_array().map(Vec::len),
+            Some(2),
+            "{stream} has two followers: {info}"
+        );
+        if stream == own {
+            leader = info["cluster"]["leader"].as_str().unwrap_or_default().to_owned();
+        }
+    }
+
+    let mut acked = Vec::new();
+    let mut seq = 0;
+    let send = async |publisher: &mut WsClient, seq: u64| -> Result<bool> {
+        publisher.send_json(&publish(topic, seq)).await?;
+        let reply = publisher
+            .recv_until(Duration::from_secs(15), |v| {
+                v["event"] == "phx_reply" && v["ref"] == format!("p{seq}").as_str()
+            })
+            .await?;
+        Ok(reply["payload"]["status"] == "ok")
+    };
+    while seq < 50 {
+        assert!(send(&mut publisher, seq).await?, "publish {seq} before the fault");
+        acked.push(seq);
+        seq += 1;
+    }
+    let victim: usize = leader
+        .strip_prefix('n')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("leader of {own}: {leader:?}"))?;
+    nats.kill(victim);
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while acked.len() < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing did not recover on two nodes"
+        );
+        // A new number for every attempt: an attempt that failed may or
+        // may not have been stored, and must not be confused with a retry.
+        if send(&mut publisher, seq).await.unwrap_or(false) {
+            acked.push(seq);
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        seq += 1;
+    }
+    // Everything acknowledged arrives once, in order; nothing else but
+    // attempts that were sent.
+    let mut got = Vec::new();
+    while got.last() != acked.last() {
+        let v = sub
+            .recv_until(Duration::from_secs(30), |v| v["event"] == "broadcast")
+            .await?;
+        got.push(v["payload"]["payload"]["seq"].as_u64().unwrap_or(u64::MAX));
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, no duplicates: {got:?}");
+    assert!(
+        acked.iter().all(|s| got.contains(s)),
+        "every acknowledged broadcast: {got:?}"
+    );
+    assert!(got.iter().all(|&s| s < seq), "only what was sent: {got:?}");
+    Ok(())
+}
