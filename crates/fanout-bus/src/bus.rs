@@ -38,6 +38,11 @@ pub enum BusError {
     Rejected(String),
 }
 
+/// A transport failure as a transient [`BusError::Unavailable`].
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
 /// A live subscription to one channel. Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Subscription {

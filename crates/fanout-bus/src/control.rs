@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BoxFuture, BusError};
+use crate::bus::{BoxFuture, BusError, unavailable};
 
 /// A command for every edge. Channels are internal names
 /// (`ChannelName::as_str`), so a private channel stays apart from the
@@ -144,10 +144,6 @@ impl std::fmt::Debug for NatsControl {
 #[derive(Serialize, Deserialize)]
 struct Alive {
     node: String,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(e.to_string())
 }
 
 impl NatsControl {

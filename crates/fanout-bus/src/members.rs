@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use bytes::Bytes;
 use fanout_core::membership::{Members, mirror_key, parse_mirror_key};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BoxFuture, BusError};
+use crate::bus::{BoxFuture, BusError, unavailable};
 
 /// One user's values in one set; `None` removes the user from the set.
 pub type MemberUpdate = (String, String, Option<Arc<[Value]>>);
@@ -231,7 +231,7 @@ impl MemoryMembers {
 
     fn write(&self, updates: Vec<MemberUpdate>) -> u64 {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        *next += updates.len().max(1) as u64;
+        *next += 1;
         self.mirror.apply(*next, updates);
         *next
     }
@@ -262,6 +262,8 @@ const WRITE_CHUNK: usize = 1024;
 /// it watches the bucket into its [`MemberMirror`], until `shutdown`.
 pub struct NatsMembers {
     js: jetstream::Context,
+    /// The bucket's stream.
+    stream: jetstream::stream::Stream,
     mirror: Arc<MemberMirror>,
 }
 
@@ -271,10 +273,6 @@ impl std::fmt::Debug for NatsMembers {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(e.to_string())
-}
-
 impl NatsMembers {
     /// Opens (creating it if needed) the bucket on `bus`'s NATS, with as
     /// many replicas as its streams, and starts the watch that keeps this
@@ -282,16 +280,18 @@ impl NatsMembers {
     pub async fn open(bus: &crate::NatsBus, shutdown: CancellationToken) -> Result<Arc<Self>, BusError> {
         let replicas = bus.replicas();
         let js = jetstream::new(bus.client());
-        // The bucket's stream is created here rather than by
+        // The bucket's stream, created here rather than by the client's
         // `create_key_value`, which first asks for the account's info in a
         // form NATS 2.9 does not answer; the configuration is the one a
-        // key-value bucket has (one value per key, rollups, direct gets).
-        let store = match js.get_key_value(BUCKET).await {
-            Ok(store) => store,
+        // key-value bucket has (one value per key, rollups, direct gets),
+        // so NATS's own `nats kv` tools read it.
+        let name = format!("KV_{BUCKET}");
+        let stream = match js.get_stream(&name).await {
+            Ok(stream) => stream,
             Err(_) => {
                 let created = js
                     .create_stream(jetstream::stream::Config {
-                        name: format!("KV_{BUCKET}"),
+                        name: name.clone(),
                         description: Some("fanout membership sets: <set>.<user> -> JSON array of values".into()),
                         subjects: vec![format!("$KV.{BUCKET}.>")],
                         max_messages_per_subject: 1,
@@ -308,12 +308,12 @@ impl NatsMembers {
                     // Another process may have created it meanwhile.
                     tracing::debug!(error = %e, "membership bucket creation raced");
                 }
-                js.get_key_value(BUCKET).await.map_err(unavailable)?
+                js.get_stream(&name).await.map_err(unavailable)?
             }
         };
         let mirror = MemberMirror::new();
-        tokio::spawn(watch_bucket(store, mirror.clone(), shutdown));
-        Ok(Arc::new(Self { js, mirror }))
+        tokio::spawn(watch_bucket(stream.clone(), mirror.clone(), shutdown));
+        Ok(Arc::new(Self { js, stream, mirror }))
     }
 
     /// Publishes `updates` pipelined, then awaits their acks; the last
@@ -342,7 +342,7 @@ impl NatsMembers {
 
     /// The bucket's last revision (0 when empty).
     async fn last_revision(&self) -> Result<u64, BusError> {
-        let mut stream = self.js.get_stream(format!("KV_{BUCKET}")).await.map_err(unavailable)?;
+        let mut stream = self.stream.clone();
         Ok(stream.info().await.map_err(unavailable)?.state.last_sequence)
     }
 }
@@ -381,12 +381,12 @@ impl MemberStore for NatsMembers {
 /// An ordered pull consumer on the bucket's stream, rather than the
 /// client's key-value watch: that one filters with `filter_subjects`, which
 /// NATS before 2.10 does not know.
-async fn watch_bucket(store: kv::Store, mirror: Arc<MemberMirror>, shutdown: CancellationToken) {
+async fn watch_bucket(stream: jetstream::stream::Stream, mirror: Arc<MemberMirror>, shutdown: CancellationToken) {
     let prefix = format!("$KV.{BUCKET}.");
     let mut delay = Duration::from_millis(100);
     loop {
         let started = async {
-            let mut stream = store.stream.clone();
+            let mut stream = stream.clone();
             let last = stream.info().await.map_err(unavailable)?.state.last_sequence;
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {

@@ -54,7 +54,9 @@ use fanout_core::{ChannelName, Event, Position, shard_of, subject_token};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::bus::{BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription};
+use crate::bus::{
+    BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription, unavailable,
+};
 
 /// How to reach NATS and lay out the streams.
 #[derive(Debug, Clone)]
@@ -129,10 +131,6 @@ impl std::fmt::Debug for NatsBus {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(e.to_string())
 }
 
 /// One client connection; `live` marks the live-subscription connection.
@@ -331,13 +329,13 @@ impl NatsBus {
         )
     }
 
-    /// The publishing connection, for the control seam
-    /// ([`NatsControl`](crate::NatsControl)) to share.
     /// How many replicas the streams keep.
     pub fn replicas(&self) -> usize {
         self.config.replicas
     }
 
+    /// The publishing connection, for the control seam
+    /// ([`NatsControl`](crate::NatsControl)) to share.
     pub fn client(&self) -> async_nats::Client {
         self.client.clone()
     }

@@ -227,7 +227,7 @@ pub async fn snapshot(
     client
         .simple_query("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ")
         .await?;
-    let temp = format!("{}_members_{:08x}", slot.replace('"', ""), rand_suffix());
+    let temp = format!("{}_members_{:08x}", slot.replace('"', ""), rand::random::<u32>());
     let created = client
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT \"{temp}\" TEMPORARY LOGICAL pgoutput USE_SNAPSHOT"
@@ -272,17 +272,6 @@ pub async fn snapshot(
     state.touched.clear();
     drop(client);
     Ok((state, consistent))
-}
-
-fn rand_suffix() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish() as u32
 }
 
 #[cfg(test)]

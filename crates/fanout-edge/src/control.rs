@@ -113,17 +113,15 @@ impl Sessions {
         self.lock().remove(&id);
     }
 
-    /// Leaves `kick` with every connection.
-    fn kick_all(&self, kick: &Kick) {
-        let targets: Vec<Arc<ConnControl>> = self.lock().values().cloned().collect();
-        for c in &targets {
-            c.push(kick.clone());
-        }
-    }
-
-    /// Leaves `kick` with every connection acting for `sub`; how many.
-    fn kick(&self, sub: &str, kick: &Kick) -> u64 {
-        let targets: Vec<Arc<ConnControl>> = self.lock().values().filter(|c| c.acts_for(sub)).cloned().collect();
+    /// Leaves `kick` with every connection acting for `sub` (every
+    /// connection, when `None`); how many.
+    fn kick(&self, sub: Option<&str>, kick: &Kick) -> u64 {
+        let targets: Vec<Arc<ConnControl>> = self
+            .lock()
+            .values()
+            .filter(|c| sub.is_none_or(|s| c.acts_for(s)))
+            .cloned()
+            .collect();
         for c in &targets {
             c.push(kick.clone());
         }
@@ -184,7 +182,7 @@ impl CommandHandler for EdgeCommands {
                     reason: reason(why),
                     reconnect,
                 };
-                report.affected = edge.sessions.kick(&sub, &kick);
+                report.affected = edge.sessions.kick(Some(&sub), &kick);
             }
             Command::Unsubscribe {
                 sub,
@@ -197,7 +195,7 @@ impl CommandHandler for EdgeCommands {
                         channel,
                         reason: reason(why),
                     };
-                    report.affected = edge.sessions.kick(&sub, &kick);
+                    report.affected = edge.sessions.kick(Some(&sub), &kick);
                 }
                 Err(e) => tracing::warn!(error = %e, "unsubscribe command for an invalid channel skipped"),
             },
@@ -227,24 +225,15 @@ pub(crate) async fn follow_memberships(edge: Weak<Edge>, shutdown: tokio_util::s
                 .policy
                 .memberships
                 .get(set)
-                .is_some_and(|s| s.claim.len() == 1 && s.claim[0] == "sub")
+                .is_some_and(|s| s.claim == ["sub"])
         };
-        match change {
-            Ok(c) if by_sub(&c.set) => {
-                let n = edge.sessions.kick(
-                    &c.user,
-                    &Kick::Recheck {
-                        sub: Some(c.user.clone()),
-                    },
-                );
-                metrics::counter!("fanout_members_rechecks_total").increment(n);
-            }
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                edge.sessions.kick_all(&Kick::Recheck { sub: None });
-                metrics::counter!("fanout_members_rechecks_total").increment(1);
-            }
+        let sub = match change {
+            Ok(c) if by_sub(&c.set) => Some(c.user),
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
+        };
+        let n = edge.sessions.kick(sub.as_deref(), &Kick::Recheck { sub: sub.clone() });
+        metrics::counter!("fanout_members_rechecks_total").increment(n);
     }
 }
 
@@ -263,13 +252,13 @@ mod tests {
             reason: "bye".into(),
             reconnect: true,
         };
-        assert_eq!(sessions.kick("alice", &kick), 2);
+        assert_eq!(sessions.kick(Some("alice"), &kick), 2);
         assert_eq!(a.take(), vec![kick.clone()]);
         assert_eq!(anon.take(), vec![kick.clone()]);
         assert!(b.take().is_empty());
         assert!(a.take().is_empty(), "taken once");
         sessions.unregister(1);
-        assert_eq!(sessions.kick("alice", &kick), 1);
-        assert_eq!(sessions.kick("nobody", &kick), 0);
+        assert_eq!(sessions.kick(Some("alice"), &kick), 1);
+        assert_eq!(sessions.kick(Some("nobody"), &kick), 0);
     }
 }

@@ -159,16 +159,19 @@ impl Edge {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let tasks = TaskTracker::new();
+        // Membership sets configured: changes wait for the mirror, and
+        // users whose memberships change have their channels re-decided.
+        let members = (!config.policy.memberships.is_empty()).then(|| config.members.clone());
+        let follow = members.is_some();
         let hub = Hub::new(
             bus.clone(),
             presence.clone(),
-            (!config.policy.memberships.is_empty()).then(|| config.members.clone()),
+            members,
             config.channel_linger,
             tasks.clone(),
             shutdown.clone(),
         );
         let admission = Arc::new(admission::Admission::new(&config.limits));
-        let follow = !config.policy.memberships.is_empty();
         let edge = Arc::new(Self {
             node,
             config,

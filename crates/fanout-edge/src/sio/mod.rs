@@ -890,14 +890,26 @@ impl Session {
             }
         }
         for (nsp, reason) in ended {
-            self.error_event(&nsp, None, &reason);
-            self.end_namespace(&nsp);
+            self.end_namespace_for(&nsp, &reason);
         }
         for (channel, joined) in left {
-            self.leave(&joined);
-            let body = serde_json::json!({ "channel": channel.name(), "reason": conn::revoked(&channel) }).to_string();
-            self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
+            self.unsubscribed(&channel, &joined, &conn::revoked(&channel));
         }
+    }
+
+    /// The server ends a channel's namespace for `reason`: the reason as a
+    /// `fanout:error` event, then DISCONNECT.
+    fn end_namespace_for(&mut self, nsp: &str, reason: &str) {
+        self.error_event(nsp, None, reason);
+        self.end_namespace(nsp);
+    }
+
+    /// A main-namespace channel the server took away (already removed from
+    /// its rooms): leave it and tell the client with `fanout:unsubscribed`.
+    fn unsubscribed(&mut self, channel: &ChannelName, joined: &Joined, reason: &str) {
+        self.leave(joined);
+        let body = serde_json::json!({ "channel": channel.name(), "reason": reason }).to_string();
+        self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
     }
 
     /// The server API's kicks (see `conn.rs`).
@@ -913,8 +925,7 @@ impl Session {
                         .map(|(n, _)| n.clone())
                         .collect();
                     for nsp in ended {
-                        self.error_event(&nsp, None, &reason);
-                        self.end_namespace(&nsp);
+                        self.end_namespace_for(&nsp, &reason);
                     }
                     let left = self
                         .namespaces
@@ -922,9 +933,7 @@ impl Session {
                         .filter(|ns| ns.sub() == Some(sub.as_str()))
                         .and_then(|ns| ns.rooms.remove(&channel));
                     if let Some(joined) = left {
-                        self.leave(&joined);
-                        let body = serde_json::json!({ "channel": channel.name(), "reason": reason }).to_string();
-                        self.send(&packet::emit(None, UNSUBSCRIBED_EVENT, &body));
+                        self.unsubscribed(&channel, &joined, &reason);
                     }
                 }
                 Kick::Recheck { sub } => self.recheck(sub.as_deref()),

@@ -16,9 +16,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let bus: Arc<dyn Bus> = Arc::new(nats);
     let process = start.serve_admin(bus.clone());
     let mut cdc = cdc_config(&config).context("database URL")?;
-    if let Some(members) = members {
-        cdc.members = Some(members);
-    }
+    cdc.members = members.map(|m| m as Arc<dyn fanout_bus::MemberStore>);
     tracing::info!(slot = %cdc.slot, publication = %cdc.publication, "fanout cdc starting");
     let result = fanout_cdc::run(cdc, bus, process.shutdown.clone()).await;
     // The ingester ends on shutdown or on a fatal error; either way the
