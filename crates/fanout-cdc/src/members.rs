@@ -233,9 +233,19 @@ pub async fn snapshot(
             "CREATE_REPLICATION_SLOT \"{temp}\" TEMPORARY LOGICAL pgoutput USE_SNAPSHOT"
         ))
         .await
-        .map_err(|e| CdcError::Setup {
-            problem: format!("cannot create the temporary slot that reads the membership tables consistently: {e}"),
-            fix: "raise max_replication_slots by one (fanout's slot plus one while a snapshot is read)".into(),
+        .map_err(|e| {
+            // Only a full slot table needs an operator; anything else (a
+            // broken session) is retried like any replication error.
+            if e.to_string().contains("replication slots are in use") {
+                CdcError::Setup {
+                    problem: format!(
+                        "cannot create the temporary slot that reads the membership tables consistently: {e}"
+                    ),
+                    fix: "raise max_replication_slots by one (fanout's slot plus one while a snapshot is read)".into(),
+                }
+            } else {
+                CdcError::Replication(e)
+            }
         })?;
     let consistent = created
         .first()
