@@ -74,6 +74,14 @@ pub const METRICS: &[Metric] = &[
         "fanout_bus_disconnects_total",
         "Disconnections from NATS (the client reconnects by itself).",
     ),
+    Metric::gauge(
+        "fanout_bus_stream_replicas_unavailable",
+        "The most replicas any of fanout's JetStream streams is missing (offline, behind, or all while it has no leader or its info goes unanswered); edges only.",
+    ),
+    Metric::counter(
+        "fanout_bus_replica_divergence_total",
+        "Stream reads whose replica numbered events unlike the stream leader (a nats-server bug); each was read again through the leader.",
+    ),
     Metric::counter(
         "fanout_bus_slow_consumer_events_total",
         "Reports that the NATS client dropped live events of a subscription that fell behind.",

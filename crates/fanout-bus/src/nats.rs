@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
 use fanout_core::{ChannelName, Event, Position, shard_of, subject_token};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -185,6 +186,18 @@ async fn connect_client(config: &NatsConfig, link: &Arc<Link>, live: bool) -> Re
         .collect::<Result<_, _>>()
         .map_err(|e| BusError::Rejected(format!("bad NATS URL: {e}")))?;
     opts.connect(addrs).await.map_err(unavailable)
+}
+
+/// How often [`NatsBus::watch_stream_health`] reads the streams' cluster info.
+pub const STREAM_HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// Replicas of a stream that cannot take part in its quorum: every one
+/// while it has no leader, else the followers offline or not current.
+fn replicas_unavailable(cluster: &stream::ClusterInfo, configured: usize) -> usize {
+    if cluster.leader.is_none() {
+        return configured.max(1);
+    }
+    cluster.replicas.iter().filter(|p| p.offline || !p.current).count()
 }
 
 impl NatsBus {
@@ -332,6 +345,54 @@ impl NatsBus {
     /// How many replicas the streams keep.
     pub fn replicas(&self) -> usize {
         self.config.replicas
+    }
+
+    /// Watches the replicas of fanout's streams until `shutdown`: every
+    /// [`STREAM_HEALTH_EVERY`] it reads each stream's cluster info and sets
+    /// `fanout_bus_stream_replicas_unavailable` to the most replicas any one
+    /// stream is missing (offline or not current, or all of them while it
+    /// has no leader). On a three-node cluster with `replicas = 3`, 1 means
+    /// a node is down and one more loss stops publishing; a stream without
+    /// replicas (one server) reads 0 while it answers. A look-up that fails
+    /// counts every replica: only a stream leader answers, so a stream
+    /// electing one (its leader's node was lost) cannot be told from one
+    /// that is gone, and neither serves.
+    pub fn watch_stream_health(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let js = self.js.clone();
+        let names: Vec<String> = (0..self.config.streams).map(|i| format!("FANOUT_{i}")).collect();
+        let replicas = self.config.replicas;
+        async move {
+            let mut tick = tokio::time::interval(STREAM_HEALTH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let mut worst = 0;
+                for name in &names {
+                    // The stream's leader answers its info: with none
+                    // elected (or none reachable from here) the request
+                    // fails, and every replica counts as unavailable.
+                    let missing = match js.get_stream(name).await {
+                        Ok(s) => s
+                            .cached_info()
+                            .cluster
+                            .as_ref()
+                            .map_or(0, |c| replicas_unavailable(c, replicas)),
+                        Err(e) => {
+                            tracing::debug!(stream = %name, error = %e, "stream health look-up failed");
+                            replicas.max(1)
+                        }
+                    };
+                    worst = worst.max(missing);
+                }
+                metrics::gauge!("fanout_bus_stream_replicas_unavailable").set(worst as f64);
+            }
+        }
     }
 
     /// The publishing connection, for the control seam
@@ -546,7 +607,109 @@ impl CatchUp {
 
     /// The channel's events after `after`, up to `upto` (or all there are),
     /// at most `limit` of them.
+    ///
+    /// They are read with an ordered consumer, which JetStream may place on
+    /// any replica of the stream and which numbers events by that
+    /// replica's copy. A replica can disagree with its leader: nats-server
+    /// 2.9 stores a message twice on a node that is killed and restarted
+    /// under load, and from there on that node's copy is shifted by one
+    /// while it reports itself current (nats-server#4174; the chaos run
+    /// found it). So the read is checked against the leader, which numbers
+    /// the live events and answers the message API: the last event read
+    /// must be the leader's at its position, and an empty read must agree
+    /// that the channel has nothing in range. When they disagree, the range
+    /// is read again through the leader, one request per event, and
+    /// `fanout_bus_replica_divergence_total` counts it.
     async fn read(&self, after: Position, upto: Option<Position>, limit: usize) -> Result<Vec<Event>, BusError> {
+        let (events, last) = self.read_consumer(after, upto, limit).await?;
+        if self.agrees_with_leader(after, upto, last).await? {
+            return Ok(events);
+        }
+        metrics::counter!("fanout_bus_replica_divergence_total").increment(1);
+        tracing::warn!(
+            stream = %self.stream,
+            subject = %self.filter,
+            after,
+            "a JetStream replica's copy of the stream disagrees with its leader's (a nats-server bug); reading through the leader"
+        );
+        self.read_via_leader(after, upto, limit).await
+    }
+
+    /// Whether the leader has the same last event (position and bytes) as
+    /// a consumer read, or, for an empty read, no event of the channel in
+    /// `(after, upto]`.
+    async fn agrees_with_leader(
+        &self,
+        after: Position,
+        upto: Option<Position>,
+        last: Option<(Position, Bytes)>,
+    ) -> Result<bool, BusError> {
+        let stream = self.stream().await?;
+        match last {
+            Some((seq, payload)) => match stream.get_raw_message(seq).await {
+                Ok(m) => Ok(m.subject.as_str() == self.filter && m.payload == payload),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                Err(e) => Err(unavailable(e)),
+            },
+            None => {
+                let Some(upto) = upto.filter(|&upto| upto > after) else {
+                    // Open-ended and empty: what comes later comes live.
+                    return Ok(true);
+                };
+                match stream.get_first_raw_message_by_subject(&self.filter, after + 1).await {
+                    Ok(m) => Ok(m.sequence > upto),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(true),
+                    Err(e) => Err(unavailable(e)),
+                }
+            }
+        }
+    }
+
+    /// [`Self::read`] through the stream leader's message API: each
+    /// request returns the channel's next event at or after a position.
+    async fn read_via_leader(
+        &self,
+        after: Position,
+        upto: Option<Position>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BusError> {
+        let stream = self.stream().await?;
+        // Open-ended: up to what is stored now (later events come live).
+        let upto = match upto {
+            Some(upto) => upto,
+            None => self.newest().await?,
+        };
+        let mut events = Vec::new();
+        let mut next = after + 1;
+        while next <= upto && events.len() < limit {
+            let m = match stream.get_first_raw_message_by_subject(&self.filter, next).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(unavailable(e)),
+            };
+            if m.sequence > upto {
+                break;
+            }
+            next = m.sequence + 1;
+            match fanout_proto::decode_event(&m.payload, m.sequence) {
+                Ok(ev) => events.push(ev),
+                Err(e) => {
+                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+                    tracing::warn!(error = %e, seq = m.sequence, "undecodable stored event skipped");
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The consumer read behind [`Self::read`], and the last event's
+    /// position and bytes as the consumer's replica has them.
+    async fn read_consumer(
+        &self,
+        after: Position,
+        upto: Option<Position>,
+        limit: usize,
+    ) -> Result<(Vec<Event>, Option<(Position, Bytes)>), BusError> {
         let consumer = self
             .stream()
             .await?
@@ -565,8 +728,9 @@ impl CatchUp {
         // after this point comes live).
         let mut remaining = consumer.cached_info().num_pending;
         let mut events = Vec::new();
+        let mut last = None;
         if remaining == 0 {
-            return Ok(events);
+            return Ok((events, last));
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         while remaining > 0 && events.len() < limit {
@@ -588,11 +752,12 @@ impl CatchUp {
                     tracing::warn!(error = %e, seq, "undecodable stored event skipped");
                 }
             }
+            last = Some((seq, msg.payload.clone()));
             if upto == Some(seq) {
                 break;
             }
         }
-        Ok(events)
+        Ok((events, last))
     }
 
     /// The channel's newest `limit` stored events. JetStream reads a
@@ -796,5 +961,44 @@ impl Bus for NatsBus {
             && self.link.live_up.load(Ordering::Acquire)
             && self.client.connection_state() == State::Connected
             && self.live.connection_state() == State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cluster info as NATS 2.9 answers `$JS.API.STREAM.INFO` for an R3
+    /// stream, with the given leader and followers (name, current, offline).
+    fn cluster(leader: Option<&str>, followers: &[(&str, bool, bool)]) -> stream::ClusterInfo {
+        let replicas: Vec<serde_json::Value> = followers
+            .iter()
+            .map(|(name, current, offline)| {
+                serde_json::json!({"name": name, "current": current, "active": 1_000_000, "offline": offline})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"name": "fanout", "leader": leader, "replicas": replicas}))
+            .expect("cluster info")
+    }
+
+    #[test]
+    fn replicas_unavailable_counts_followers_out_of_the_quorum() {
+        assert_eq!(
+            replicas_unavailable(&cluster(Some("n0"), &[("n1", true, false), ("n2", true, false)]), 3),
+            0
+        );
+        assert_eq!(
+            replicas_unavailable(&cluster(Some("n0"), &[("n1", true, false), ("n2", false, true)]), 3),
+            1
+        );
+        // A follower restarted and still catching up is not current.
+        assert_eq!(
+            replicas_unavailable(&cluster(Some("n0"), &[("n1", false, false), ("n2", true, false)]), 3),
+            1
+        );
+        assert_eq!(
+            replicas_unavailable(&cluster(None, &[("n1", false, true), ("n2", false, true)]), 3),
+            3
+        );
     }
 }

@@ -55,6 +55,10 @@ pub async fn edge(config: Config) -> anyhow::Result<()> {
     if let Some(members) = open_members(&config, &nats, &start.process.shutdown).await? {
         start.edge_config.members = members.mirror();
     }
+    start
+        .process
+        .tasks
+        .spawn(nats.watch_stream_health(start.process.shutdown.clone()));
     let bus: Arc<dyn Bus> = Arc::new(nats);
     let control: Arc<dyn Control> = Arc::new(
         NatsControl::new(client, start.process.shutdown.clone())
