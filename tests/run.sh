@@ -6,8 +6,9 @@
 # instances on free ports; Postgres clusters with initdb/pg_ctl in temp dirs),
 # the npm packages the JS suites use, and the Helm chart's checkers (Go with
 # Debian's sprig to render the chart without helm, kubernetes-validate in a
-# venv, promtool unpacked from Debian's prometheus package without
-# installing the server). Tests start
+# venv, promtool and the prometheus server binary unpacked from Debian's
+# prometheus package without installing it as a service; the chaos run
+# starts a private Prometheus from it). Tests start
 # their own private servers on free loopback ports, so they never collide with
 # system services.
 #
@@ -49,8 +50,8 @@ if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
     python3 -m venv "$helm_tools/venv"
     "$helm_tools/venv/bin/pip" install -q kubernetes-validate==1.37.0
   fi
-  if [ ! -x "$helm_tools/promtool" ]; then
-    log "unpacking promtool from Debian's prometheus package"
+  if [ ! -x "$helm_tools/promtool" ] || [ ! -x "$helm_tools/prometheus" ]; then
+    log "unpacking promtool and prometheus from Debian's prometheus package"
     rm -rf "$helm_tools/prometheus-deb" && mkdir -p "$helm_tools/prometheus-deb"
     # (a machine whose package lists were never fetched needs apt-get update first)
     (cd "$helm_tools/prometheus-deb" \
@@ -59,6 +60,7 @@ if [ "${FANOUT_SKIP_INSTALL:-0}" != 1 ]; then
       && dpkg-deb -x prometheus_*.deb root) \
       || { echo "could not unpack promtool from apt-get download prometheus" >&2; exit 1; }
     cp "$helm_tools/prometheus-deb/root/usr/bin/promtool" "$helm_tools/promtool"
+    cp "$helm_tools/prometheus-deb/root/usr/bin/prometheus" "$helm_tools/prometheus"
   fi
 fi
 
