@@ -18,6 +18,11 @@
 //!   and latency per `--sample-every` window and their drift.
 //! - `idle`: `--users` joined connections held for `--duration`; reports the
 //!   server's memory per connection.
+//! - `chaos`: starts a cluster of its own (two edges, a three-node NATS
+//!   JetStream cluster, Redis, PostgreSQL, `fanout presence`, `fanout cdc`
+//!   and a Prometheus with the chart's alert rules), runs the workshop load
+//!   with every component killed and restarted on a `--seed`ed schedule, and
+//!   accounts for every message per client (see `chaos`).
 //!
 //! `--workers N` runs the scenario in N child processes (this executable,
 //! re-run with a hidden `--worker-index`), each with its share of users and
@@ -26,6 +31,7 @@
 //! `report.html` with `--report <dir>`, and exits non-zero when anything
 //! was lost, repeated or reordered.
 
+mod chaos;
 mod client;
 mod database;
 mod fanout;
@@ -56,6 +62,7 @@ enum Scenario {
     ReconnectStorm,
     Soak,
     Idle,
+    Chaos,
 }
 
 /// What server the clients talk to.
@@ -183,6 +190,20 @@ struct Args {
     /// No per-second progress line.
     #[arg(long)]
     quiet: bool,
+    /// Chaos: the seed of the fault schedule and of the users' timing.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Chaos: edges to start.
+    #[arg(long, default_value_t = 2)]
+    edges: usize,
+    /// Chaos: divide the alert rules' durations (`for:`, rate windows,
+    /// `offset`) by this, so that alerts meant to fire after minutes fire
+    /// within a short run (1: as shipped).
+    #[arg(long, default_value_t = 30)]
+    alert_time_scale: u32,
+    /// Chaos: the Prometheus server binary.
+    #[arg(long, default_value = "target/helm/prometheus")]
+    prometheus: std::path::PathBuf,
     /// Set on the child processes of --workers.
     #[arg(long, hide = true)]
     worker_index: Option<usize>,
@@ -262,7 +283,39 @@ async fn scenario(args: Arc<Args>, ctx: Arc<Ctx>) -> Result<Partial> {
         Scenario::Fanout | Scenario::ReconnectStorm => fanout::run(&args, &conn, &ctx).await,
         Scenario::ConnectStorm => storm::connect_storm(&args, &conn, &ctx).await,
         Scenario::Idle => storm::idle(&args, &conn, &ctx).await,
+        Scenario::Chaos => anyhow::bail!("--scenario chaos starts its own servers (see chaos_main)"),
     }
+}
+
+/// `--scenario chaos`, in this process (it starts the servers itself).
+async fn chaos_main(args: &Args) -> Result<()> {
+    let per_minute = |rate: f64, what: &str| -> Result<std::time::Duration> {
+        anyhow::ensure!(rate > 0.0, "{what} must be above 0");
+        Ok(std::time::Duration::from_secs_f64(60.0 / rate))
+    };
+    let workshops = args.workshops.unwrap_or(args.users / 25).max(2) as u32;
+    let prometheus = if args.prometheus.is_absolute() {
+        args.prometheus.clone()
+    } else {
+        fanout_tests::repo_root().join(&args.prometheus)
+    };
+    let options = chaos::Options {
+        seed: args.seed,
+        users: args.users as u32,
+        workshops,
+        edges: args.edges.max(2),
+        duration: std::time::Duration::from_secs(args.duration),
+        chat_every: per_minute(args.chat_rate, "--chat-rate")?,
+        api_every: std::time::Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))),
+        row_every: per_minute(args.activity_rate * f64::from(workshops), "--activity-rate")?,
+        alert_time_scale: args.alert_time_scale.max(1),
+        prometheus,
+        report: args.report.clone(),
+    };
+    if !chaos::run(options).await? {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -282,6 +335,9 @@ async fn main() -> Result<()> {
     }
     if args.scenario == Scenario::ReconnectStorm && args.kill_pid.is_none() && args.drain_pid.is_none() {
         anyhow::bail!("reconnect-storm needs --kill-pid or --drain-pid (and two or more --url)");
+    }
+    if args.scenario == Scenario::Chaos {
+        return chaos_main(&args).await;
     }
     let args = Arc::new(args);
     if let Some(index) = args.worker_index {

@@ -30,10 +30,15 @@ pub fn fanout_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FANOUT_BIN") {
         return p.into();
     }
-    // target/<profile>/deps/<test-exe> → target/<profile>/fanout
+    // A binary beside it (target/<profile>/fanout-loadtest), or a test:
+    // target/<profile>/deps/<test-exe> → target/<profile>/fanout.
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>");
-    profile_dir.join("fanout")
+    let dir = exe.parent().expect("the executable's directory");
+    let beside = dir.join("fanout");
+    if beside.is_file() {
+        return beside;
+    }
+    dir.parent().expect("target/<profile>").join("fanout")
 }
 
 /// The NATS settings every cluster process of a test shares: the server,
@@ -142,27 +147,62 @@ impl Fanout {
     }
 
     async fn start_role_admin_only(role: &str, args: &[&str]) -> Result<Self> {
-        let admin_port = free_port();
-        let mut cmd = Command::new(fanout_bin());
-        cmd.arg(role)
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        Self::start_on(role, None, free_port(), args, &[]).await
+    }
+
+    /// Starts `fanout <role>` with its admin listener on `admin_port` and,
+    /// for a role that has one, its public listener on `port`; waits until
+    /// `/healthz` answers (on the public port when there is one). Fixed ports let a process be
+    /// restarted where a scraper or client expects it.
+    pub async fn start_on(
+        role: &str,
+        port: Option<u16>,
+        admin_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let bin = fanout_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "{} not built: run `cargo build --workspace`",
+            bin.display()
+        );
+        let mut cmd = Command::new(&bin);
+        cmd.arg(role);
+        if let Some(port) = port {
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        }
+        cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null());
-        let child = cmd.spawn().context("spawning fanout")?;
-        let me = Self {
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let mut me = Self {
             child,
-            port: 0,
+            port: port.unwrap_or(0),
             admin_port,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
-        while http_get(admin_port, "/healthz").await.is_err() {
+        loop {
+            if let Some(status) = me.child.try_wait()? {
+                bail!("fanout {role} exited during start-up: {status}");
+            }
+            // The public listener when there is one (clients come next).
+            if http_get(port.unwrap_or(admin_port), "/healthz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return Ok(me);
+            }
             if Instant::now() > deadline {
-                bail!("fanout {role} did not answer /healthz");
+                bail!("fanout {role} did not answer /healthz within 15 s");
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Ok(me)
     }
 
     /// Waits until `/readyz` answers 200.
@@ -199,42 +239,7 @@ impl Fanout {
     /// `args` and `env`, and waits until `/healthz` answers. Listen
     /// addresses are flags, so they win over the same settings in `env`.
     pub async fn start_role(role: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let admin_port = free_port();
-        let bin = fanout_bin();
-        anyhow::ensure!(
-            bin.exists(),
-            "{} not built: run `cargo build --workspace`",
-            bin.display()
-        );
-        let mut cmd = Command::new(&bin);
-        cmd.arg(role)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
-        let mut me = Self {
-            child,
-            port,
-            admin_port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = me.child.try_wait()? {
-                bail!("fanout exited during start-up: {status}");
-            }
-            if http_get(port, "/healthz").await.map(|(s, _)| s == 200).unwrap_or(false) {
-                return Ok(me);
-            }
-            if Instant::now() > deadline {
-                bail!("fanout did not answer /healthz within 15 s");
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        Self::start_on(role, Some(port), free_port(), args, env).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -388,15 +393,7 @@ impl NatsCluster {
                     route = routes[i],
                 ),
             )?;
-            nodes.push(
-                Command::new(nats_server_bin())
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("spawning nats-server (tests/run.sh installs it)")?,
-            );
+            nodes.push(Self::spawn_node(&conf)?);
         }
         let me = Self { nodes, ports, dir };
         // Ready once JetStream answers on every node (a meta leader is elected).
@@ -426,10 +423,35 @@ impl NatsCluster {
             .join(",")
     }
 
-    /// Kills node `i` (SIGKILL).
+    /// Kills node `i` (SIGKILL), keeping its store.
     pub fn kill(&mut self, i: usize) {
         let _ = self.nodes[i].kill();
         let _ = self.nodes[i].wait();
+    }
+
+    /// Starts node `i` again with its configuration and store, and waits
+    /// until it accepts clients (it then catches up with its peers).
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.nodes[i] = Self::spawn_node(&self.dir.join(format!("n{i}.conf")))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.ports[i])).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server n{i} did not listen on {} again", self.ports[i]);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn spawn_node(conf: &std::path::Path) -> Result<Child> {
+        Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning nats-server (tests/run.sh installs it)")
     }
 }
 
@@ -918,6 +940,28 @@ impl Postgres {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`: sessions are ended,
+    /// everything committed is kept) with the options it was started with.
+    pub fn restart(&self) -> Result<()> {
+        let data = self.dir.join("data");
+        self.run(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &self.dir.join("log").to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "restart",
+            ],
+        )?;
+        Ok(())
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`
