@@ -465,11 +465,18 @@ impl Drop for NatsCluster {
     }
 }
 
-fn nats_server_bin() -> &'static str {
+/// The nats-server binary: `FANOUT_NATS_SERVER` if set (to run the
+/// cluster tests or the chaos run against another NATS release), else
+/// Debian's.
+fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FANOUT_NATS_SERVER") {
+        return p.into();
+    }
     ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .unwrap_or("nats-server")
+        .into()
 }
 
 /// One NATS request on a fresh connection to `port` (plain protocol, no
@@ -943,8 +950,21 @@ impl Postgres {
     }
 
     /// Restarts the server (`pg_ctl restart -m fast`: sessions are ended,
-    /// everything committed is kept) with the options it was started with.
+    /// everything committed is kept) with the options it was started with;
+    /// an error if it does not shut down within 90 s. (A walsender can hold
+    /// a fast shutdown until `wal_sender_timeout`, 60 s, waiting for its
+    /// client to confirm WAL; the chaos run shows that as a long restart.)
     pub fn restart(&self) -> Result<()> {
+        self.restart_mode("fast")
+    }
+
+    /// Restarts the server after an immediate shutdown (no checkpoint, as
+    /// after a crash; recovery replays the WAL on start).
+    pub fn restart_immediate(&self) -> Result<()> {
+        self.restart_mode("immediate")
+    }
+
+    fn restart_mode(&self, mode: &str) -> Result<()> {
         let data = self.dir.join("data");
         self.run(
             &self.bin.join("pg_ctl"),
@@ -954,13 +974,20 @@ impl Postgres {
                 "-l",
                 &self.dir.join("log").to_string_lossy(),
                 "-m",
-                "fast",
+                mode,
                 "-w",
                 "-t",
-                "30",
+                "90",
                 "restart",
             ],
-        )?;
+        )
+        .map_err(|e| {
+            // What the server was waiting for is in its own log.
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            e.context(format!("the server's log ends:\n{}", tail.join("\n")))
+        })?;
         Ok(())
     }
 

@@ -159,6 +159,17 @@ fn every_ci_values_file_renders_objects_kubernetes_accepts() -> Result<()> {
     let api = find(&full, "Service", "fanout-api")?;
     assert_eq!(api["spec"]["type"], "ClusterIP");
     assert_eq!(api["spec"]["ports"][0]["targetPort"], "api");
+    // Every scraped target carries its role, which FanoutEdgeDown selects
+    // on (up{role="edge"}): from the admin Services' component label.
+    let monitor = find(&full, "ServiceMonitor", "fanout")?;
+    let relabel = &monitor["spec"]["endpoints"][0]["relabelings"][0];
+    assert_eq!(relabel["targetLabel"], "role");
+    assert_eq!(
+        relabel["sourceLabels"][0],
+        "__meta_kubernetes_service_label_app_kubernetes_io_component"
+    );
+    let edge_admin = find(&full, "Service", "fanout-edge-admin")?;
+    assert_eq!(edge_admin["metadata"]["labels"]["app.kubernetes.io/component"], "edge");
     // The dashboard ConfigMap carries valid JSON.
     let cm = find(&full, "ConfigMap", "fanout-dashboard")?;
     let dashboard: Value = serde_json::from_str(cm["data"]["fanout.json"].as_str().context("fanout.json")?)?;

@@ -143,10 +143,11 @@ pub fn schedule(seed: u64, warmup: Duration, end: Duration, settle: Duration, ed
     Ok(out)
 }
 
-/// Injects `p` and restores the component; returns what was hit and when
-/// it was restored (the restart answered), relative to `t0`.
-pub async fn inject(cluster: &mut Cluster, p: &Planned) -> Result<String> {
-    Ok(match p.kind {
+/// Injects `p` and restores the component; returns what was hit, and a
+/// problem the fault ran into that fails the run without ending it.
+pub async fn inject(cluster: &mut Cluster, p: &Planned) -> Result<(String, Option<String>)> {
+    let mut problem = None;
+    let target = match p.kind {
         Kind::EdgeKill => {
             let i = cluster.busiest_edge(p.target).await;
             let e = &mut cluster.edges[i];
@@ -182,11 +183,17 @@ pub async fn inject(cluster: &mut Cluster, p: &Planned) -> Result<String> {
         }
         Kind::PostgresRestart => {
             let pg = &cluster.pg;
-            // pg_ctl blocks until the server is back.
-            tokio::task::block_in_place(|| pg.restart())?;
+            // pg_ctl blocks until the server is back. A fast shutdown that
+            // does not finish is a finding: the run goes on after an
+            // immediate one, and fails.
+            if let Err(e) = tokio::task::block_in_place(|| pg.restart()) {
+                problem = Some(format!("PostgreSQL's fast shutdown did not finish within 90 s: {e:#}"));
+                tokio::task::block_in_place(|| pg.restart_immediate())?;
+            }
             "postgres".into()
         }
-    })
+    };
+    Ok((target, problem))
 }
 
 #[cfg(test)]

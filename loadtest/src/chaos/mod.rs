@@ -95,6 +95,8 @@ struct Report {
     alert_rules_loaded: usize,
     alerts: Vec<prom::Firing>,
     alert_problems: Vec<String>,
+    /// A fault that could not be injected as planned (it was forced).
+    fault_problems: Vec<String>,
     alerts_resolved: bool,
     /// Stream reads an edge found numbered unlike the stream leader (a
     /// nats-server 2.9 bug after a node is killed) and re-read through it.
@@ -168,6 +170,7 @@ pub async fn run(o: Options) -> Result<bool> {
     let probe = tokio::spawn(clients::presence_probe(world.clone(), Duration::from_millis(250)));
 
     let mut injected: Vec<(Planned, String, Ms, Ms)> = Vec::new();
+    let mut fault_problems: Vec<String> = Vec::new();
     for p in &plan {
         tokio::time::sleep_until((load_start + p.at).into()).await;
         let at = world.now();
@@ -177,9 +180,13 @@ pub async fn run(o: Options) -> Result<bool> {
             p.kind,
             p.down.as_secs_f64()
         );
-        let target = faults::inject(&mut cluster, p)
+        let (target, problem) = faults::inject(&mut cluster, p)
             .await
             .with_context(|| format!("injecting {:?}", p.kind))?;
+        if let Some(problem) = problem {
+            eprintln!("chaos: {problem}");
+            fault_problems.push(format!("{:?} at {at} ms: {problem}", p.kind));
+        }
         injected.push((*p, target, at, world.now()));
     }
     let last_restored = injected.last().map_or(world.now(), |f| f.3);
@@ -228,6 +235,7 @@ pub async fn run(o: Options) -> Result<bool> {
 
     let presence_ok = presence_converged_after_ms.is_some_and(|t| t <= presence_bound_ms);
     let passed = account.clean()
+        && fault_problems.is_empty()
         && alert_problems.is_empty()
         && alerts_resolved
         && presence_ok
@@ -247,6 +255,7 @@ pub async fn run(o: Options) -> Result<bool> {
         alert_rules_loaded,
         alerts: firings,
         alert_problems,
+        fault_problems,
         alerts_resolved,
         nats_replica_divergences,
         passed,
@@ -484,7 +493,7 @@ fn print_summary(r: &Report) {
     for f in &r.alerts {
         println!("  {} {{{}}} for {:.0} s", f.alert, f.labels, f.to - f.from + 1.0);
     }
-    for p in a.problems.iter().chain(&r.alert_problems) {
+    for p in a.problems.iter().chain(&r.alert_problems).chain(&r.fault_problems) {
         println!("  problem: {p}");
     }
     if !r.alerts_resolved {
