@@ -414,6 +414,24 @@ impl NatsCluster {
         Ok(me)
     }
 
+    /// The flags that put a fanout process on this cluster: every node's
+    /// URL, 8 shards in 2 streams, each stream on all 3 nodes.
+    pub fn fanout_args(&self) -> Vec<String> {
+        let urls = self.urls();
+        [
+            "--nats-url",
+            &urls,
+            "--nats-shards",
+            "8",
+            "--nats-streams",
+            "2",
+            "--nats-replicas",
+            "3",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     /// Every node's client URL, comma-separated (as `--nats-url` takes them).
     pub fn urls(&self) -> String {
         self.ports

@@ -348,17 +348,8 @@ async fn edges_starting_together_all_come_up() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_jetstream_cluster_survives_the_loss_of_a_node() -> Result<()> {
     let mut nats = fanout_tests::NatsCluster::start().await?;
-    let urls = nats.urls();
-    let args = [
-        "--nats-url",
-        urls.as_str(),
-        "--nats-shards",
-        "8",
-        "--nats-streams",
-        "2",
-        "--nats-replicas",
-        "3",
-    ];
+    let args = nats.fanout_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Fanout::start_role("edge", free_port(), &args, &[]).await?;
     a.wait_ready(Duration::from_secs(30)).await?;
     let b = Fanout::start_role("edge", free_port(), &args, &[]).await?;

@@ -93,21 +93,9 @@ impl Cluster {
         pg.psql(&format!(
             "INSERT INTO workshop_sessions (id, title) SELECT g, 'chaos ' || g FROM generate_series(1, {workshops}) g"
         ))?;
-        let urls = nats.urls();
+        let nats_args = nats.fanout_args();
         let shared = |extra: &[&str]| -> Vec<String> {
-            let mut v: Vec<String> = [
-                "--nats-url",
-                urls.as_str(),
-                "--nats-shards",
-                "8",
-                "--nats-streams",
-                "2",
-                "--nats-replicas",
-                "3",
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+            let mut v = nats_args.clone();
             v.extend(extra.iter().map(|s| (*s).to_owned()));
             v
         };
