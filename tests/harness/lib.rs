@@ -886,21 +886,7 @@ impl Postgres {
              -c max_wal_senders=20 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             pg.dir.display()
         );
-        pg.run(
-            &pg.bin.join("pg_ctl"),
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-o",
-                &opts,
-                "-l",
-                &pg.dir.join("log").to_string_lossy(),
-                "-w",
-                "-t",
-                "30",
-                "start",
-            ],
-        )?;
+        pg.pg_ctl("start", &["-o", &opts], 30)?;
         Ok(pg)
     }
 
@@ -983,25 +969,21 @@ impl Postgres {
     }
 
     fn restart_mode(&self, mode: &str) -> Result<()> {
-        let data = self.dir.join("data");
-        self.run(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-l",
-                &self.dir.join("log").to_string_lossy(),
-                "-m",
-                mode,
-                "-w",
-                "-t",
-                "90",
-                "restart",
-            ],
-        )
-        .map_err(|e| {
+        self.pg_ctl("restart", &["-m", mode], 90)
+    }
+
+    /// `pg_ctl <action>` on this cluster's data dir and log, waiting at
+    /// most `timeout_secs`; a failure carries the end of the server's log.
+    fn pg_ctl(&self, action: &str, extra: &[&str], timeout_secs: u32) -> Result<()> {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        let timeout = timeout_secs.to_string();
+        let mut args = vec!["-D", &data, "-l", &log, "-w", "-t", &timeout];
+        args.extend_from_slice(extra);
+        args.push(action);
+        self.run(&self.bin.join("pg_ctl"), &args).map_err(|e| {
             // What the server was waiting for is in its own log.
-            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             e.context(format!("the server's log ends:\n{}", tail.join("\n")))

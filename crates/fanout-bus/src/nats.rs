@@ -572,6 +572,19 @@ fn hand_on(tx: &mpsc::UnboundedSender<Event>, msg: &async_nats::Message, positio
     }
 }
 
+/// A stored event read back at `seq`; an undecodable one is counted and
+/// skipped.
+fn decode_stored(payload: &[u8], seq: Position) -> Option<Event> {
+    match fanout_proto::decode_event(payload, seq) {
+        Ok(ev) => Some(ev),
+        Err(e) => {
+            metrics::counter!("fanout_bus_decode_errors_total").increment(1);
+            tracing::warn!(error = %e, seq, "undecodable stored event skipped");
+            None
+        }
+    }
+}
+
 /// `Nats-Sequence` and `Nats-Last-Sequence` of a republished message.
 fn republished_positions(msg: &async_nats::Message) -> Option<(Position, Position)> {
     let headers = msg.headers.as_ref()?;
@@ -691,13 +704,7 @@ impl CatchUp {
                 break;
             }
             next = m.sequence + 1;
-            match fanout_proto::decode_event(&m.payload, m.sequence) {
-                Ok(ev) => events.push(ev),
-                Err(e) => {
-                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
-                    tracing::warn!(error = %e, seq = m.sequence, "undecodable stored event skipped");
-                }
-            }
+            events.extend(decode_stored(&m.payload, m.sequence));
         }
         Ok(events)
     }
@@ -745,13 +752,7 @@ impl CatchUp {
             if upto.is_some_and(|upto| seq > upto) {
                 break;
             }
-            match fanout_proto::decode_event(&msg.payload, seq) {
-                Ok(ev) => events.push(ev),
-                Err(e) => {
-                    metrics::counter!("fanout_bus_decode_errors_total").increment(1);
-                    tracing::warn!(error = %e, seq, "undecodable stored event skipped");
-                }
-            }
+            events.extend(decode_stored(&msg.payload, seq));
             last = Some((seq, msg.payload.clone()));
             if upto == Some(seq) {
                 break;
