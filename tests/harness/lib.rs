@@ -959,17 +959,23 @@ impl Postgres {
     /// a fast shutdown until `wal_sender_timeout`, 60 s, waiting for its
     /// client to confirm WAL; the chaos run shows that as a long restart.)
     pub fn restart(&self) -> Result<()> {
-        self.restart_mode("fast")
+        self.restart_mode("fast", 90)
+    }
+
+    /// A fast restart that fails unless the server shut down and started
+    /// again within `timeout_secs` (to show nothing holds the shutdown).
+    pub fn restart_within(&self, timeout_secs: u32) -> Result<()> {
+        self.restart_mode("fast", timeout_secs)
     }
 
     /// Restarts the server after an immediate shutdown (no checkpoint, as
     /// after a crash; recovery replays the WAL on start).
     pub fn restart_immediate(&self) -> Result<()> {
-        self.restart_mode("immediate")
+        self.restart_mode("immediate", 90)
     }
 
-    fn restart_mode(&self, mode: &str) -> Result<()> {
-        self.pg_ctl("restart", &["-m", mode], 90)
+    fn restart_mode(&self, mode: &str, timeout_secs: u32) -> Result<()> {
+        self.pg_ctl("restart", &["-m", mode], timeout_secs)
     }
 
     /// `pg_ctl <action>` on this cluster's data dir and log, waiting at

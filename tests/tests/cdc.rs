@@ -233,6 +233,55 @@ async fn killed_ingester_resumes_without_loss_or_duplicates() -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL restarted with `pg_ctl restart -m fast` while the ingester
+/// streams, after the WAL moved past the last published commit (writes to a
+/// table outside the publication, which send the ingester nothing): the
+/// shutdown does not wait for the ingester, and the ingester reconnects and
+/// goes on with no change lost or repeated. A fast shutdown waits until every
+/// walsender's client confirms the WAL it was sent; an ingester that confirmed
+/// only its commits held it until `wal_sender_timeout` (60 s). It now
+/// confirms the position of the server's heartbeats when it is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fast_restart_does_not_wait_for_the_ingester() -> Result<()> {
+    let pg = Postgres::start().await?;
+    pg.apply_workshop_schema()?;
+    new_session(&pg, 5)?;
+    let nats = Nats::start().await?;
+    let _cdc = Fanout::start_cdc(&nats, &pg, &[]).await?;
+    let e = edge(&nats).await?;
+    let mut c = WsClient::connect(e.port, &e.ws_path("1.0.0", None)).await?;
+    let reply = join_changes(
+        &mut c,
+        "realtime:workshop:5",
+        json!([{"event": "INSERT", "schema": "public", "table": "workshop_activities", "filter": "session_id=eq.5"}]),
+    )
+    .await?;
+    ensure!(reply["payload"]["status"] == "ok", "{reply}");
+    insert_activities(&pg, 5, 0, 10, 5)?;
+    ensure!(seqs(&collect(&mut c, 10, T).await?) == (0..10).collect::<Vec<_>>());
+    pg.psql("CREATE TABLE not_published (n int); INSERT INTO not_published SELECT generate_series(1, 1000)")?;
+    // The walsender sends its idle heartbeat once it has decoded those
+    // writes; give the ingester's confirmation (sent within its 500 ms
+    // status interval) time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    pg.restart_within(20)
+        .context("the fast shutdown waited for the ingester")?;
+    println!("fast restart took {:?}", started.elapsed());
+    insert_activities(&pg, 5, 10, 20, 5)?;
+    ensure!(
+        seqs(&collect(&mut c, 10, Duration::from_secs(30)).await?) == (10..20).collect::<Vec<_>>(),
+        "the changes after the restart arrive once, in order"
+    );
+    ensure!(
+        c.recv_until(Duration::from_secs(2), |v| v["event"] == "postgres_changes")
+            .await
+            .is_err(),
+        "a change arrived twice after the restart"
+    );
+    Ok(())
+}
+
 /// Two ingesters on one slot: one streams, the other stands by and takes
 /// over when the first is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -530,6 +530,17 @@ async fn session(
                 }
                 pending.end_lsn = Some(end_lsn);
             }
+            ReplicationEvent::KeepAlive { wal_end, .. } if tx.is_none() && pending.end_lsn.is_none() => {
+                // Idle: every commit the server sent before this heartbeat
+                // is published and confirmed, so its WAL position is done
+                // with too. Without this the slot's confirmed position
+                // stays at the last published commit while unrelated writes
+                // move the WAL on, and a fast shutdown of PostgreSQL waits
+                // (up to wal_sender_timeout) for the walsender's client to
+                // confirm the shutdown checkpoint.
+                client.update_applied_lsn(wal_end);
+                metrics::gauge!("fanout_cdc_confirmed_lsn").set(wal_end.as_u64() as f64);
+            }
             _ => {}
         }
     }
