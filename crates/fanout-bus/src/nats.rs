@@ -191,13 +191,53 @@ async fn connect_client(config: &NatsConfig, link: &Arc<Link>, live: bool) -> Re
 /// How often [`NatsBus::watch_stream_health`] reads the streams' cluster info.
 pub const STREAM_HEALTH_EVERY: Duration = Duration::from_secs(2);
 
+/// A follower the stream leader has not heard from for this long is gone:
+/// Raft heartbeats come every second on an idle stream, and appends more
+/// often on a busy one. The server itself calls a silent follower "not
+/// current" only after 10 s (nats-server 2.9's lost-quorum interval) and
+/// rarely "offline", so a node killed for less than that would never show.
+const PEER_SILENT: Duration = Duration::from_secs(3);
+
 /// Replicas of a stream that cannot take part in its quorum: every one
-/// while it has no leader, else the followers offline or not current.
+/// while it has no leader, else the followers offline, not current, or
+/// silent for longer than [`PEER_SILENT`].
 fn replicas_unavailable(cluster: &stream::ClusterInfo, configured: usize) -> usize {
     if cluster.leader.is_none() {
         return configured.max(1);
     }
-    cluster.replicas.iter().filter(|p| p.offline || !p.current).count()
+    cluster
+        .replicas
+        .iter()
+        .filter(|p| p.offline || !p.current || p.active > PEER_SILENT)
+        .count()
+}
+
+/// One stream's replica reading across successive look-ups. A failed
+/// look-up counts every replica only when the one before it failed too: a
+/// stream electing a leader (its leader's node was lost) stays unanswered
+/// for seconds, but a single unanswered look-up is as often a request timed
+/// out on a busy server, and counting it made a healthy cluster under load
+/// read as one with a node down.
+#[derive(Debug, Default)]
+struct ReplicaReading {
+    value: usize,
+    failed_before: bool,
+}
+
+impl ReplicaReading {
+    /// The reading after a look-up that found `looked_up` replicas missing
+    /// (`None`: it failed), of `configured`.
+    fn update(&mut self, looked_up: Option<usize>, configured: usize) -> usize {
+        match looked_up {
+            Some(missing) => {
+                self.value = missing;
+                self.failed_before = false;
+            }
+            None if self.failed_before => self.value = configured.max(1),
+            None => self.failed_before = true,
+        }
+        self.value
+    }
 }
 
 impl NatsBus {
@@ -350,13 +390,13 @@ impl NatsBus {
     /// Watches the replicas of fanout's streams until `shutdown`: every
     /// [`STREAM_HEALTH_EVERY`] it reads each stream's cluster info and sets
     /// `fanout_bus_stream_replicas_unavailable` to the most replicas any one
-    /// stream is missing (offline or not current, or all of them while it
-    /// has no leader). On a three-node cluster with `replicas = 3`, 1 means
+    /// stream is missing (offline, not current or silent, or all of them
+    /// while it has no leader: [`replicas_unavailable`]). On a three-node cluster with `replicas = 3`, 1 means
     /// a node is down and one more loss stops publishing; a stream without
-    /// replicas (one server) reads 0 while it answers. A look-up that fails
-    /// counts every replica: only a stream leader answers, so a stream
-    /// electing one (its leader's node was lost) cannot be told from one
-    /// that is gone, and neither serves.
+    /// replicas (one server) reads 0 while it answers. Two look-ups in a
+    /// row that fail count every replica: only a stream leader answers, so a
+    /// stream electing one (its leader's node was lost) cannot be told from
+    /// one that is gone, and neither serves ([`ReplicaReading`]).
     pub fn watch_stream_health(
         &self,
         shutdown: tokio_util::sync::CancellationToken,
@@ -365,6 +405,7 @@ impl NatsBus {
         let names: Vec<String> = (0..self.config.streams).map(|i| format!("FANOUT_{i}")).collect();
         let replicas = self.config.replicas;
         async move {
+            let mut readings: Vec<ReplicaReading> = names.iter().map(|_| ReplicaReading::default()).collect();
             let mut tick = tokio::time::interval(STREAM_HEALTH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -373,22 +414,23 @@ impl NatsBus {
                     () = shutdown.cancelled() => return,
                 }
                 let mut worst = 0;
-                for name in &names {
+                for (name, reading) in names.iter().zip(&mut readings) {
                     // The stream's leader answers its info: with none
                     // elected (or none reachable from here) the request
-                    // fails, and every replica counts as unavailable.
-                    let missing = match js.get_stream(name).await {
-                        Ok(s) => s
-                            .cached_info()
-                            .cluster
-                            .as_ref()
-                            .map_or(0, |c| replicas_unavailable(c, replicas)),
+                    // fails.
+                    let looked_up = match js.get_stream(name).await {
+                        Ok(s) => Some(
+                            s.cached_info()
+                                .cluster
+                                .as_ref()
+                                .map_or(0, |c| replicas_unavailable(c, replicas)),
+                        ),
                         Err(e) => {
                             tracing::debug!(stream = %name, error = %e, "stream health look-up failed");
-                            replicas.max(1)
+                            None
                         }
                     };
-                    worst = worst.max(missing);
+                    worst = worst.max(reading.update(looked_up, replicas));
                 }
                 metrics::gauge!("fanout_bus_stream_replicas_unavailable").set(worst as f64);
             }
@@ -972,10 +1014,15 @@ mod tests {
     /// Cluster info as NATS 2.9 answers `$JS.API.STREAM.INFO` for an R3
     /// stream, with the given leader and followers (name, current, offline).
     fn cluster(leader: Option<&str>, followers: &[(&str, bool, bool)]) -> stream::ClusterInfo {
+        cluster_seen(leader, followers, 1_000_000)
+    }
+
+    /// Followers last seen `active_ns` ago.
+    fn cluster_seen(leader: Option<&str>, followers: &[(&str, bool, bool)], active_ns: u64) -> stream::ClusterInfo {
         let replicas: Vec<serde_json::Value> = followers
             .iter()
             .map(|(name, current, offline)| {
-                serde_json::json!({"name": name, "current": current, "active": 1_000_000, "offline": offline})
+                serde_json::json!({"name": name, "current": current, "active": active_ns, "offline": offline})
             })
             .collect();
         serde_json::from_value(serde_json::json!({"name": "fanout", "leader": leader, "replicas": replicas}))
@@ -1000,6 +1047,29 @@ mod tests {
         assert_eq!(
             replicas_unavailable(&cluster(None, &[("n1", false, true), ("n2", false, true)]), 3),
             3
+        );
+        // A killed follower stays "current" for 10 s; its silence shows first.
+        let silent = cluster_seen(Some("n0"), &[("n1", true, false), ("n2", true, false)], 3_500_000_000);
+        assert_eq!(replicas_unavailable(&silent, 3), 2);
+        let heartbeat_ago = cluster_seen(Some("n0"), &[("n1", true, false)], 900_000_000);
+        assert_eq!(replicas_unavailable(&heartbeat_ago, 3), 0);
+    }
+
+    #[test]
+    fn one_failed_look_up_keeps_the_reading_and_two_count_every_replica() {
+        let mut r = ReplicaReading::default();
+        assert_eq!(r.update(Some(0), 3), 0);
+        assert_eq!(r.update(None, 3), 0, "one timeout is not a lost stream");
+        assert_eq!(r.update(Some(1), 3), 1);
+        assert_eq!(r.update(None, 3), 1);
+        assert_eq!(r.update(None, 3), 3, "no leader for two look-ups");
+        assert_eq!(r.update(None, 3), 3);
+        assert_eq!(r.update(Some(0), 3), 0);
+        assert_eq!(r.update(None, 1), 0);
+        assert_eq!(
+            r.update(None, 1),
+            1,
+            "a stream without replicas reads 1 when it is gone"
         );
     }
 }
