@@ -201,6 +201,7 @@ pub async fn run(o: Options) -> Result<bool> {
     let probe = probe.await.unwrap_or_default();
     // The last deliveries (and replays) arrive.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let clients_left = world.now();
     world.stop.cancel();
     let mut logs = Vec::new();
     for u in users {
@@ -231,7 +232,7 @@ pub async fn run(o: Options) -> Result<bool> {
         ))
         .await?
         .round() as u64;
-    let (faults, alert_problems) = judge(&injected, &firings, t0_unix, &sent, &logs, &probe);
+    let (faults, alert_problems) = judge(&injected, &firings, t0_unix, clients_left, &sent, &logs, &probe);
 
     let presence_ok = presence_converged_after_ms.is_some_and(|t| t <= presence_bound_ms);
     let passed = account.clean()
@@ -336,11 +337,14 @@ async fn presence_converged(world: &World, o: &Options, limit: Duration) -> Opti
 
 /// Each fault's recovery and whether its alert fired; and the alert
 /// problems: a required alert that did not fire, or one that fired with no
-/// fault it is about.
+/// fault it is about. `clients_left` is when the run closed every client's
+/// connection: the connection-loss alert it fires from then on is the run's
+/// own end, not a fault.
 fn judge(
     injected: &[(Planned, String, Ms, Ms)],
     firings: &[prom::Firing],
     t0_unix: f64,
+    clients_left: Ms,
     sent: &HashMap<Key, Sent>,
     logs: &[UserLog],
     probe: &[(Ms, bool)],
@@ -425,12 +429,14 @@ fn judge(
     }
     for f in firings {
         let start = to_ms(f.from);
-        let explained = injected.iter().any(|(p, _, at, restored)| {
-            let name = f.alert.as_str();
-            start >= *at
-                && ((p.kind.allowed_alerts().contains(&name) && start <= restored + ALERT_SLACK_MS)
-                    || p.kind.lasting_alerts().contains(&name))
-        });
+        let name = f.alert.as_str();
+        let run_ended = name == "FanoutConnectionsDropped" && start >= clients_left;
+        let explained = run_ended
+            || injected.iter().any(|(p, _, at, restored)| {
+                start >= *at
+                    && ((p.kind.allowed_alerts().contains(&name) && start <= restored + ALERT_SLACK_MS)
+                        || p.kind.lasting_alerts().contains(&name))
+            });
         if !explained {
             problems.push(format!(
                 "{} ({}) fired at {} ms with no fault it is about",
@@ -500,4 +506,42 @@ fn print_summary(r: &Report) {
         println!("  problem: alerts still active at the end");
     }
     println!("{}", if r.passed { "PASSED" } else { "FAILED" });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn firing(alert: &str, from_ms: u64) -> prom::Firing {
+        prom::Firing {
+            alert: alert.into(),
+            labels: String::new(),
+            from: 1000.0 + from_ms as f64 / 1000.0,
+            to: 1010.0 + from_ms as f64 / 1000.0,
+        }
+    }
+
+    #[test]
+    fn alerts_are_judged_against_the_faults_and_the_runs_end() {
+        let drain = Planned {
+            kind: Kind::EdgeDrain,
+            target: 0,
+            at: Duration::from_secs(10),
+            down: Duration::ZERO,
+        };
+        let injected = [(drain, "edge-0".to_owned(), 10_000, 12_000)];
+        let judge_one = |f: prom::Firing| judge(&injected, &[f], 1000.0, 200_000, &HashMap::new(), &[], &[]).1;
+        // The drain's edge is gone between its exit and its restart.
+        assert!(judge_one(firing("FanoutEdgeDown", 12_500)).is_empty());
+        // Connections lost long after the drain, while the clients are still
+        // running, are something the run did not cause.
+        let unexplained = judge_one(firing("FanoutConnectionsDropped", 150_000));
+        assert_eq!(unexplained.len(), 1, "{unexplained:?}");
+        assert!(unexplained[0].contains("with no fault it is about"), "{unexplained:?}");
+        // Once the run closed every client's connection, losing them is its
+        // own end.
+        assert!(judge_one(firing("FanoutConnectionsDropped", 204_000)).is_empty());
+        // Any other alert after the end still needs a fault.
+        assert_eq!(judge_one(firing("FanoutCdcNotStreaming", 204_000)).len(), 1);
+    }
 }
