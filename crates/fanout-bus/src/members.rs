@@ -435,6 +435,14 @@ async fn watch_bucket(stream: jetstream::stream::Stream, mirror: Arc<MemberMirro
             };
             let Ok(info) = message.info() else { continue };
             let revision = info.stream_sequence;
+            if revision <= mirror.revision() {
+                // Applied already: async-nats's ordered consumer, recreated
+                // before it handed on a message, starts again from the
+                // bucket's first entry instead of the start sequence, and
+                // re-applying old entries would bring back, for a moment,
+                // memberships since revoked.
+                continue;
+            }
             let key = message.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
             let Some((set, user)) = parse_mirror_key(key) else {
                 tracing::warn!(key, "membership bucket key skipped: not <set>.<user>");

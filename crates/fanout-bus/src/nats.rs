@@ -212,6 +212,65 @@ fn replicas_unavailable(cluster: &stream::ClusterInfo, configured: usize) -> usi
         .count()
 }
 
+/// What a consumer read does with the next message it is handed.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Keep,
+    /// At or before the start: not part of the read.
+    Skip,
+    /// Past the end: the read is over.
+    Stop,
+}
+
+/// The range `(after, upto]` a consumer read collects, and how many of the
+/// channel's events it still expects (the consumer's pending count when it
+/// was created; events published later come live instead).
+///
+/// The read must check the start itself: async-nats's ordered consumer,
+/// when it recreates its server-side consumer (after missed heartbeats, a
+/// reconnect or a deleted consumer) before it has handed on a message,
+/// recreates it with `DeliverPolicy::All`, not the start sequence it was
+/// given, and hands on the channel's history from its oldest event. Seen
+/// under the chaos run's load as a resuming client getting its first
+/// events again, at their old positions.
+#[derive(Debug)]
+struct ReadRange {
+    after: Position,
+    upto: Option<Position>,
+    remaining: u64,
+}
+
+impl ReadRange {
+    fn new(after: Position, upto: Option<Position>, pending: u64) -> Self {
+        Self {
+            after,
+            upto,
+            remaining: pending,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// The message at stream position `seq`, with `pending` more of the
+    /// channel's messages behind it on the server.
+    fn take(&mut self, seq: Position, pending: u64) -> Take {
+        if seq <= self.after {
+            return Take::Skip;
+        }
+        if self.upto.is_some_and(|upto| seq > upto) {
+            self.remaining = 0;
+            return Take::Stop;
+        }
+        self.remaining = (self.remaining - 1).min(pending);
+        if self.upto == Some(seq) {
+            self.remaining = 0;
+        }
+        Take::Keep
+    }
+}
+
 /// One stream's replica reading across successive look-ups. A failed
 /// look-up counts every replica only when the one before it failed too: a
 /// stream electing a leader (its leader's node was lost) stays unanswered
@@ -413,24 +472,37 @@ impl NatsBus {
                     _ = tick.tick() => {}
                     () = shutdown.cancelled() => return,
                 }
-                let mut worst = 0;
-                for (name, reading) in names.iter().zip(&mut readings) {
-                    // The stream's leader answers its info: with none
-                    // elected (or none reachable from here) the request
-                    // fails.
-                    let looked_up = match js.get_stream(name).await {
-                        Ok(s) => Some(
-                            s.cached_info()
-                                .cluster
-                                .as_ref()
-                                .map_or(0, |c| replicas_unavailable(c, replicas)),
-                        ),
-                        Err(e) => {
-                            tracing::debug!(stream = %name, error = %e, "stream health look-up failed");
-                            None
+                // The stream's leader answers its info: with none elected
+                // (or none reachable from here) the request fails. All
+                // streams at once, each within one period: one after the
+                // other, with the client's 5 s request timeout, a lost
+                // leader took a reading 10 s per failed round, longer than
+                // a node's restart.
+                let looked_up = futures_util::future::join_all(names.iter().map(|name| {
+                    let js = js.clone();
+                    async move {
+                        match tokio::time::timeout(STREAM_HEALTH_EVERY, js.get_stream(name)).await {
+                            Ok(Ok(s)) => Some(
+                                s.cached_info()
+                                    .cluster
+                                    .as_ref()
+                                    .map_or(0, |c| replicas_unavailable(c, replicas)),
+                            ),
+                            Ok(Err(e)) => {
+                                tracing::debug!(stream = %name, error = %e, "stream health look-up failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!(stream = %name, "stream health look-up timed out");
+                                None
+                            }
                         }
-                    };
-                    worst = worst.max(reading.update(looked_up, replicas));
+                    }
+                }))
+                .await;
+                let mut worst = 0;
+                for (found, reading) in looked_up.into_iter().zip(&mut readings) {
+                    worst = worst.max(reading.update(found, replicas));
                 }
                 metrics::gauge!("fanout_bus_stream_replicas_unavailable").set(worst as f64);
             }
@@ -775,14 +847,14 @@ impl CatchUp {
         // with: an empty range ends here instead of in a wait, and a busy
         // channel cannot keep the read going forever (what is published
         // after this point comes live).
-        let mut remaining = consumer.cached_info().num_pending;
+        let mut range = ReadRange::new(after, upto, consumer.cached_info().num_pending);
         let mut events = Vec::new();
         let mut last = None;
-        if remaining == 0 {
+        if range.done() {
             return Ok((events, last));
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
-        while remaining > 0 && events.len() < limit {
+        while !range.done() && events.len() < limit {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
                 .await
                 .map_err(|_| unavailable("reading the stream timed out"))?;
@@ -790,14 +862,13 @@ impl CatchUp {
             let msg = msg.map_err(unavailable)?;
             let info = msg.info().map_err(unavailable)?;
             let seq = info.stream_sequence;
-            remaining = (remaining - 1).min(info.pending);
-            if upto.is_some_and(|upto| seq > upto) {
-                break;
-            }
-            events.extend(decode_stored(&msg.payload, seq));
-            last = Some((seq, msg.payload.clone()));
-            if upto == Some(seq) {
-                break;
+            match range.take(seq, info.pending) {
+                Take::Skip => continue,
+                Take::Stop => break,
+                Take::Keep => {
+                    events.extend(decode_stored(&msg.payload, seq));
+                    last = Some((seq, msg.payload.clone()));
+                }
             }
         }
         Ok((events, last))
@@ -1053,6 +1124,31 @@ mod tests {
         assert_eq!(replicas_unavailable(&silent, 3), 2);
         let heartbeat_ago = cluster_seen(Some("n0"), &[("n1", true, false)], 900_000_000);
         assert_eq!(replicas_unavailable(&heartbeat_ago, 3), 0);
+    }
+
+    #[test]
+    fn a_read_keeps_its_range_when_the_consumer_starts_over_from_the_oldest_event() {
+        // Positions 10, 12 and 15 are the channel's events after 9.
+        let mut r = ReadRange::new(9, None, 3);
+        assert_eq!(r.take(10, 2), Take::Keep);
+        assert!(!r.done());
+        // The consumer was recreated with DeliverPolicy::All: the channel's
+        // oldest events come again, and do not count against the range.
+        for seq in [1, 4, 7, 9] {
+            assert_eq!(r.take(seq, 5), Take::Skip, "position {seq}");
+        }
+        assert!(!r.done());
+        assert_eq!(r.take(12, 1), Take::Keep);
+        assert_eq!(r.take(15, 0), Take::Keep);
+        assert!(r.done(), "events published after the read began come live");
+
+        let mut bounded = ReadRange::new(0, Some(12), 10);
+        assert_eq!(bounded.take(10, 9), Take::Keep);
+        assert_eq!(bounded.take(12, 8), Take::Keep);
+        assert!(bounded.done(), "the read ends at its upper bound");
+        let mut past = ReadRange::new(0, Some(11), 10);
+        assert_eq!(past.take(13, 8), Take::Stop);
+        assert!(past.done());
     }
 
     #[test]
