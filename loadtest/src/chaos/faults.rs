@@ -65,9 +65,17 @@ impl Kind {
     /// Alerts this fault may also fire (they are about it, too).
     pub fn allowed_alerts(self) -> &'static [&'static str] {
         match self {
-            Kind::EdgeKill => &["FanoutEdgeDown", "FanoutConnectionsDropped"],
-            // The process is gone between its exit and its restart.
-            Kind::EdgeDrain => &["FanoutEdgeDown"],
+            // Every client of the edge reconnects to the other one and
+            // resumes there at once (over the drain window for a drain):
+            // connections dip until they are back, and the surviving
+            // edge's publish latency rises under the storm (thousands of
+            // joins and replays in a few seconds). The process is gone
+            // between its exit and its restart.
+            Kind::EdgeKill | Kind::EdgeDrain => &[
+                "FanoutEdgeDown",
+                "FanoutConnectionsDropped",
+                "FanoutEdgePublishLatencyHigh",
+            ],
             Kind::NatsNodeKill => &["FanoutNatsReplicaDown", "FanoutNatsDisconnects", "FanoutPublishErrors"],
             Kind::IngesterKill => &["FanoutCdcNotStreaming", "FanoutCdcLagHigh"],
             Kind::RedisKill => &["FanoutPresenceStoreErrors"],
