@@ -74,6 +74,41 @@ fn new_session(pg: &Postgres, id: i64) -> Result<()> {
     Ok(())
 }
 
+/// A private PostgreSQL with the workshop schema and workshop `session`,
+/// NATS, one ingester, one edge, and a client joined to the workshop's new
+/// activities.
+struct Workshop {
+    pg: Postgres,
+    nats: Nats,
+    cdc: Fanout,
+    edge: Fanout,
+    client: WsClient,
+}
+
+async fn workshop_streaming(session: i64) -> Result<Workshop> {
+    let pg = Postgres::start().await?;
+    pg.apply_workshop_schema()?;
+    new_session(&pg, session)?;
+    let nats = Nats::start().await?;
+    let cdc = Fanout::start_cdc(&nats, &pg, &[]).await?;
+    let edge = edge(&nats).await?;
+    let mut client = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+    let reply = join_changes(
+        &mut client,
+        &format!("realtime:workshop:{session}"),
+        json!([{"event": "INSERT", "schema": "public", "table": "workshop_activities", "filter": format!("session_id=eq.{session}")}]),
+    )
+    .await?;
+    ensure!(reply["payload"]["status"] == "ok", "{reply}");
+    Ok(Workshop {
+        pg,
+        nats,
+        cdc,
+        edge,
+        client,
+    })
+}
+
 /// Changes flow from Postgres through `fanout cdc` and NATS to an edge, in
 /// the Supabase shape, with the binding's id; filters on other columns are
 /// applied at the edge; a row of another workshop never reaches the client.
@@ -174,20 +209,13 @@ async fn changes_reach_clients_through_the_cluster() -> Result<()> {
 /// again: every row reaches the client exactly once, in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_ingester_resumes_without_loss_or_duplicates() -> Result<()> {
-    let pg = Postgres::start().await?;
-    pg.apply_workshop_schema()?;
-    new_session(&pg, 7)?;
-    let nats = Nats::start().await?;
-    let mut cdc = Fanout::start_cdc(&nats, &pg, &[]).await?;
-    let e = edge(&nats).await?;
-    let mut c = WsClient::connect(e.port, &e.ws_path("1.0.0", None)).await?;
-    let reply = join_changes(
-        &mut c,
-        "realtime:workshop:7",
-        json!([{"event": "INSERT", "schema": "public", "table": "workshop_activities", "filter": "session_id=eq.7"}]),
-    )
-    .await?;
-    ensure!(reply["payload"]["status"] == "ok", "{reply}");
+    let Workshop {
+        pg,
+        nats,
+        mut cdc,
+        edge: _edge,
+        client: mut c,
+    } = workshop_streaming(7).await?;
 
     let n = 10_000;
     let reader = tokio::spawn(async move { collect(&mut c, n, Duration::from_secs(90)).await.map(|v| (v, c)) });
@@ -243,20 +271,13 @@ async fn killed_ingester_resumes_without_loss_or_duplicates() -> Result<()> {
 /// confirms the position of the server's heartbeats when it is idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_fast_restart_does_not_wait_for_the_ingester() -> Result<()> {
-    let pg = Postgres::start().await?;
-    pg.apply_workshop_schema()?;
-    new_session(&pg, 5)?;
-    let nats = Nats::start().await?;
-    let _cdc = Fanout::start_cdc(&nats, &pg, &[]).await?;
-    let e = edge(&nats).await?;
-    let mut c = WsClient::connect(e.port, &e.ws_path("1.0.0", None)).await?;
-    let reply = join_changes(
-        &mut c,
-        "realtime:workshop:5",
-        json!([{"event": "INSERT", "schema": "public", "table": "workshop_activities", "filter": "session_id=eq.5"}]),
-    )
-    .await?;
-    ensure!(reply["payload"]["status"] == "ok", "{reply}");
+    let Workshop {
+        pg,
+        nats: _nats,
+        cdc: _cdc,
+        edge: _edge,
+        client: mut c,
+    } = workshop_streaming(5).await?;
     insert_activities(&pg, 5, 0, 10, 5)?;
     ensure!(seqs(&collect(&mut c, 10, T).await?) == (0..10).collect::<Vec<_>>());
     pg.psql("CREATE TABLE not_published (n int); INSERT INTO not_published SELECT generate_series(1, 1000)")?;
