@@ -823,6 +823,12 @@ impl WsClient {
             }
         }
     }
+
+    /// Whether `timeout` passes with no message matching `pred` (a closed
+    /// connection counts as none).
+    pub async fn nothing_within(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        self.recv_until(timeout, pred).await.is_err()
+    }
 }
 
 /// A vsn 1.0.0 message.

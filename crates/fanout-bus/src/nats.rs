@@ -450,8 +450,9 @@ impl NatsBus {
     /// [`STREAM_HEALTH_EVERY`] it reads each stream's cluster info and sets
     /// `fanout_bus_stream_replicas_unavailable` to the most replicas any one
     /// stream is missing (offline, not current or silent, or all of them
-    /// while it has no leader: [`replicas_unavailable`]). On a three-node cluster with `replicas = 3`, 1 means
-    /// a node is down and one more loss stops publishing; a stream without
+    /// while it has no leader: [`replicas_unavailable`]). On a three-node
+    /// cluster with `replicas = 3`, 1 means a node is down and one more loss
+    /// stops publishing; a stream without
     /// replicas (one server) reads 0 while it answers. Two look-ups in a
     /// row that fail count every replica: only a stream leader answers, so a
     /// stream electing one (its leader's node was lost) cannot be told from

@@ -538,8 +538,7 @@ async fn session(
                 // move the WAL on, and a fast shutdown of PostgreSQL waits
                 // (up to wal_sender_timeout) for the walsender's client to
                 // confirm the shutdown checkpoint.
-                client.update_applied_lsn(wal_end);
-                metrics::gauge!("fanout_cdc_confirmed_lsn").set(wal_end.as_u64() as f64);
+                confirm(&client, wal_end);
             }
             _ => {}
         }
@@ -575,10 +574,15 @@ async fn flush(
     metrics::counter!("fanout_cdc_changes_published_total").increment(n);
     metrics::counter!("fanout_cdc_transactions_total").increment(batch.transactions);
     if let Some(lsn) = batch.end_lsn {
-        client.update_applied_lsn(lsn);
-        metrics::gauge!("fanout_cdc_confirmed_lsn").set(lsn.as_u64() as f64);
+        confirm(client, lsn);
     }
     Ok(())
+}
+
+/// Confirms to the slot that everything up to `lsn` is done with.
+fn confirm(client: &ReplicationClient, lsn: Lsn) {
+    client.update_applied_lsn(lsn);
+    metrics::gauge!("fanout_cdc_confirmed_lsn").set(lsn.as_u64() as f64);
 }
 
 #[cfg(test)]
