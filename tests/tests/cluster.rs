@@ -432,3 +432,122 @@ async fn a_three_node_jetstream_cluster_survives_the_loss_of_a_node() -> Result<
     assert!(got.iter().all(|&s| s < seq), "only what was sent: {got:?}");
     Ok(())
 }
+
+/// A resume reads a short gap through the stream leader, one request per
+/// event and no consumer; a gap longer than that budget goes on with one
+/// consumer, and the client gets both parts once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_replays_need_no_consumer_and_long_ones_one() -> Result<()> {
+    let nats = Nats::start().await?;
+    let edge = Fanout::start_edge(&nats, &["--messages-per-second", "0"]).await?;
+    let topic = "realtime:workshop:replay-reads";
+    let mut publisher = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+    join_v1(
+        &mut publisher,
+        topic,
+        json!({"broadcast": {"ack": true, "self": true}}),
+        "1",
+    )
+    .await?;
+    let mut send = async |from: u64, to: u64| -> Result<Vec<(u64, u64)>> {
+        for seq in from..to {
+            publisher.send_json(&publish(topic, seq)).await?;
+        }
+        collect(&mut publisher, (to - from) as usize).await
+    };
+    let first = send(0, 5).await?;
+    let reads = |m: &str, via: &str| metric_value(m, &format!("fanout_bus_stream_reads_total{{via=\"{via}\"}}"));
+
+    // Missed 4 events: read through the leader alone.
+    let mut c = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+    join_v1(&mut c, topic, json!({"resume": {"after": first[0].1.to_string()}}), "1").await?;
+    let got = collect(&mut c, 4).await?;
+    assert_eq!(got, first[1..], "the short gap, once and in order");
+    let m = edge.metrics().await?;
+    assert!(reads(&m, "leader") >= 1.0, "{m}");
+    assert_eq!(reads(&m, "consumer"), 0.0, "no consumer for a short gap: {m}");
+
+    // Missed 104 events: 32 through the leader, the rest by one consumer.
+    let more = send(5, 105).await?;
+    let mut c = WsClient::connect(edge.port, &edge.ws_path("1.0.0", None)).await?;
+    join_v1(&mut c, topic, json!({"resume": {"after": first[0].1.to_string()}}), "1").await?;
+    let got = collect(&mut c, 104).await?;
+    let expected: Vec<(u64, u64)> = first[1..].iter().chain(&more).copied().collect();
+    assert_eq!(got, expected, "the long gap, once and in order");
+    assert!(
+        c.nothing_within(Duration::from_millis(300), |v| v["event"] == "broadcast")
+            .await,
+        "no event twice"
+    );
+    let m = edge.metrics().await?;
+    assert_eq!(
+        reads(&m, "consumer"),
+        1.0,
+        "one consumer for the rest of a long gap: {m}"
+    );
+    Ok(())
+}
+
+/// A client resuming while NATS is away cannot get its missed events: after
+/// the edge's short retries it is joined and told to resync (the
+/// `system` message realtime-js reports), not left waiting, and the
+/// channel's live delivery goes on once NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_during_a_nats_outage_is_told_to_resync() -> Result<()> {
+    let mut nats = Nats::start().await?;
+    let edge = Fanout::start_edge(&nats, &[]).await?;
+    let topic = "realtime:workshop:outage-resume";
+    let path = edge.ws_path("1.0.0", None);
+    let mut sub = WsClient::connect(edge.port, &path).await?;
+    join_v1(&mut sub, topic, json!({}), "1").await?;
+    let mut publisher = WsClient::connect(edge.port, &path).await?;
+    join_v1(&mut publisher, topic, json!({"broadcast": {"ack": true}}), "1").await?;
+    for seq in 0..2 {
+        publisher.send_json(&publish(topic, seq)).await?;
+        publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+    }
+    let got = collect(&mut sub, 2).await?;
+
+    // (Connected before: an edge without NATS refuses new sockets.)
+    let mut late = WsClient::connect(edge.port, &path).await?;
+    nats.kill();
+    let started = std::time::Instant::now();
+    // (Sent by hand: the edge answers once its stream requests timed
+    // out, later than join_v1 waits.)
+    let join = json!({"config": {"resume": {"after": got[0].1.to_string()}}});
+    late.send_json(&v1(topic, "phx_join", join, "1")).await?;
+    let reply = late
+        .recv_until(Duration::from_secs(30), |v| v["event"] == "phx_reply")
+        .await?;
+    assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+    let system = late.recv_until(T, |v| v["event"] == "system").await?;
+    let message = system["payload"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("resync required: history unavailable"), "{system}");
+    // Bounded by the stream requests' timeouts (NATS is gone, nothing
+    // answers them) and the retries' 3 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "answered in {:?}",
+        started.elapsed()
+    );
+
+    nats.restart().await?;
+    edge.wait_ready(Duration::from_secs(20)).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seq = 2;
+    loop {
+        publisher.send_json(&publish(topic, seq)).await?;
+        let reply = publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+        if reply["payload"]["status"] == "ok" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing never recovered: {reply}"
+        );
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(collect(&mut late, 1).await?[0].0, seq, "live delivery after the outage");
+    Ok(())
+}

@@ -83,6 +83,15 @@ pub const METRICS: &[Metric] = &[
         "Stream reads whose replica numbered events unlike the stream leader (a nats-server bug); each was read again through the leader.",
     ),
     Metric::counter(
+        "fanout_bus_stream_reads_total",
+        "Stream reads (replays, catch-ups, history) by how: the leader's message API, or a consumer for the part of a long range past the first 32 events.",
+    )
+    .labelled("via", &["leader", "consumer"]),
+    Metric::counter(
+        "fanout_bus_replay_retries_total",
+        "Replays retried after a failed stream read (within 3 s, before the client is told to resync).",
+    ),
+    Metric::counter(
         "fanout_bus_slow_consumer_events_total",
         "Reports that the NATS client dropped live events of a subscription that fell behind.",
     ),

@@ -33,8 +33,9 @@
 //! The subscription is registered (and flushed) before the stream's last
 //! sequence is read as its `head`, so every event after `head` reaches it
 //! unless core NATS drops it. Drops are caught two ways, and a caught drop is
-//! filled from the stream by a short-lived ordered consumer (a catch-up)
-//! before the next live event is handed on, so delivery stays gapless and in
+//! filled from the stream (a catch-up: through the stream leader's message
+//! API, and a short-lived ordered consumer for a long range; see
+//! `CatchUp::read`) before the next live event is handed on, so delivery stays gapless and in
 //! order:
 //! * a live event whose `Nats-Last-Sequence` is above the last position
 //!   delivered shows that the channel's previous event has not arrived
@@ -53,7 +54,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use fanout_core::{ChannelName, Event, Position, shard_of, subject_token};
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::bus::{
     BoxFuture, Bus, BusError, History, HistoryQuery, Published, Replay, Retention, Subscription, unavailable,
@@ -114,7 +115,25 @@ pub struct NatsBus {
     js: jetstream::Context,
     config: NatsConfig,
     link: Arc<Link>,
+    /// Consumer reads (see [`CatchUp::read`]) in flight at once.
+    consumer_reads: Arc<Semaphore>,
 }
+
+/// Consumer reads an edge runs at once. In a NATS cluster every consumer
+/// is created and deleted through the meta leader (a Raft proposal each);
+/// thousands of clients resuming at once must queue here, not there.
+const CONSUMER_READS: usize = 16;
+
+/// Events a read asks the stream leader for one by one before it opens a
+/// consumer for the rest (see [`CatchUp::read`]).
+const LEADER_READ_EVENTS: usize = 32;
+
+/// How long a replay whose stream read failed (a stream electing a leader,
+/// a refused consumer) is retried before the client is told to resync, and
+/// the first wait (doubling). Short: the join waits for it, and so does the
+/// channel's next join.
+const REPLAY_RETRY_FOR: Duration = Duration::from_secs(3);
+const REPLAY_RETRY_DELAY: Duration = Duration::from_millis(250);
 
 /// What the two connections' event callbacks report.
 struct Link {
@@ -323,6 +342,7 @@ impl NatsBus {
             js,
             config,
             link,
+            consumer_reads: Arc::new(Semaphore::new(CONSUMER_READS)),
         };
         // NATS may still be starting (or briefly away): keep trying, saying
         // why, rather than exiting into a restart loop.
@@ -532,6 +552,7 @@ impl NatsBus {
             js: self.js.clone(),
             stream: self.stream_name(channel),
             filter: self.subject(channel),
+            consumer_reads: self.consumer_reads.clone(),
         }
     }
 
@@ -715,6 +736,19 @@ struct CatchUp {
     js: jetstream::Context,
     stream: String,
     filter: String,
+    consumer_reads: Arc<Semaphore>,
+}
+
+/// What [`CatchUp::read_via_leader`] read, and whether it reached the end
+/// of its range (false: it stopped at its budget of requests).
+struct LeaderRead {
+    events: Vec<Event>,
+    /// The range's end it read to (the channel's newest event, for an
+    /// open-ended read).
+    upto: Position,
+    /// The last position it looked at (`after` if none).
+    last: Position,
+    complete: bool,
 }
 
 impl CatchUp {
@@ -736,19 +770,53 @@ impl CatchUp {
     /// The channel's events after `after`, up to `upto` (or all there are),
     /// at most `limit` of them.
     ///
-    /// They are read with an ordered consumer, which JetStream may place on
-    /// any replica of the stream and which numbers events by that
-    /// replica's copy. A replica can disagree with its leader: nats-server
-    /// 2.9 stores a message twice on a node that is killed and restarted
-    /// under load, and from there on that node's copy is shifted by one
-    /// while it reports itself current (nats-server#4174; the chaos run
-    /// found it). So the read is checked against the leader, which numbers
-    /// the live events and answers the message API: the last event read
-    /// must be the leader's at its position, and an empty read must agree
-    /// that the channel has nothing in range. When they disagree, the range
-    /// is read again through the leader, one request per event, and
-    /// `fanout_bus_replica_divergence_total` counts it.
+    /// The first [`LEADER_READ_EVENTS`] come from the stream leader's
+    /// message API, one request per event ([`Self::read_via_leader`]):
+    /// most reads (a client resuming after seconds away, a subscription
+    /// refilling a dropped event) end there, without a consumer. A longer
+    /// range goes on with an ordered consumer ([`Self::read_by_consumer`]).
+    /// Consumers are what a storm of resuming clients must not multiply: in
+    /// a NATS cluster each one is created and deleted through the meta
+    /// leader, and nats-server 2.15 refused them with "maximum consumers
+    /// limit reached" (10026, though no limit was configured) when 3,000
+    /// clients resumed at once in the chaos run; each refusal made a client
+    /// resync. So at most [`CONSUMER_READS`] run at once per edge.
     async fn read(&self, after: Position, upto: Option<Position>, limit: usize) -> Result<Vec<Event>, BusError> {
+        let first = self.read_via_leader(after, upto, limit, LEADER_READ_EVENTS).await?;
+        metrics::counter!("fanout_bus_stream_reads_total", "via" => "leader").increment(1);
+        let mut events = first.events;
+        if first.complete || events.len() >= limit {
+            return Ok(events);
+        }
+        let _permit = self.consumer_reads.acquire().await.map_err(unavailable)?;
+        metrics::counter!("fanout_bus_stream_reads_total", "via" => "consumer").increment(1);
+        let rest = self
+            .read_by_consumer(first.last, Some(first.upto), limit - events.len())
+            .await?;
+        events.extend(rest);
+        Ok(events)
+    }
+
+    /// The consumer part of [`Self::read`].
+    ///
+    /// JetStream may place the ordered consumer on any replica of the
+    /// stream, which numbers events by that replica's copy. A replica can
+    /// disagree with its leader: nats-server 2.9 stores a message twice on a
+    /// node that is killed and restarted under load, and from there on that
+    /// node's copy is shifted by one while it reports itself current
+    /// (nats-server#4174; the chaos run found it). So the read is checked
+    /// against the leader, which numbers the live events and answers the
+    /// message API: the last event read must be the leader's at its
+    /// position, and an empty read must agree that the channel has nothing
+    /// in range. When they disagree, the range is read again through the
+    /// leader, one request per event, and
+    /// `fanout_bus_replica_divergence_total` counts it.
+    async fn read_by_consumer(
+        &self,
+        after: Position,
+        upto: Option<Position>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BusError> {
         let (events, last) = self.read_consumer(after, upto, limit).await?;
         if self.agrees_with_leader(after, upto, last).await? {
             return Ok(events);
@@ -760,7 +828,7 @@ impl CatchUp {
             after,
             "a JetStream replica's copy of the stream disagrees with its leader's (a nats-server bug); reading through the leader"
         );
-        self.read_via_leader(after, upto, limit).await
+        Ok(self.read_via_leader(after, upto, limit, usize::MAX).await?.events)
     }
 
     /// Whether the leader has the same last event (position and bytes) as
@@ -794,34 +862,51 @@ impl CatchUp {
     }
 
     /// [`Self::read`] through the stream leader's message API: each
-    /// request returns the channel's next event at or after a position.
+    /// request returns the channel's next event at or after a position. At
+    /// most `limit` events, in at most `requests` requests.
     async fn read_via_leader(
         &self,
         after: Position,
         upto: Option<Position>,
         limit: usize,
-    ) -> Result<Vec<Event>, BusError> {
+        requests: usize,
+    ) -> Result<LeaderRead, BusError> {
         let stream = self.stream().await?;
         // Open-ended: up to what is stored now (later events come live).
         let upto = match upto {
             Some(upto) => upto,
             None => self.newest().await?,
         };
-        let mut events = Vec::new();
-        let mut next = after + 1;
-        while next <= upto && events.len() < limit {
-            let m = match stream.get_first_raw_message_by_subject(&self.filter, next).await {
+        let mut read = LeaderRead {
+            events: Vec::new(),
+            upto,
+            last: after,
+            complete: false,
+        };
+        for _ in 0..requests {
+            if read.last >= upto || read.events.len() >= limit {
+                break;
+            }
+            let m = match stream
+                .get_first_raw_message_by_subject(&self.filter, read.last + 1)
+                .await
+            {
                 Ok(m) => m,
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    read.last = upto;
+                    break;
+                }
                 Err(e) => return Err(unavailable(e)),
             };
             if m.sequence > upto {
+                read.last = upto;
                 break;
             }
-            next = m.sequence + 1;
-            events.extend(decode_stored(&m.payload, m.sequence));
+            read.last = m.sequence;
+            read.events.extend(decode_stored(&m.payload, m.sequence));
         }
-        Ok(events)
+        read.complete = read.last >= upto;
+        Ok(read)
     }
 
     /// The consumer read behind [`Self::read`], and the last event's
@@ -1004,7 +1089,24 @@ impl Bus for NatsBus {
     }
 
     fn replay(&self, channel: ChannelName, after: Position, upto: Position) -> BoxFuture<'_, Result<Replay, BusError>> {
-        Box::pin(self.replay_now(channel, after, upto, usize::MAX))
+        Box::pin(async move {
+            // A client told to resync reloads everything; a failed read is
+            // worth a few short retries first (a stream electing a leader
+            // answers again within seconds).
+            let give_up = tokio::time::Instant::now() + REPLAY_RETRY_FOR;
+            let mut delay = REPLAY_RETRY_DELAY;
+            loop {
+                match self.replay_now(channel.clone(), after, upto, usize::MAX).await {
+                    Err(BusError::Unavailable(e)) if tokio::time::Instant::now() + delay < give_up => {
+                        metrics::counter!("fanout_bus_replay_retries_total").increment(1);
+                        tracing::debug!(error = %e, "replay failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    answer => return answer,
+                }
+            }
+        })
     }
 
     fn publish_batch(&self, batch: Vec<(Option<String>, Event)>) -> BoxFuture<'_, Vec<Result<Published, BusError>>> {
