@@ -38,9 +38,30 @@ impl Kind {
     ];
 
     /// How long the component stays down: long enough for the alert about
-    /// it to fire with the run's time-scaled rules (`for: 1m` is 2 s at a
-    /// scale of 30, the Redis errors' `rate(…[5m])` with `for: 5m` 20 s).
-    fn downtime(self, rng: &mut Rng) -> Duration {
+    /// it to fire with the run's time-scaled rules (`for: 1m` is 2 s at the
+    /// default scale of 30, the Redis errors' `rate(…[5m])` with `for: 5m`
+    /// 20 s). At a smaller scale (a long run, where a 2 s `for:` would
+    /// let one busy reading fire an alert) the component stays down the
+    /// longer `for:` more.
+    fn downtime(self, rng: &mut Rng, scale: u32) -> Duration {
+        let base = self.base_downtime(rng);
+        let alert_for = self.alert_for().as_secs_f64();
+        let scale = f64::from(scale.clamp(1, DEFAULT_SCALE));
+        base + Duration::from_secs_f64(alert_for / scale - alert_for / f64::from(DEFAULT_SCALE))
+    }
+
+    /// The `for:` of the alert the downtime must outlast (the chart's
+    /// rules; the Redis alert's `rate` window already spans it).
+    fn alert_for(self) -> Duration {
+        match self {
+            Kind::EdgeKill | Kind::NatsNodeKill => Duration::from_secs(60),
+            Kind::IngesterKill => Duration::from_secs(120),
+            Kind::EdgeDrain | Kind::PostgresRestart | Kind::RedisKill => Duration::ZERO,
+        }
+    }
+
+    /// The downtime at the default time scale.
+    fn base_downtime(self, rng: &mut Rng) -> Duration {
         let (lo, hi) = match self {
             Kind::EdgeKill => (4.0, 6.0),
             Kind::EdgeDrain | Kind::PostgresRestart => (0.0, 0.0),
@@ -96,6 +117,10 @@ impl Kind {
     }
 }
 
+/// The alert time scale the base downtimes are made for (the load tester's
+/// default `--alert-time-scale`).
+pub const DEFAULT_SCALE: u32 = 30;
+
 /// One fault to inject, `at` after the load started.
 #[derive(Debug, Clone, Copy)]
 pub struct Planned {
@@ -109,7 +134,15 @@ pub struct Planned {
 /// The seeded schedule: from `warmup`, every kind once in a shuffled
 /// order, then kinds at random, each 4–7 s after the previous one
 /// was restored, until `end` leaves `settle` for the last recovery.
-pub fn schedule(seed: u64, warmup: Duration, end: Duration, settle: Duration, edges: usize) -> Result<Vec<Planned>> {
+/// Downtimes fit the alerts' time scale `scale`.
+pub fn schedule(
+    seed: u64,
+    warmup: Duration,
+    end: Duration,
+    settle: Duration,
+    edges: usize,
+    scale: u32,
+) -> Result<Vec<Planned>> {
     let mut rng = Rng::new(seed);
     let mut kinds = Kind::ALL.to_vec();
     for i in (1..kinds.len()).rev() {
@@ -123,7 +156,7 @@ pub fn schedule(seed: u64, warmup: Duration, end: Duration, settle: Duration, ed
         } else {
             Kind::ALL[(rng.next_u64() % Kind::ALL.len() as u64) as usize]
         };
-        let down = kind.downtime(&mut rng);
+        let down = kind.downtime(&mut rng, scale);
         // A drain or a restart takes a few seconds of its own.
         let busy = down + Duration::from_secs(4);
         if t + busy + settle > end {
@@ -217,6 +250,7 @@ mod tests {
                 Duration::from_secs(170),
                 Duration::from_secs(20),
                 2,
+                DEFAULT_SCALE,
             )
         };
         let a = s(7).unwrap();
@@ -238,9 +272,42 @@ mod tests {
                 Duration::from_secs(15),
                 Duration::from_secs(60),
                 Duration::from_secs(20),
-                2
+                2,
+                DEFAULT_SCALE,
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn at_a_smaller_alert_scale_faults_outlast_the_longer_for() {
+        let plan = |scale| {
+            schedule(
+                3,
+                Duration::from_secs(15),
+                Duration::from_secs(600),
+                Duration::from_secs(20),
+                2,
+                scale,
+            )
+            .unwrap()
+        };
+        let kinds_at = |scale| plan(scale).into_iter().map(|p| (p.kind, p.down)).collect::<Vec<_>>();
+        let (at30, at10) = (kinds_at(DEFAULT_SCALE), kinds_at(10));
+        for (kind, down) in at10
+            .iter()
+            .filter(|(k, _)| *k == Kind::NatsNodeKill || *k == Kind::EdgeKill)
+        {
+            // `for: 1m` is 6 s at a scale of 10: 4 s more than at 30.
+            let (_, base) = at30.iter().find(|(k, _)| k == kind).unwrap();
+            assert!(*down >= Duration::from_secs(60 / 10), "{kind:?} down {down:?}");
+            assert!(*down > *base, "{kind:?}: {down:?} at 10, {base:?} at 30");
+        }
+        let redis = |v: &[(Kind, Duration)]| v.iter().find(|(k, _)| *k == Kind::RedisKill).map(|x| x.1);
+        assert_eq!(
+            redis(&at30),
+            redis(&at10),
+            "the Redis alert's window already spans its for:"
         );
     }
 }

@@ -101,6 +101,12 @@ struct Report {
     /// Stream reads an edge found numbered unlike the stream leader (a
     /// nats-server 2.9 bug after a node is killed) and re-read through it.
     nats_replica_divergences: u64,
+    /// Stream reads (replays, catch-ups) by how: the leader's message API
+    /// alone, or with a consumer for a long range's rest.
+    stream_reads_via_leader: u64,
+    stream_reads_via_consumer: u64,
+    /// Replays retried after a failed stream read.
+    replay_retries: u64,
     passed: bool,
 }
 
@@ -112,7 +118,7 @@ fn unix_now() -> f64 {
 
 /// Runs the chaos scenario; `Ok(false)` when the account or the alerts failed.
 pub async fn run(o: Options) -> Result<bool> {
-    let plan = faults::schedule(o.seed, WARMUP, o.duration, SETTLE, o.edges)?;
+    let plan = faults::schedule(o.seed, WARMUP, o.duration, SETTLE, o.edges, o.alert_time_scale)?;
     eprintln!(
         "chaos: seed {}, {} users in {} workshops, {} edges, {} faults over {} s",
         o.seed,
@@ -225,13 +231,15 @@ pub async fn run(o: Options) -> Result<bool> {
     };
     let firings = prometheus.firings(t0_unix, unix_now()).await?;
     // Counters restart with their edge: increase() adds across restarts.
-    let nats_replica_divergences = prometheus
-        .scalar(&format!(
-            "sum(increase(fanout_bus_replica_divergence_total[{}s]))",
-            (unix_now() - t0_unix).ceil() as u64 + 10
-        ))
-        .await?
-        .round() as u64;
+    let run_secs = (unix_now() - t0_unix).ceil() as u64 + 10;
+    let total = async |series: &str| -> Result<u64> {
+        let query = format!("sum(increase({series}[{run_secs}s]))");
+        Ok(prometheus.scalar(&query).await?.round() as u64)
+    };
+    let nats_replica_divergences = total("fanout_bus_replica_divergence_total").await?;
+    let stream_reads_via_leader = total("fanout_bus_stream_reads_total{via=\"leader\"}").await?;
+    let stream_reads_via_consumer = total("fanout_bus_stream_reads_total{via=\"consumer\"}").await?;
+    let replay_retries = total("fanout_bus_replay_retries_total").await?;
     let (faults, alert_problems) = judge(&injected, &firings, t0_unix, clients_left, &sent, &logs, &probe);
 
     let presence_ok = presence_converged_after_ms.is_some_and(|t| t <= presence_bound_ms);
@@ -259,6 +267,9 @@ pub async fn run(o: Options) -> Result<bool> {
         fault_problems,
         alerts_resolved,
         nats_replica_divergences,
+        stream_reads_via_leader,
+        stream_reads_via_consumer,
+        replay_retries,
         passed,
     };
     print_summary(&report);
@@ -494,6 +505,10 @@ fn print_summary(r: &Report) {
     println!(
         "stream reads re-read through the leader (a NATS replica disagreed): {}",
         r.nats_replica_divergences
+    );
+    println!(
+        "stream reads: {} through the leader alone, {} went on with a consumer; replays retried: {}",
+        r.stream_reads_via_leader, r.stream_reads_via_consumer, r.replay_retries
     );
     println!("alerts fired ({} rules loaded):", r.alert_rules_loaded);
     for f in &r.alerts {
