@@ -411,10 +411,16 @@ fn judge(
             .max(disturbed.iter().copied().max().unwrap_or(*at))
             .max(presence_back);
         let recovery_ms = recovered - at;
+        // It fired when it starts within the fault's window, or was still
+        // firing (from the same kind of fault just before: a second Redis
+        // kill within the first one's `rate` window) until the component
+        // was back.
         let alert_fired = p.kind.required_alert().is_some_and(|name| {
-            firings
-                .iter()
-                .any(|f| f.alert == name && to_ms(f.from) >= *at && to_ms(f.from) <= restored + ALERT_SLACK_MS)
+            firings.iter().any(|f| {
+                let (from, to) = (to_ms(f.from), to_ms(f.to));
+                f.alert == name
+                    && ((from >= *at && from <= restored + ALERT_SLACK_MS) || (from < *at && to >= *restored))
+            })
         });
         reports.push(FaultReport {
             kind: p.kind,
@@ -558,5 +564,33 @@ mod tests {
         assert!(judge_one(firing("FanoutConnectionsDropped", 204_000)).is_empty());
         // Any other alert after the end still needs a fault.
         assert_eq!(judge_one(firing("FanoutCdcNotStreaming", 204_000)).len(), 1);
+    }
+
+    #[test]
+    fn an_alert_still_firing_from_the_fault_before_counts_for_the_next() {
+        let kill = |at_s| Planned {
+            kind: Kind::RedisKill,
+            target: 0,
+            at: Duration::from_secs(at_s),
+            down: Duration::from_secs(15),
+        };
+        let injected = [
+            (kill(10), "redis".to_owned(), 10_000, 25_000),
+            (kill(35), "redis".to_owned(), 35_000, 50_000),
+        ];
+        let fired = |from_ms: u64, to_ms: u64| {
+            let f = prom::Firing {
+                alert: "FanoutPresenceStoreErrors".into(),
+                labels: String::new(),
+                from: 1000.0 + from_ms as f64 / 1000.0,
+                to: 1000.0 + to_ms as f64 / 1000.0,
+            };
+            let (faults, _) = judge(&injected, &[f], 1000.0, 200_000, &HashMap::new(), &[], &[]);
+            faults.iter().map(|r| r.alert_fired).collect::<Vec<_>>()
+        };
+        // Firing from the first kill until after the second one was over.
+        assert_eq!(fired(20_000, 70_000), [true, true]);
+        // Ended while Redis was down again: not an alert about the second.
+        assert_eq!(fired(20_000, 40_000), [true, false]);
     }
 }
