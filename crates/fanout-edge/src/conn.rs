@@ -142,7 +142,7 @@ impl<R: AsyncRead + Unpin + Send> Socket<R> {
         let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames).with_delay(limits.write_delay));
         let drain = {
             let writer = writer.clone();
-            edge.tasks.spawn(async move { writer.run().await })
+            edge.tasks.spawn(crate::writer::drain_task(writer))
         };
         // `leftover` may be a view into hyper's whole 8 KiB read buffer: copy
         // the few bytes (usually none) and drop it, so that buffer is freed now,
@@ -263,9 +263,12 @@ pub(crate) async fn serve<R>(
         joins: TokenBucket::new(limits.joins_per_second),
         control: socket.control.clone(),
     };
+    // The read loop is what an idle connection waits in; the rest is boxed
+    // (a future is as large as its largest state, for the connection's
+    // whole life).
     let reason = conn.read_loop(&mut socket.reader).await;
-    conn.leave_all().await;
-    socket.close(&edge, reason).await;
+    Box::pin(conn.leave_all()).await;
+    Box::pin(socket.close(&edge, reason)).await;
 }
 
 /// A copy of `b` that does not keep `b`'s allocation alive; `b` is dropped.
@@ -297,13 +300,13 @@ impl Conn {
             tokio::select! {
                 biased;
                 () = done.cancelled() => return self.closed_by_server(),
-                () = shutdown.cancelled() => return self.shutting_down().await,
+                () = shutdown.cancelled() => return Box::pin(self.shutting_down()).await,
                 () = sleep_until_opt(expiry) => {
-                    self.expire_token().await;
+                    Box::pin(self.expire_token()).await;
                     continue;
                 }
                 () = self.control.notify.notified() => {
-                    match self.apply_kicks().await {
+                    match Box::pin(self.apply_kicks()).await {
                         Some(close) => return close,
                         None => continue,
                     }
@@ -1767,5 +1770,30 @@ mod tests {
             assert_eq!(v["payload"]["meta"]["id"], i.to_string());
             assert_eq!(v["payload"]["meta"]["replayed"].as_bool().unwrap_or(false), replayed);
         }
+    }
+
+    /// What an idle connection's two tasks hold in their futures (tokio
+    /// allocates each task's future whole, for the connection's life): the
+    /// read loop waiting for bytes, and the writer waiting for frames.
+    /// Printed for docs/BENCHMARKS.md's breakdown of the bytes per idle
+    /// connection; the bounds keep them from growing unnoticed.
+    #[test]
+    fn an_idle_connections_tasks_stay_small() {
+        fn output_size<A, B, C, D, E, F, G, Fut>(_: fn(A, B, C, D, E, F, G) -> Fut) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        fn output_size1<A, Fut>(_: fn(A) -> Fut) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        let serve = output_size(serve::<tokio::net::tcp::OwnedReadHalf> as fn(_, _, _, _, _, _, _) -> _);
+        let writer = output_size1(crate::writer::drain_task as fn(_) -> _);
+        let conn = std::mem::size_of::<Conn>();
+        let socket = std::mem::size_of::<Socket<tokio::net::tcp::OwnedReadHalf>>();
+        let conn_writer = std::mem::size_of::<ConnWriter>();
+        eprintln!(
+            "read loop future {serve} B (Conn {conn} B, Socket {socket} B), writer future {writer} B, ConnWriter {conn_writer} B"
+        );
+        assert!(serve <= 2048, "read loop future {serve} B");
+        assert!(writer <= 512, "writer future {writer} B");
     }
 }

@@ -17,7 +17,7 @@
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -107,6 +107,11 @@ impl std::fmt::Debug for ConnWriter {
             .field("state", &*self.lock())
             .finish_non_exhaustive()
     }
+}
+
+/// A connection's writer task ([`ConnWriter::run`]).
+pub(crate) async fn drain_task(writer: Arc<ConnWriter>) {
+    writer.run().await;
 }
 
 impl ConnWriter {
