@@ -18,6 +18,26 @@ fn publish(topic: &str, seq: u64) -> Value {
     )
 }
 
+/// After a NATS outage: publishes `seq`, `seq + 1`, … (acked broadcasts)
+/// until the edge's JetStream publishes work again; returns the first one
+/// accepted.
+async fn publish_until_accepted(publisher: &mut WsClient, topic: &str, mut seq: u64) -> Result<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        publisher.send_json(&publish(topic, seq)).await?;
+        let reply = publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
+        if reply["payload"]["status"] == "ok" {
+            return Ok(seq);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "publishing never recovered: {reply}"
+        );
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads broadcasts until `n` arrived; returns (seq, id) pairs.
 async fn collect(c: &mut WsClient, n: usize) -> Result<Vec<(u64, u64)>> {
     let mut got = Vec::with_capacity(n);
@@ -171,21 +191,7 @@ async fn nats_restart_is_survived() -> Result<()> {
     nats.restart().await?;
     edge.wait_ready(Duration::from_secs(20)).await?;
     // Publish until the edge's JetStream publishes work again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seq = 1;
-    loop {
-        publisher.send_json(&publish(topic, seq)).await?;
-        let reply = publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
-        if reply["payload"]["status"] == "ok" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publishing never recovered: {reply}"
-        );
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let seq = publish_until_accepted(&mut publisher, topic, 1).await?;
     let got = collect(&mut sub, 1).await?;
     assert_eq!(
         got[0].0, seq,
@@ -533,21 +539,7 @@ async fn a_resume_during_a_nats_outage_is_told_to_resync() -> Result<()> {
 
     nats.restart().await?;
     edge.wait_ready(Duration::from_secs(20)).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seq = 2;
-    loop {
-        publisher.send_json(&publish(topic, seq)).await?;
-        let reply = publisher.recv_until(T, |v| v["event"] == "phx_reply").await?;
-        if reply["payload"]["status"] == "ok" {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publishing never recovered: {reply}"
-        );
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let seq = publish_until_accepted(&mut publisher, topic, 2).await?;
     assert_eq!(collect(&mut late, 1).await?[0].0, seq, "live delivery after the outage");
     Ok(())
 }
