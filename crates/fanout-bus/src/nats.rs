@@ -748,7 +748,13 @@ struct LeaderRead {
     upto: Position,
     /// The last position it looked at (`after` if none).
     last: Position,
-    complete: bool,
+}
+
+impl LeaderRead {
+    /// Whether it read to the end of its range.
+    fn complete(&self) -> bool {
+        self.last >= self.upto
+    }
 }
 
 impl CatchUp {
@@ -783,11 +789,11 @@ impl CatchUp {
     /// resync. So at most [`CONSUMER_READS`] run at once per edge.
     async fn read(&self, after: Position, upto: Option<Position>, limit: usize) -> Result<Vec<Event>, BusError> {
         let first = self.read_via_leader(after, upto, limit, LEADER_READ_EVENTS).await?;
-        metrics::counter!("fanout_bus_stream_reads_total", "via" => "leader").increment(1);
-        let mut events = first.events;
-        if first.complete || events.len() >= limit {
-            return Ok(events);
+        if first.complete() || first.events.len() >= limit {
+            metrics::counter!("fanout_bus_stream_reads_total", "via" => "leader").increment(1);
+            return Ok(first.events);
         }
+        let mut events = first.events;
         let _permit = self.consumer_reads.acquire().await.map_err(unavailable)?;
         metrics::counter!("fanout_bus_stream_reads_total", "via" => "consumer").increment(1);
         let rest = self
@@ -881,7 +887,6 @@ impl CatchUp {
             events: Vec::new(),
             upto,
             last: after,
-            complete: false,
         };
         for _ in 0..requests {
             if read.last >= upto || read.events.len() >= limit {
@@ -905,7 +910,6 @@ impl CatchUp {
             read.last = m.sequence;
             read.events.extend(decode_stored(&m.payload, m.sequence));
         }
-        read.complete = read.last >= upto;
         Ok(read)
     }
 
