@@ -230,11 +230,19 @@ impl HttpPublisher {
         })
     }
 
-    /// Sends one POST with `body`.
+    /// Sends one POST with `body` to the path it was opened with.
     pub async fn post(&mut self, body: &[u8]) -> Result<()> {
+        let path = std::mem::take(&mut self.path);
+        let r = self.post_to(&path, body).await;
+        self.path = path;
+        r
+    }
+
+    /// Sends one POST with `body` to `path` on the same connection.
+    pub async fn post_to(&mut self, path: &str, body: &[u8]) -> Result<()> {
         let head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
-            self.path,
+            path,
             self.host,
             body.len(),
             self.headers

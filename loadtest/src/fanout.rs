@@ -1,5 +1,6 @@
-//! The `fanout` scenario (one hot channel, `--users` subscribers, one
-//! publisher at `--rate`) and `reconnect-storm`, which is the same stream
+//! The `fanout` scenario (`--users` subscribers of one hot channel, or
+//! spread over `--channels`; one publisher sending `--rate` messages per
+//! second to each channel) and `reconnect-storm`, which is the same stream
 //! with a server killed (`--kill-pid`, SIGKILL) or drained (`--drain-pid`,
 //! SIGTERM) part way: its clients reconnect to another `--url` with the last
 //! position they saw (`config.resume.after`), and the run measures how long
@@ -22,6 +23,16 @@ use crate::{Args, Target};
 
 const TOPIC: &str = "realtime:bench:fanout";
 
+/// The topic of channel `c` of `channels`: [`TOPIC`] itself when there is
+/// only one.
+fn topic(c: usize, channels: u32) -> String {
+    if channels <= 1 {
+        TOPIC.to_owned()
+    } else {
+        format!("{TOPIC}-{c}")
+    }
+}
+
 /// A server to take away part way through the run.
 #[derive(Debug, Clone, Copy)]
 enum Failure {
@@ -36,11 +47,12 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
         (None, None) => None,
     };
     let per_subscriber = u64::from(args.rate) * args.duration;
+    let channels = args.channels.max(1);
     let plans: Vec<Plan> = (0..args.users)
         .filter(|&u| ctx.owns(u))
         .map(|u| Plan {
             user: u,
-            topic: TOPIC.into(),
+            topic: topic(u % channels as usize, channels),
             join: JoinOpts::default(),
             track: None,
         })
@@ -55,11 +67,14 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
         let worker = ctx.worker_index;
         move |user: usize, r: client::Reader| {
             receive(
-                user,
+                Subscriber {
+                    user,
+                    topic: topic(user % channels as usize, channels),
+                    worker,
+                },
                 r,
                 stats.clone(),
                 conn.clone(),
-                worker,
                 failure.is_some(),
                 per_subscriber,
             )
@@ -67,6 +82,7 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
     };
     let started = Instant::now();
     let writers = session::connect_all(ctx, conn, plans, receiver).await;
+    let topics: Vec<String> = (0..channels as usize).map(|c| topic(c, channels)).collect();
     partial.connected = writers.len() as u64;
     partial.connect_seconds = started.elapsed().as_secs_f64();
     eprintln!(
@@ -99,7 +115,9 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
             ))
         } else {
             let (mut pr, mut pw) = client::connect(target, "2.0.0", conn.apikey.as_deref(), None).await?;
-            session::join(&mut pr, &mut pw, TOPIC, "2.0.0", &JoinOpts::default()).await?;
+            for t in &topics {
+                session::join(&mut pr, &mut pw, t, "2.0.0", &JoinOpts::default()).await?;
+            }
             tokio::spawn(async move { while !matches!(client::recv(&mut pr).await, Incoming::Closed(_)) {} });
             Some(Publisher::Realtime(pw))
         }
@@ -115,7 +133,7 @@ pub async fn run(args: &Args, conn: &ConnectOpts, ctx: &Ctx) -> Result<Partial> 
         .fetch_add(per_subscriber * partial.connected, Ordering::Relaxed);
     let drain_limit = Duration::from_secs(if failure.is_some() { 30 } else { 10 });
     if let Some(mut pw) = publisher {
-        publish(args, &mut pw, failure, &ctx.stats, per_subscriber).await?;
+        publish(args, &mut pw, &topics, failure, &ctx.stats, per_subscriber).await?;
         partial.publish_seconds = go.elapsed().as_secs_f64();
         crate::workshop::drain(&ctx.stats, drain_limit).await;
     } else {
@@ -140,14 +158,26 @@ enum Publisher {
     Api(client::HttpPublisher),
 }
 
-/// Sends `count` messages at `--rate`, each `{"seq", "ts"}` (plus padding),
-/// taking the `failure` server away after `--kill-after` seconds.
-async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stats: &Stats, count: u64) -> Result<()> {
+/// Sends `count` messages to each of `topics` at `--rate` per topic (in
+/// turn, evenly spaced), each `{"seq", "ts"}` (plus padding) with `seq`
+/// counted per topic, taking the `failure` server away after
+/// `--kill-after` seconds.
+async fn publish(
+    args: &Args,
+    pw: &mut Publisher,
+    topics: &[String],
+    failure: Option<Failure>,
+    stats: &Stats,
+    count: u64,
+) -> Result<()> {
     let pad = "x".repeat(args.payload_bytes);
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let n = topics.len().max(1) as u64;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)) / n as f64);
+    let nchan_paths: Vec<String> = topics.iter().map(|t| session::nchan_path("pub", t)).collect();
     let t0 = Instant::now();
     let mut failed = false;
-    for seq in 0..count {
+    for i in 0..count * n {
+        let (seq, c) = (i / n, (i % n) as usize);
         if let Some(f) = failure
             && !failed
             && t0.elapsed() >= Duration::from_secs(args.kill_after)
@@ -162,7 +192,7 @@ async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stat
                 .args([signal, &pid.to_string()])
                 .status();
         }
-        tokio::time::sleep_until((t0 + interval.mul_f64(seq as f64)).into()).await;
+        tokio::time::sleep_until((t0 + interval.mul_f64(i as f64)).into()).await;
         let payload = if pad.is_empty() {
             format!(r#"{{"seq":{seq},"ts":{}}}"#, now_micros())
         } else {
@@ -170,12 +200,15 @@ async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stat
         };
         match pw {
             Publisher::Realtime(w) => {
-                let frame = client::broadcast_push("1", "", TOPIC, "bench", payload.as_bytes());
+                let frame = client::broadcast_push("1", "", &topics[c], "bench", payload.as_bytes());
                 client::send_binary(w, &frame).await.context("publishing")?;
             }
-            Publisher::Nchan(p) => p.post(payload.as_bytes()).await.context("publishing to nchan")?,
+            Publisher::Nchan(p) => p
+                .post_to(&nchan_paths[c], payload.as_bytes())
+                .await
+                .context("publishing to nchan")?,
             Publisher::Api(p) => {
-                let channel = TOPIC.trim_start_matches("realtime:");
+                let channel = topics[c].trim_start_matches("realtime:");
                 let body = format!(r#"{{"channel":"{channel}","event":"bench","payload":{payload}}}"#);
                 p.post(body.as_bytes())
                     .await
@@ -188,23 +221,33 @@ async fn publish(args: &Args, pw: &mut Publisher, failure: Option<Failure>, stat
         tokio::time::sleep(Duration::from_millis(200)).await;
         let refused = p.refused.load(Ordering::Relaxed);
         if refused > 0 {
-            eprintln!("the HTTP publisher's server refused {refused} of {count} publishes");
+            eprintln!(
+                "the HTTP publisher's server refused {refused} of {} publishes",
+                count * n
+            );
         }
     }
     Ok(())
 }
 
+/// Who a subscriber is: its user number, its channel and its load process.
+struct Subscriber {
+    user: usize,
+    topic: String,
+    worker: usize,
+}
+
 /// One subscriber: checks the sequence, records latency, and (when a
 /// server is to fail) resumes on the next `--url` after a disconnect.
 async fn receive(
-    user: usize,
+    who: Subscriber,
     mut r: client::Reader,
     stats: Arc<Stats>,
     conn: ConnectOpts,
-    worker: usize,
     failover: bool,
     expected: u64,
 ) {
+    let Subscriber { user, topic, worker } = who;
     let mut check = SeqCheck::with_publishers(1);
     let mut unique = 0u64;
     let mut last_id = 0u64;
@@ -239,7 +282,7 @@ async fn receive(
                 if !failover {
                     return;
                 }
-                let Some((nr, nw, took)) = resume(user, &conn, worker, last_id).await else {
+                let Some((nr, nw, took)) = resume(user, &topic, &conn, worker, last_id).await else {
                     return;
                 };
                 r = nr;
@@ -272,6 +315,7 @@ async fn receive(
 /// and joins after `last_id`. Returns the new socket and how long it took.
 async fn resume(
     user: usize,
+    topic: &str,
     conn: &ConnectOpts,
     worker: usize,
     last_id: u64,
@@ -285,7 +329,7 @@ async fn resume(
                 resume: (last_id > 0).then_some(last_id),
                 ..JoinOpts::default()
             };
-            if session::join(&mut nr, &mut nw, TOPIC, &conn.vsn, &opts).await.is_ok() {
+            if session::join(&mut nr, &mut nw, topic, &conn.vsn, &opts).await.is_ok() {
                 return Some((nr, nw, lost_at.elapsed()));
             }
         }

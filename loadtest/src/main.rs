@@ -126,6 +126,11 @@ struct Args {
     /// Messages per second from the publisher (fanout, reconnect-storm).
     #[arg(long, default_value_t = 10)]
     rate: u32,
+    /// Fanout, reconnect-storm: channels the subscribers are spread over
+    /// (round robin); the publisher sends `--rate` messages per second to
+    /// each of them, spread evenly over the second.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    channels: u32,
     /// Fanout: publish through the server API at this `http://host:port`
     /// (`POST /api/v1/publish`, pipelined on one keep-alive connection)
     /// instead of a client socket, to compare the two side by side.

@@ -98,6 +98,8 @@ pub struct Report {
     pub target: String,
     pub urls: Vec<String>,
     pub users: u64,
+    /// Channels the fanout scenario's subscribers were spread over.
+    pub channels: u32,
     pub workers: usize,
     pub duration_seconds: u64,
     /// From "go" until the last delivery (or the drain timeout), seconds.
@@ -201,6 +203,7 @@ impl Report {
             target: format!("{:?}", args.target).to_lowercase(),
             urls: args.url.clone(),
             users: args.users as u64,
+            channels: args.channels,
             workers: args.workers.max(1),
             duration_seconds: args.duration,
             run_seconds: p.run_seconds,
@@ -264,6 +267,9 @@ impl Report {
         let mut row = |k: &str, v: String| rows.push((k.to_owned(), v));
         row("scenario", format!("{} (target {})", self.scenario, self.target));
         row("users / connected", format!("{} / {}", self.users, self.connected));
+        if self.channels > 1 {
+            row("channels", self.channels.to_string());
+        }
         row("load processes", self.workers.to_string());
         row("connect errors", self.connect_errors.to_string());
         row("connect time", format!("{:.1} s", self.connect_seconds));
