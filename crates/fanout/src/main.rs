@@ -21,6 +21,9 @@ use crate::roles::Role;
 /// jemalloc keeps memory per connection low: large buffers sit on their own
 /// pages, so their untouched parts are never resident, and its size classes
 /// waste less than glibc's on the many small per-connection objects.
+/// (`--no-default-features` builds with the system allocator instead, for
+/// heap profilers that hook malloc, such as heaptrack.)
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
