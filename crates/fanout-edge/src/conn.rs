@@ -4,7 +4,8 @@
 //! The connection's task reads whole messages from the [`FrameReader`]
 //! (`reader.rs`: frames, fragments, size limit), decodes them into typed
 //! requests (`protocol`), and acts on them; writes go through the shared
-//! [`ConnWriter`] (`writer.rs`), whose drain task runs beside it. Every
+//! [`ConnWriter`] (`writer.rs`), whose drain task runs beside it while
+//! frames wait for room in the socket. Every
 //! client mistake gets an error reply or a close frame with a reason;
 //! nothing a client sends can panic the server or stall a channel.
 //!
@@ -90,6 +91,64 @@ struct Joined {
     tracked: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// A connection's joined channels by topic: a vector searched in order,
+/// grown one entry at a time. Most connections join one to a few channels
+/// (at most `max_channels_per_connection`), and a hash map's smallest table
+/// holds four entries: an idle connection on one channel would pay for
+/// three empty ones.
+#[derive(Debug, Default)]
+struct Topics(Vec<(String, Joined)>);
+
+impl Topics {
+    fn position(&self, topic: &str) -> Option<usize> {
+        self.0.iter().position(|(t, _)| t == topic)
+    }
+
+    fn contains_key(&self, topic: &str) -> bool {
+        self.position(topic).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn get(&self, topic: &str) -> Option<&Joined> {
+        self.0.iter().find(|(t, _)| t == topic).map(|(_, j)| j)
+    }
+
+    fn get_mut(&mut self, topic: &str) -> Option<&mut Joined> {
+        self.0.iter_mut().find(|(t, _)| t == topic).map(|(_, j)| j)
+    }
+
+    /// Adds `topic`, or replaces what it had (a rejoin).
+    fn insert(&mut self, topic: String, joined: Joined) {
+        match self.get_mut(&topic) {
+            Some(j) => *j = joined,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((topic, joined));
+            }
+        }
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Joined> {
+        let i = self.position(topic)?;
+        let (_, joined) = self.0.swap_remove(i);
+        if self.0.capacity() > 2 * self.0.len() {
+            self.0.shrink_to_fit();
+        }
+        Some(joined)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(t, _)| t)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Joined)> {
+        self.0.iter().map(|(t, j)| (t, j))
+    }
+}
+
 struct Conn {
     edge: Arc<Edge>,
     id: u64,
@@ -98,7 +157,7 @@ struct Conn {
     enc: Encoder,
     writer: Arc<ConnWriter>,
     /// Joined channels by topic.
-    joined: HashMap<String, Joined>,
+    joined: Topics,
     /// Expiry (seconds since the epoch) of the newest valid token, if auth
     /// is on.
     token_exp: Option<u64>,
@@ -121,7 +180,6 @@ pub(crate) struct Socket<R> {
     pub(crate) writer: Arc<ConnWriter>,
     pub(crate) id: u64,
     pub(crate) control: Arc<ConnControl>,
-    drain: tokio::task::JoinHandle<()>,
     slot: crate::admission::Slot,
 }
 
@@ -139,11 +197,9 @@ impl<R: AsyncRead + Unpin + Send> Socket<R> {
         slot: crate::admission::Slot,
     ) -> Self {
         let limits = &edge.config.limits;
-        let writer = Arc::new(ConnWriter::new(write, limits.outbound_queue_frames).with_delay(limits.write_delay));
-        let drain = {
-            let writer = writer.clone();
-            edge.tasks.spawn(crate::writer::drain_task(writer))
-        };
+        let writer = Arc::new(
+            ConnWriter::new(write, limits.outbound_queue_frames, edge.tasks.clone()).with_delay(limits.write_delay),
+        );
         // `leftover` may be a view into hyper's whole 8 KiB read buffer: copy
         // the few bytes (usually none) and drop it, so that buffer is freed now,
         // not when the connection ends. (Shadowing alone would keep the
@@ -159,7 +215,6 @@ impl<R: AsyncRead + Unpin + Send> Socket<R> {
             writer,
             id,
             control,
-            drain,
             slot,
         }
     }
@@ -172,14 +227,13 @@ impl<R: AsyncRead + Unpin + Send> Socket<R> {
             mut reader,
             writer,
             id,
-            drain,
             slot,
             ..
         } = self;
         edge.sessions.unregister(id);
         let label = reason.label;
         writer.close(reason, false);
-        let _ = drain.await;
+        writer.finished().await;
         reader.linger(Duration::from_secs(2)).await;
         drop(slot);
         metrics::gauge!("fanout_connections").decrement(1.0);
@@ -236,7 +290,10 @@ pub(crate) async fn serve<R>(
 ) where
     R: AsyncRead + Unpin + Send,
 {
-    let limits = edge.config.limits.clone();
+    // No local copy of the limits: a future keeps its locals for its whole
+    // life.
+    let limits = &edge.config.limits;
+    let (messages_per_second, joins_per_second) = (limits.messages_per_second, limits.joins_per_second);
     let mut socket = Socket::open(
         &edge,
         read,
@@ -255,12 +312,12 @@ pub(crate) async fn serve<R>(
         vsn,
         enc: Encoder(vsn),
         writer: socket.writer.clone(),
-        joined: HashMap::new(),
+        joined: Topics::default(),
         token_exp: claims.as_ref().and_then(|c| c.exp),
         claims: claims.map(Arc::new),
         expired: false,
-        messages: TokenBucket::new(limits.messages_per_second),
-        joins: TokenBucket::new(limits.joins_per_second),
+        messages: TokenBucket::new(messages_per_second),
+        joins: TokenBucket::new(joins_per_second),
         control: socket.control.clone(),
     };
     // The read loop is what an idle connection waits in; the rest is boxed
@@ -290,18 +347,29 @@ impl Conn {
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
-        let limits = self.edge.config.limits.clone();
+        let idle_timeout = self.edge.config.limits.idle_timeout;
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
         loop {
+            // One timer for both deadlines: the idle timeout, renewed by
+            // every message, and the token's expiry.
+            let idle_at = Instant::now() + idle_timeout;
             let expiry = self.token_exp.map(deadline_of);
+            let wake_at = expiry.map_or(idle_at, |e| e.min(idle_at));
             // Wait for bytes (cancel-safe, holds no buffer), or for the end,
-            // or for the token to expire.
+            // or for a deadline.
             tokio::select! {
                 biased;
                 () = done.cancelled() => return self.closed_by_server(),
                 () = shutdown.cancelled() => return Box::pin(self.shutting_down()).await,
-                () = sleep_until_opt(expiry) => {
+                () = tokio::time::sleep_until(wake_at) => {
+                    if Instant::now() >= idle_at {
+                        return CloseReason::new(
+                            close_code::POLICY,
+                            format!("idle for {} s without a heartbeat", idle_timeout.as_secs()),
+                            "idle",
+                        );
+                    }
                     Box::pin(self.expire_token()).await;
                     continue;
                 }
@@ -311,35 +379,41 @@ impl Conn {
                         None => continue,
                     }
                 }
-                r = tokio::time::timeout(limits.idle_timeout, reader.readable()) => match r {
-                    Err(_) => return CloseReason::new(
-                        close_code::POLICY,
-                        format!("idle for {} s without a heartbeat", limits.idle_timeout.as_secs()),
-                        "idle",
-                    ),
-                    Ok(Err(_)) => return CloseReason::quiet("eof"),
-                    Ok(Ok(())) => {}
-                },
+                r = reader.readable() => {
+                    if r.is_err() {
+                        return CloseReason::quiet("eof");
+                    }
+                }
             }
-            // Read one whole frame; only the end of the connection may
-            // interrupt it (a half-read frame cannot be resumed).
-            let incoming = match read_message(reader, &self.writer, &self.edge).await {
-                Ok(incoming) => incoming,
-                Err(close) => return close,
-            };
-            match incoming {
-                Incoming::Text(bytes) => Box::pin(self.data(false, &bytes)).await,
-                Incoming::Binary(bytes) => Box::pin(self.data(true, &bytes)).await,
-                Incoming::Ping(payload) => self.send(frame::encode(Opcode::Pong, &payload)),
-                Incoming::Close => return CloseReason::quiet("client"),
-                Incoming::Nothing => {}
+            // Reading a frame and acting on it need far more state than
+            // waiting does, so they run boxed: an idle connection pays only
+            // for waiting (one allocation per message).
+            if let Some(close) = Box::pin(self.next_message(reader)).await {
+                return close;
             }
         }
     }
 
-    /// One complete client message. Callers box this future: handling
-    /// needs far more state than waiting does, and an idle connection
-    /// should only pay for waiting.
+    /// Reads one whole frame (only the end of the connection may interrupt
+    /// it: a half-read frame cannot be resumed) and acts on it; `Some` when
+    /// the connection must close.
+    async fn next_message<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Option<CloseReason> {
+        let incoming = match read_message(reader, &self.writer, &self.edge).await {
+            Ok(incoming) => incoming,
+            Err(close) => return Some(close),
+        };
+        match incoming {
+            Incoming::Text(bytes) => self.data(false, &bytes).await,
+            Incoming::Binary(bytes) => self.data(true, &bytes).await,
+            Incoming::Ping(payload) => self.send(frame::encode(Opcode::Pong, &payload)),
+            Incoming::Close => return Some(CloseReason::quiet("client")),
+            Incoming::Nothing => {}
+        }
+        None
+    }
+
+    /// One complete client message (run boxed, inside
+    /// [`Self::next_message`]).
     async fn data(&mut self, binary: bool, bytes: &[u8]) {
         if !self.messages.try_take() {
             metrics::counter!("fanout_client_errors_total", "reason" => "rate_limited").increment(1);
@@ -1772,9 +1846,10 @@ mod tests {
         }
     }
 
-    /// What an idle connection's two tasks hold in their futures (tokio
-    /// allocates each task's future whole, for the connection's life): the
-    /// read loop waiting for bytes, and the writer waiting for frames.
+    /// What an idle connection's task holds in its future (tokio allocates
+    /// a task's future whole, for the task's life): the read loop waiting
+    /// for bytes. The drain task runs only while frames queue, so its size
+    /// is printed but is not an idle connection's.
     /// Printed for docs/BENCHMARKS.md's breakdown of the bytes per idle
     /// connection; the bounds keep them from growing unnoticed.
     #[test]
@@ -1791,9 +1866,9 @@ mod tests {
         let socket = std::mem::size_of::<Socket<tokio::net::tcp::OwnedReadHalf>>();
         let conn_writer = std::mem::size_of::<ConnWriter>();
         eprintln!(
-            "read loop future {serve} B (Conn {conn} B, Socket {socket} B), writer future {writer} B, ConnWriter {conn_writer} B"
+            "read loop future {serve} B (Conn {conn} B, Socket {socket} B), drain task future {writer} B, ConnWriter {conn_writer} B"
         );
-        assert!(serve <= 2048, "read loop future {serve} B");
-        assert!(writer <= 512, "writer future {writer} B");
+        assert!(serve <= 1280, "read loop future {serve} B");
+        assert!(writer <= 512, "drain task future {writer} B");
     }
 }

@@ -364,7 +364,7 @@ impl RoomConn {
     }
 
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
-        let limits = self.edge.config.limits.clone();
+        let idle_timeout = self.edge.config.limits.idle_timeout;
         let shutdown = self.edge.shutdown.clone();
         let done = self.writer.done().clone();
         loop {
@@ -383,10 +383,10 @@ impl RoomConn {
                     }
                     continue;
                 }
-                r = tokio::time::timeout(limits.idle_timeout, reader.readable()) => match r {
+                r = tokio::time::timeout(idle_timeout, reader.readable()) => match r {
                     Err(_) => return CloseReason::new(
                         close_code::POLICY,
-                        format!("idle for {} s without a ping", limits.idle_timeout.as_secs()),
+                        format!("idle for {} s without a ping", idle_timeout.as_secs()),
                         "idle",
                     ),
                     Ok(Err(_)) => return CloseReason::quiet("eof"),

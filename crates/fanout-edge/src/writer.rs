@@ -3,9 +3,13 @@
 //! Fan-out writes go straight to the socket: [`ConnWriter::send`] tries a
 //! non-blocking `write` of the shared frame bytes from the caller's task
 //! (usually the channel's dispatcher). Only when the kernel's send buffer is
-//! full does the frame go into the connection's bounded queue, which the
-//! connection's writer task drains when the socket becomes writable. In the
-//! common case a delivery therefore costs one syscall and no task wake-up.
+//! full does the frame go into the connection's bounded queue, and only then
+//! is a drain task spawned, which writes the queue as the socket becomes
+//! writable and ends once it is empty. In the common case a delivery
+//! therefore costs one syscall and no task wake-up, and an idle connection
+//! has no writer task at all (a task's future is held for its whole life).
+//! With a write window, each window's first frame starts the drain task,
+//! which writes the window's frames together when it ends.
 //!
 //! When the queue reaches its bound the client is a slow consumer: the queue
 //! is dropped, a close frame with the reason is attempted and the connection
@@ -22,6 +26,7 @@ use std::task::{Context, Poll};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, CloseReason};
 
@@ -74,6 +79,11 @@ struct State {
     broken: bool,
     /// With a write window: when the queued frames are due.
     due: Option<tokio::time::Instant>,
+    /// A drain task is running (it alone writes while the queue is not
+    /// empty).
+    draining: bool,
+    /// The close frame went out (or could not), and the write side is shut.
+    finished: bool,
 }
 
 impl State {
@@ -91,7 +101,11 @@ impl State {
 pub struct ConnWriter {
     stream: Box<dyn SocketWrite>,
     state: Mutex<State>,
+    /// Woken when the write side has finished ([`Self::finished`]).
     notify: Notify,
+    /// Where drain tasks are spawned (the edge's tracker, so shutdown waits
+    /// for them).
+    tasks: TaskTracker,
     max_queue: usize,
     /// The write window (zero: none).
     delay: std::time::Duration,
@@ -109,17 +123,20 @@ impl std::fmt::Debug for ConnWriter {
     }
 }
 
-/// A connection's writer task ([`ConnWriter::run`]).
+/// A connection's drain task ([`ConnWriter::drain_until_empty`]).
 pub(crate) async fn drain_task(writer: Arc<ConnWriter>) {
-    writer.run().await;
+    writer.drain_until_empty().await;
 }
 
 impl ConnWriter {
-    pub fn new(stream: Box<dyn SocketWrite>, max_queue: usize) -> Self {
+    /// A writer for `stream` that queues at most `max_queue` frames and
+    /// spawns its drain tasks on `tasks`.
+    pub fn new(stream: Box<dyn SocketWrite>, max_queue: usize, tasks: TaskTracker) -> Self {
         Self {
             stream,
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            tasks,
             max_queue: max_queue.max(1),
             delay: std::time::Duration::ZERO,
             done: CancellationToken::new(),
@@ -153,14 +170,14 @@ impl ConnWriter {
 
     /// Sends one encoded frame: written now if the socket takes it, queued
     /// otherwise. Never waits.
-    pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+    pub fn send(self: &Arc<Self>, frame: Bytes) -> Result<(), SendError> {
         self.send_many(std::slice::from_ref(&frame))
     }
 
     /// Sends several frames in order, with one vectored write when the
     /// queue is empty. The fan-out uses this when events pile up, so a busy
     /// channel pays one syscall per member per batch, not per event.
-    pub fn send_many(&self, frames: &[Bytes]) -> Result<(), SendError> {
+    pub fn send_many(self: &Arc<Self>, frames: &[Bytes]) -> Result<(), SendError> {
         let mut st = self.lock();
         if st.close.is_some() || st.broken {
             return Err(SendError::Closed);
@@ -192,7 +209,6 @@ impl ConnWriter {
                     st.broken = true;
                     drop(st);
                     self.done.cancel();
-                    self.notify.notify_one();
                     return Err(SendError::Closed);
                 }
             }
@@ -206,22 +222,36 @@ impl ConnWriter {
                 format!("slow consumer: more than {} frames queued", self.max_queue),
                 "server",
             ));
+            let start = self.claim_drain(&mut st);
             drop(st);
             metrics::counter!("fanout_slow_consumer_disconnects_total").increment(1);
             self.done.cancel();
-            self.notify.notify_one();
+            self.start_drain(start);
             return Err(SendError::SlowConsumer);
         }
+        let start = wake && self.claim_drain(&mut st);
         drop(st);
-        if wake {
-            self.notify.notify_one();
-        }
+        self.start_drain(start);
         Ok(())
+    }
+
+    /// Whether the caller must start a drain task (none is running); marks
+    /// one as running if so.
+    fn claim_drain(&self, st: &mut State) -> bool {
+        !std::mem::replace(&mut st.draining, true)
+    }
+
+    /// Spawns the drain task when `start` (from [`Self::claim_drain`]).
+    fn start_drain(self: &Arc<Self>, start: bool) {
+        if start {
+            self.tasks.spawn(drain_task(self.clone()));
+        }
     }
 
     /// Ends the connection with a close frame. With `abort`, queued frames
     /// are dropped; otherwise they are written first. The first reason wins.
-    pub fn close(&self, reason: CloseReason, abort: bool) {
+    /// [`Self::finished`] tells when the close frame went out.
+    pub fn close(self: &Arc<Self>, reason: CloseReason, abort: bool) {
         let mut st = self.lock();
         if st.close.is_none() {
             if abort {
@@ -229,19 +259,32 @@ impl ConnWriter {
             }
             st.close = Some(reason);
         }
+        let start = self.claim_drain(&mut st);
         drop(st);
         self.done.cancel();
-        self.notify.notify_one();
+        self.start_drain(start);
     }
 
-    /// The writer task: drains the queue whenever the socket is writable and
-    /// writes the close frame at the end. Returns when the connection is
-    /// finished on the write side.
-    pub async fn run(&self) {
+    /// Waits until the write side has finished: the close frame written
+    /// after every queued frame (or the socket broken), the write half shut.
+    pub async fn finished(&self) {
         loop {
             let notified = self.notify.notified();
+            if self.lock().finished {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The drain task: writes the queue whenever the socket is writable
+    /// until it is empty, and at the end of the connection writes the close
+    /// frame. Returns when the queue is empty (a later send that finds the
+    /// socket full starts a new task) or the write side has finished.
+    pub async fn drain_until_empty(&self) {
+        loop {
             match self.drain() {
-                Drained::Empty => notified.await,
+                Drained::Empty => return,
                 Drained::Due(at) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
@@ -260,9 +303,13 @@ impl ConnWriter {
             }
         }
         self.finish().await;
+        self.lock().finished = true;
+        self.notify.notify_waiters();
     }
 
     /// Writes queued frames until the queue is empty or the socket is full.
+    /// An empty queue with no close to write ends this drain task (under
+    /// the lock, so a sender that queues next starts the next one).
     fn drain(&self) -> Drained {
         let mut st = self.lock();
         loop {
@@ -273,6 +320,7 @@ impl ConnWriter {
                 return if st.close.is_some() {
                     Drained::Finished
                 } else {
+                    st.draining = false;
                     Drained::Empty
                 };
             }
@@ -421,11 +469,9 @@ mod tests {
     async fn a_write_window_sends_the_frames_queued_within_it_together_at_its_end() {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
         let window = Duration::from_millis(150);
-        let writer = Arc::new(ConnWriter::new(Box::new(MemorySocket::new(ours)), 100).with_delay(window));
-        let task = tokio::spawn({
-            let w = writer.clone();
-            async move { w.run().await }
-        });
+        let tasks = TaskTracker::new();
+        let writer =
+            Arc::new(ConnWriter::new(Box::new(MemorySocket::new(ours)), 100, tasks.clone()).with_delay(window));
         let start = Instant::now();
         for n in 0..3 {
             writer.send(frame(n)).unwrap();
@@ -452,7 +498,7 @@ mod tests {
         // A close does not wait for the window: queued frames, then the close.
         writer.send(frame(4)).unwrap();
         writer.close(CloseReason::quiet("server"), false);
-        task.await.unwrap();
+        writer.finished().await;
         let mut rest = Vec::new();
         theirs.read_to_end(&mut rest).await.unwrap();
         assert_eq!(&rest[..frame(4).len()], &frame(4)[..]);
@@ -462,7 +508,8 @@ mod tests {
     #[tokio::test]
     async fn without_a_window_a_frame_is_written_at_once() {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
-        let writer = ConnWriter::new(Box::new(MemorySocket::new(ours)), 100);
+        let tasks = TaskTracker::new();
+        let writer = Arc::new(ConnWriter::new(Box::new(MemorySocket::new(ours)), 100, tasks.clone()));
         writer.send(frame(0)).unwrap();
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_millis(50), theirs.read(&mut buf))
@@ -470,5 +517,47 @@ mod tests {
             .expect("written by send itself, no task needed")
             .unwrap();
         assert_eq!(&buf[..n], &frame(0)[..]);
+        assert_eq!(tasks.len(), 0, "no drain task was started");
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_starts_a_drain_task_that_ends_once_the_queue_is_written() {
+        // A pipe that holds 64 bytes: the first frames fill it, the rest queue.
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let tasks = TaskTracker::new();
+        let writer = Arc::new(ConnWriter::new(Box::new(MemorySocket::new(ours)), 1000, tasks.clone()));
+        let big = |n: u8| frame::encode(frame::Opcode::Text, &[b'a' + n; 30]);
+        for n in 0..10 {
+            writer.send(big(n)).unwrap();
+        }
+        assert_eq!(tasks.len(), 1, "one drain task for the queued frames");
+        let expected: Vec<u8> = (0..10).flat_map(|n| big(n).to_vec()).collect();
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(Duration::from_secs(5), theirs.read_exact(&mut got))
+            .await
+            .expect("the drain task writes the queue as the pipe empties")
+            .unwrap();
+        assert_eq!(got, expected, "every frame, in order");
+        for _ in 0..500 {
+            if tasks.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(tasks.len(), 0, "the drain task ended with the queue empty");
+        // The socket has room again: the next frame is written by send.
+        writer.send(frame(0)).unwrap();
+        assert_eq!(tasks.len(), 0);
+        let mut buf = [0u8; 16];
+        let n = theirs.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &frame(0)[..]);
+        // A close starts a task that writes the close frame and finishes.
+        writer.close(CloseReason::quiet("server"), false);
+        tokio::time::timeout(Duration::from_secs(5), writer.finished())
+            .await
+            .expect("finished after the close");
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest[0], 0x88, "the close frame, then EOF");
     }
 }

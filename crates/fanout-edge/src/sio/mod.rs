@@ -208,7 +208,8 @@ pub(crate) async fn serve_session<R>(
 ) where
     R: AsyncRead + Unpin + Send,
 {
-    let limits = edge.config.limits.clone();
+    // A reference, not a copy: a future keeps its locals for its whole life.
+    let limits = &edge.config.limits;
     let cfg = &edge.config.socketio;
     let mut socket = Socket::open(&edge, read, write, leftover, None, slot);
     let _ = socket.writer.send(packet::text(&packet::open(
