@@ -48,6 +48,15 @@ case $peer in
   *) echo "unknown peer $peer (socketio, uws or nchan)" >&2; exit 64 ;;
 esac
 
+stop() { # pid: stops a server and waits until it is gone
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  while kill -0 "$1" 2>/dev/null; do sleep 0.1; done
+}
+# A failed run must not leave its server holding the port.
+current=
+trap '[ -z "$current" ] || stop "$current"' EXIT
+
 start() { # server tag → the pid to stop, then the pids to measure (comma-separated)
   case $1 in
     nchan)
@@ -82,6 +91,7 @@ run() { # server scenario tag
   local server=$1 scenario=$2 tag=$3 dir="$out/$3" pids pid measured
   pids=$(start "$server" "$tag") # waits until the server is ready
   read -r pid measured <<<"$pids"
+  current=$pid
   # shellcheck disable=SC2046 # the client's arguments are words on purpose
   case $scenario in
     fanout) "$lt" $(client_args "$server") --scenario fanout --users "$subs" --rate "$rate" --channels "$channels" \
@@ -89,8 +99,8 @@ run() { # server scenario tag
     idle)   "$lt" $(client_args "$server") --scenario idle --users "$idle" \
               --duration 10 --server-pid "$measured" --report "$dir" >"$out/$tag.log" 2>&1 ;;
   esac
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  stop "$pid"
+  current=
   sleep 2
   echo "$tag $(python3 loadtest/figure.py "$dir/report.json" server_cpu_us_per_delivery p99 server_rss_per_connection_bytes lost)"
 }
