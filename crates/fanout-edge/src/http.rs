@@ -600,26 +600,45 @@ where
         }
     };
     let edge2 = edge.clone();
+    // This task lives as long as the connection, and a future keeps what it
+    // captured for its whole life: `serve` (which holds the connection's
+    // claims and admission slot until it is called) goes in boxed, and the
+    // upgrade's own state lives in `upgraded_halves`, which is done before
+    // the connection is served.
+    let serve = Box::new(serve);
     edge.tasks.spawn(async move {
-        let upgraded = match upgrade.await {
-            Ok(ws) => ws.into_inner().into_inner(),
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
-                let _ = stream.set_nodelay(true);
-                let (read, write) = stream.into_split();
-                serve(edge2, read, write, parts.read_buf).await;
-            }
-            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        if let Some((read, write, leftover)) = upgraded_halves(upgrade).await {
+            serve(edge2, read, write, leftover).await;
         }
     });
     let (parts, _) = resp.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+/// The TCP halves of an upgraded connection, and the bytes hyper had read
+/// past the handshake.
+async fn upgraded_halves(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+) -> Option<(tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf, Bytes)> {
+    let upgraded = match upgrade.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let stream = parts.io.into_inner();
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            Some((read, write, parts.read_buf))
+        }
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            None
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -366,12 +366,12 @@ impl RoomConn {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
         let idle_timeout = self.edge.config.limits.idle_timeout;
         let shutdown = self.edge.shutdown.clone();
-        let done = self.writer.done().clone();
+        let writer = self.writer.clone();
         loop {
             let expiry = self.token_exp.map(conn::deadline_of);
             tokio::select! {
                 biased;
-                () = done.cancelled() => return conn::closed_by_server(&self.writer),
+                () = writer.done() => return conn::closed_by_server(&self.writer),
                 () = shutdown.cancelled() => return conn::shutting_down(&self.edge).await,
                 () = conn::sleep_until_opt(expiry) => {
                     metrics::counter!("fanout_token_expirations_total").increment(1);

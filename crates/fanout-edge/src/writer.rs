@@ -21,11 +21,11 @@
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, CloseReason};
@@ -109,9 +109,12 @@ pub struct ConnWriter {
     max_queue: usize,
     /// The write window (zero: none).
     delay: std::time::Duration,
-    /// Cancelled when the connection must end (slow consumer, write error,
-    /// close requested); the read side watches it.
-    done: CancellationToken,
+    /// Set when the connection must end (slow consumer, write error, close
+    /// requested); the read side waits for it ([`Self::done`]). A flag and
+    /// a `Notify` in the writer, not a `CancellationToken`: the token is an
+    /// allocation of its own (112 B), on every connection.
+    done: AtomicBool,
+    done_notify: Notify,
 }
 
 impl std::fmt::Debug for ConnWriter {
@@ -139,7 +142,8 @@ impl ConnWriter {
             tasks,
             max_queue: max_queue.max(1),
             delay: std::time::Duration::ZERO,
-            done: CancellationToken::new(),
+            done: AtomicBool::new(false),
+            done_notify: Notify::new(),
         }
     }
 
@@ -152,9 +156,30 @@ impl ConnWriter {
         self
     }
 
-    /// Cancelled once the connection is ending.
-    pub fn done(&self) -> &CancellationToken {
-        &self.done
+    /// Returns once the connection is ending.
+    pub async fn done(&self) {
+        loop {
+            // Created before the check: `notify_waiters` wakes it even if
+            // it has not been polled yet.
+            let notified = self.done_notify.notified();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the connection is ending.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection as ending and wakes whoever waits in
+    /// [`Self::done`].
+    fn set_done(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.done_notify.notify_waiters();
+        }
     }
 
     /// The close reason, once decided.
@@ -208,7 +233,7 @@ impl ConnWriter {
                 Err(_) => {
                     st.broken = true;
                     drop(st);
-                    self.done.cancel();
+                    self.set_done();
                     return Err(SendError::Closed);
                 }
             }
@@ -225,7 +250,7 @@ impl ConnWriter {
             let start = self.claim_drain(&mut st);
             drop(st);
             metrics::counter!("fanout_slow_consumer_disconnects_total").increment(1);
-            self.done.cancel();
+            self.set_done();
             self.start_drain(start);
             return Err(SendError::SlowConsumer);
         }
@@ -261,7 +286,7 @@ impl ConnWriter {
         }
         let start = self.claim_drain(&mut st);
         drop(st);
-        self.done.cancel();
+        self.set_done();
         self.start_drain(start);
     }
 
@@ -289,7 +314,7 @@ impl ConnWriter {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
                         // A close does not wait for the window.
-                        () = self.done.cancelled() => {}
+                        () = self.done() => {}
                     }
                     self.lock().due = None;
                 }
@@ -357,7 +382,7 @@ impl ConnWriter {
     /// Sends the close frame (best effort, bounded in time) and shuts down
     /// the write side.
     async fn finish(&self) {
-        self.done.cancel();
+        self.set_done();
         let (close, broken) = {
             let st = self.lock();
             (st.close.clone(), st.broken)

@@ -260,7 +260,7 @@ impl Session {
 
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> CloseReason {
         let shutdown = self.edge.shutdown.clone();
-        let done = self.writer.done().clone();
+        let writer = self.writer.clone();
         loop {
             let expiry = self
                 .namespaces
@@ -271,7 +271,7 @@ impl Session {
             let ping = self.pong_due.unwrap_or(self.next_ping);
             tokio::select! {
                 biased;
-                () = done.cancelled() => return conn::closed_by_server(&self.writer),
+                () = writer.done() => return conn::closed_by_server(&self.writer),
                 () = shutdown.cancelled() => return conn::shutting_down(&self.edge).await,
                 () = conn::sleep_until_opt(expiry) => {
                     self.expire_tokens();
