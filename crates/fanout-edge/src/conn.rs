@@ -311,7 +311,7 @@ where
 /// place would keep the allocation until `b`'s scope ends: here, the
 /// connection's life).
 #[allow(clippy::boxed_local, reason = "taking the box is the point: it is freed on return")]
-fn unbox<T>(b: Box<T>) -> T {
+pub(crate) fn unbox<T>(b: Box<T>) -> T {
     *b
 }
 

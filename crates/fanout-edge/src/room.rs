@@ -186,16 +186,51 @@ fn error_frame(message: &str) -> Bytes {
 }
 
 /// Serves an upgraded room socket until it closes (see [`Socket::open`]).
-pub(crate) async fn serve<R>(
+/// The arguments travel boxed into the connection's future, as in
+/// `conn::serve`: an async fn would keep them for the connection's life.
+pub(crate) fn serve<R>(
     edge: Arc<Edge>,
     read: R,
     write: Box<dyn SocketWrite>,
     leftover: Bytes,
     client: RoomClient,
     slot: crate::admission::Slot,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     R: AsyncRead + Unpin + Send,
 {
+    serve_boxed(Box::new(RoomArgs {
+        edge,
+        read,
+        write,
+        leftover,
+        client,
+        slot,
+    }))
+}
+
+/// [`serve`]'s arguments.
+struct RoomArgs<R> {
+    edge: Arc<Edge>,
+    read: R,
+    write: Box<dyn SocketWrite>,
+    leftover: Bytes,
+    client: RoomClient,
+    slot: crate::admission::Slot,
+}
+
+async fn serve_boxed<R>(args: Box<RoomArgs<R>>)
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let RoomArgs {
+        edge,
+        read,
+        write,
+        leftover,
+        client,
+        slot,
+    } = crate::conn::unbox(args);
     let mut socket = Socket::open(&edge, read, write, leftover, client.sub.as_deref(), slot);
     let mut conn = RoomConn {
         origin: Origin {

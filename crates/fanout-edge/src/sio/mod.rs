@@ -183,31 +183,70 @@ struct Session {
 
 /// Serves an upgraded Engine.IO WebSocket until it closes (see
 /// [`Socket::open`] for the arguments).
-pub(crate) async fn serve<R>(
+pub(crate) fn serve<R>(
     edge: Arc<Edge>,
     read: R,
     write: Box<dyn SocketWrite>,
     leftover: Bytes,
     slot: crate::admission::Slot,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     R: AsyncRead + Unpin + Send,
 {
-    serve_session(edge, read, write, leftover, slot, random_id(), &[]).await;
+    serve_session(edge, read, write, leftover, slot, random_id(), &[])
 }
 
 /// Serves one Engine.IO session, `sid`, over a socket (a WebSocket, or a
-/// polling session's pipe and sink offering `upgrades`).
-pub(crate) async fn serve_session<R>(
+/// polling session's pipe and sink offering `upgrades`). The arguments
+/// travel boxed into the session's future, as in `conn::serve`: an async
+/// fn would keep them for the session's whole life.
+pub(crate) fn serve_session<R>(
     edge: Arc<Edge>,
     read: R,
     write: Box<dyn SocketWrite>,
     leftover: Bytes,
     slot: crate::admission::Slot,
     sid: String,
-    upgrades: &[&str],
-) where
+    upgrades: &'static [&'static str],
+) -> impl std::future::Future<Output = ()> + Send
+where
     R: AsyncRead + Unpin + Send,
 {
+    serve_session_boxed(Box::new(SessionArgs {
+        edge,
+        read,
+        write,
+        leftover,
+        slot,
+        sid,
+        upgrades,
+    }))
+}
+
+/// [`serve_session`]'s arguments.
+struct SessionArgs<R> {
+    edge: Arc<Edge>,
+    read: R,
+    write: Box<dyn SocketWrite>,
+    leftover: Bytes,
+    slot: crate::admission::Slot,
+    sid: String,
+    upgrades: &'static [&'static str],
+}
+
+async fn serve_session_boxed<R>(args: Box<SessionArgs<R>>)
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let SessionArgs {
+        edge,
+        read,
+        write,
+        leftover,
+        slot,
+        sid,
+        upgrades,
+    } = crate::conn::unbox(args);
     // A reference, not a copy: a future keeps its locals for its whole life.
     let limits = &edge.config.limits;
     let cfg = &edge.config.socketio;
