@@ -173,8 +173,8 @@ struct Conn {
 }
 
 /// A client socket's two paths, opened for a connection task of any
-/// protocol front: the reader, the writer with its drain task, the
-/// connection's id and its control mailbox, and its admission slot.
+/// protocol front: the reader, the writer, the connection's id and its
+/// control mailbox, and its admission slot.
 pub(crate) struct Socket<R> {
     pub(crate) reader: FrameReader<R>,
     pub(crate) writer: Arc<ConnWriter>,
@@ -183,19 +183,27 @@ pub(crate) struct Socket<R> {
     slot: crate::admission::Slot,
 }
 
+/// An upgraded socket as a protocol front receives it, before
+/// [`Socket::open`]: `read` and `write` are its halves, `leftover` the
+/// bytes read past the HTTP upgrade, `slot` the reservation from
+/// [`Edge::admit`], released by [`Socket::close`].
+pub(crate) struct SocketParts<R> {
+    pub(crate) read: R,
+    pub(crate) write: Box<dyn SocketWrite>,
+    pub(crate) leftover: Bytes,
+    pub(crate) slot: crate::admission::Slot,
+}
+
 impl<R: AsyncRead + Unpin + Send> Socket<R> {
-    /// Opens an upgraded socket: `read` and `write` are its halves,
-    /// `leftover` the bytes read past the HTTP upgrade, `sub` the user it
-    /// acts for (if known yet), `slot` the reservation from
-    /// [`Edge::admit`], released by [`Self::close`].
-    pub(crate) fn open(
-        edge: &Arc<Edge>,
-        read: R,
-        write: Box<dyn SocketWrite>,
-        leftover: Bytes,
-        sub: Option<&str>,
-        slot: crate::admission::Slot,
-    ) -> Self {
+    /// Opens an upgraded socket; `sub` is the user it acts for (if known
+    /// yet).
+    pub(crate) fn open(edge: &Arc<Edge>, parts: SocketParts<R>, sub: Option<&str>) -> Self {
+        let SocketParts {
+            read,
+            write,
+            leftover,
+            slot,
+        } = parts;
         let limits = &edge.config.limits;
         let writer = Arc::new(
             ConnWriter::new(write, limits.outbound_queue_frames, edge.tasks.clone()).with_delay(limits.write_delay),
@@ -277,34 +285,23 @@ pub(crate) async fn read_message<R: AsyncRead + Unpin>(
     }
 }
 
-/// Serves an upgraded Supabase Realtime socket until it closes (see
-/// [`Socket::open`] for the arguments).
+/// Serves an upgraded Supabase Realtime socket until it closes.
 ///
-/// The arguments travel boxed into the future: an async fn keeps its
-/// arguments in its future for its whole life, beside the locals they were
-/// moved into (rust-lang/rust#62958), and this future lives as long as the
-/// connection. Boxed, they cost 8 bytes there instead of about 210.
+/// The arguments travel boxed into the future (so do the other fronts'):
+/// an async fn keeps its arguments in its future for its whole life,
+/// beside the locals they were moved into (rust-lang/rust#62958), and this
+/// future lives as long as the connection. Boxed, they cost 8 bytes there
+/// instead of about 210.
 pub(crate) fn serve<R>(
     edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
+    parts: SocketParts<R>,
     vsn: Vsn,
     claims: Option<Claims>,
-    slot: crate::admission::Slot,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
 {
-    serve_boxed(Box::new(ServeArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        vsn,
-        claims,
-        slot,
-    }))
+    serve_boxed(Box::new((edge, parts, vsn, claims)))
 }
 
 /// The value out of a box, and the box freed now (moving out of `*b` in
@@ -316,41 +313,18 @@ pub(crate) fn unbox<T>(b: Box<T>) -> T {
 }
 
 /// [`serve`]'s arguments.
-struct ServeArgs<R> {
-    edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
-    vsn: Vsn,
-    claims: Option<Claims>,
-    slot: crate::admission::Slot,
-}
+type ServeArgs<R> = (Arc<Edge>, SocketParts<R>, Vsn, Option<Claims>);
 
 async fn serve_boxed<R>(args: Box<ServeArgs<R>>)
 where
     R: AsyncRead + Unpin + Send,
 {
-    let ServeArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        vsn,
-        claims,
-        slot,
-    } = unbox(args);
+    let (edge, parts, vsn, claims) = unbox(args);
     // No local copy of the limits: a future keeps its locals for its whole
     // life.
     let limits = &edge.config.limits;
     let (messages_per_second, joins_per_second) = (limits.messages_per_second, limits.joins_per_second);
-    let mut socket = Socket::open(
-        &edge,
-        read,
-        write,
-        leftover,
-        claims.as_ref().and_then(|c| c.sub.as_deref()),
-        slot,
-    );
+    let mut socket = Socket::open(&edge, parts, claims.as_ref().and_then(|c| c.sub.as_deref()));
     let mut conn = Conn {
         origin: Origin {
             node: edge.node,
@@ -1345,15 +1319,13 @@ mod tests {
         let slot = edge.admit(None, None).expect("a connection slot");
         let (client, server) = tokio::io::duplex(capacity);
         let (read, write) = tokio::io::split(server);
-        tokio::spawn(serve(
-            edge.clone(),
+        let parts = SocketParts {
             read,
-            Box::new(MemorySocket::new(write)),
-            Bytes::new(),
-            vsn,
-            claims,
+            write: Box::new(MemorySocket::new(write)),
+            leftover: Bytes::new(),
             slot,
-        ));
+        };
+        tokio::spawn(serve(edge.clone(), parts, vsn, claims));
         let (rx, tx) = tokio::io::split(client);
         Client { rx, tx, next_ref: 1 }
     }
@@ -1903,13 +1875,13 @@ mod tests {
     /// connection; the bounds keep them from growing unnoticed.
     #[test]
     fn an_idle_connections_tasks_stay_small() {
-        fn output_size<A, B, C, D, E, F, G, Fut>(_: fn(A, B, C, D, E, F, G) -> Fut) -> usize {
+        fn output_size<A, B, C, D, Fut>(_: fn(A, B, C, D) -> Fut) -> usize {
             std::mem::size_of::<Fut>()
         }
         fn output_size1<A, Fut>(_: fn(A) -> Fut) -> usize {
             std::mem::size_of::<Fut>()
         }
-        let serve = output_size(serve::<tokio::net::tcp::OwnedReadHalf> as fn(_, _, _, _, _, _, _) -> _);
+        let serve = output_size(serve::<tokio::net::tcp::OwnedReadHalf> as fn(_, _, _, _) -> _);
         let writer = output_size1(crate::writer::drain_task as fn(_) -> _);
         let conn = std::mem::size_of::<Conn>();
         let socket = std::mem::size_of::<Socket<tokio::net::tcp::OwnedReadHalf>>();

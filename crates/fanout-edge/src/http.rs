@@ -377,13 +377,9 @@ fn websocket(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Respo
         Err(e) => return unauthorized(e),
     };
     let sub = claims.as_ref().and_then(|c| c.sub.clone());
-    upgrade(
-        edge,
-        req,
-        peer,
-        sub.as_deref(),
-        move |edge, read, write, leftover, slot| crate::conn::serve(edge, read, write, leftover, vsn, claims, slot),
-    )
+    upgrade(edge, req, peer, sub.as_deref(), move |edge, parts| {
+        crate::conn::serve(edge, parts, vsn, claims)
+    })
 }
 
 /// `/socket.io/?EIO=4&transport=…`: an Engine.IO v4 session over
@@ -515,13 +511,9 @@ fn room(edge: Arc<Edge>, req: Request<Incoming>, peer: SocketAddr) -> Response<B
         await_auth,
     };
     let sub = client.sub.clone();
-    upgrade(
-        edge,
-        req,
-        peer,
-        sub.as_deref(),
-        move |edge, read, write, leftover, slot| crate::room::serve(edge, read, write, leftover, client, slot),
-    )
+    upgrade(edge, req, peer, sub.as_deref(), move |edge, parts| {
+        crate::room::serve(edge, parts, client)
+    })
 }
 
 /// What every WebSocket front checks before it upgrades: an upgrade
@@ -562,15 +554,7 @@ fn upgrade<F, Fut>(
     serve: F,
 ) -> Response<Body>
 where
-    F: FnOnce(
-            Arc<Edge>,
-            tokio::net::tcp::OwnedReadHalf,
-            Box<dyn crate::writer::SocketWrite>,
-            Bytes,
-            crate::admission::Slot,
-        ) -> Fut
-        + Send
-        + 'static,
+    F: FnOnce(Arc<Edge>, crate::conn::SocketParts<tokio::net::tcp::OwnedReadHalf>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let ip = client_ip(&edge, &req, peer);
@@ -580,7 +564,13 @@ where
     };
     // Dropping the slot (a failed upgrade) gives it back.
     spawn_upgraded(edge, req, move |edge, read, write, leftover| {
-        serve(edge, read, Box::new(write), leftover, slot)
+        let parts = crate::conn::SocketParts {
+            read,
+            write: Box::new(write),
+            leftover,
+            slot,
+        };
+        serve(edge, parts)
     })
 }
 

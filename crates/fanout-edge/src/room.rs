@@ -34,14 +34,14 @@ use serde_json::{Map, Value};
 use tokio::io::AsyncRead;
 
 use crate::Edge;
-use crate::conn::{self, Socket};
+use crate::conn::{self, Socket, SocketParts};
 use crate::control::Kick;
 use crate::frame::{self, CloseReason, Opcode, close_code};
 use crate::hub::{JoinRequest, Member};
 use crate::ratelimit::TokenBucket;
 use crate::reader::{FrameReader, Incoming};
 use crate::wire::Wire;
-use crate::writer::{ConnWriter, SocketWrite};
+use crate::writer::ConnWriter;
 
 fn text_frame(v: &Value) -> Bytes {
     frame::encode(Opcode::Text, v.to_string().as_bytes())
@@ -190,48 +190,21 @@ fn error_frame(message: &str) -> Bytes {
 /// `conn::serve`: an async fn would keep them for the connection's life.
 pub(crate) fn serve<R>(
     edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
+    parts: SocketParts<R>,
     client: RoomClient,
-    slot: crate::admission::Slot,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
 {
-    serve_boxed(Box::new(RoomArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        client,
-        slot,
-    }))
+    serve_boxed(Box::new((edge, parts, client)))
 }
 
-/// [`serve`]'s arguments.
-struct RoomArgs<R> {
-    edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
-    client: RoomClient,
-    slot: crate::admission::Slot,
-}
-
-async fn serve_boxed<R>(args: Box<RoomArgs<R>>)
+async fn serve_boxed<R>(args: Box<(Arc<Edge>, SocketParts<R>, RoomClient)>)
 where
     R: AsyncRead + Unpin + Send,
 {
-    let RoomArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        client,
-        slot,
-    } = crate::conn::unbox(args);
-    let mut socket = Socket::open(&edge, read, write, leftover, client.sub.as_deref(), slot);
+    let (edge, parts, client) = crate::conn::unbox(args);
+    let mut socket = Socket::open(&edge, parts, client.sub.as_deref());
     let mut conn = RoomConn {
         origin: Origin {
             node: edge.node,

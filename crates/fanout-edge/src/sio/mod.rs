@@ -44,14 +44,14 @@ use tokio::io::AsyncRead;
 use tokio::time::Instant;
 
 use crate::Edge;
-use crate::conn::{self, Socket};
+use crate::conn::{self, Socket, SocketParts};
 use crate::control::Kick;
 use crate::frame::{CloseReason, close_code};
 use crate::hub::{JoinRequest, Member};
 use crate::ratelimit::TokenBucket;
 use crate::reader::{FrameReader, Incoming};
 use crate::wire::Wire;
-use crate::writer::{ConnWriter, SocketWrite};
+use crate::writer::ConnWriter;
 use packet::{EnginePacket, Packet, PacketType};
 
 /// Socket.IO settings.
@@ -183,17 +183,11 @@ struct Session {
 
 /// Serves an upgraded Engine.IO WebSocket until it closes (see
 /// [`Socket::open`] for the arguments).
-pub(crate) fn serve<R>(
-    edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
-    slot: crate::admission::Slot,
-) -> impl std::future::Future<Output = ()> + Send
+pub(crate) fn serve<R>(edge: Arc<Edge>, parts: SocketParts<R>) -> impl std::future::Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
 {
-    serve_session(edge, read, write, leftover, slot, random_id(), &[])
+    serve_session(edge, parts, random_id(), &[])
 }
 
 /// Serves one Engine.IO session, `sid`, over a socket (a WebSocket, or a
@@ -202,55 +196,28 @@ where
 /// fn would keep them for the session's whole life.
 pub(crate) fn serve_session<R>(
     edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
-    slot: crate::admission::Slot,
+    parts: SocketParts<R>,
     sid: String,
     upgrades: &'static [&'static str],
 ) -> impl std::future::Future<Output = ()> + Send
 where
     R: AsyncRead + Unpin + Send,
 {
-    serve_session_boxed(Box::new(SessionArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        slot,
-        sid,
-        upgrades,
-    }))
+    serve_session_boxed(Box::new((edge, parts, sid, upgrades)))
 }
 
 /// [`serve_session`]'s arguments.
-struct SessionArgs<R> {
-    edge: Arc<Edge>,
-    read: R,
-    write: Box<dyn SocketWrite>,
-    leftover: Bytes,
-    slot: crate::admission::Slot,
-    sid: String,
-    upgrades: &'static [&'static str],
-}
+type SessionArgs<R> = (Arc<Edge>, SocketParts<R>, String, &'static [&'static str]);
 
 async fn serve_session_boxed<R>(args: Box<SessionArgs<R>>)
 where
     R: AsyncRead + Unpin + Send,
 {
-    let SessionArgs {
-        edge,
-        read,
-        write,
-        leftover,
-        slot,
-        sid,
-        upgrades,
-    } = crate::conn::unbox(args);
+    let (edge, parts, sid, upgrades) = crate::conn::unbox(args);
     // A reference, not a copy: a future keeps its locals for its whole life.
     let limits = &edge.config.limits;
     let cfg = &edge.config.socketio;
-    let mut socket = Socket::open(&edge, read, write, leftover, None, slot);
+    let mut socket = Socket::open(&edge, parts, None);
     let _ = socket.writer.send(packet::text(&packet::open(
         &sid,
         upgrades,

@@ -308,16 +308,13 @@ pub(crate) async fn open(edge: Arc<Edge>, slot: crate::admission::Slot) -> Strin
     let task_edge = edge.clone();
     edge.tasks.spawn(async move {
         let edge = task_edge;
-        super::serve_session(
-            edge.clone(),
+        let parts = crate::conn::SocketParts {
             read,
-            sink,
-            Bytes::new(),
+            write: sink,
+            leftover: Bytes::new(),
             slot,
-            sid.clone(),
-            &["websocket"],
-        )
-        .await;
+        };
+        super::serve_session(edge.clone(), parts, sid.clone(), &["websocket"]).await;
         // Keep the ended session a moment, so a GET already on its way gets
         // the close packet rather than "unknown session".
         tokio::select! {
