@@ -3,7 +3,8 @@
 // the way the event-signup app's server is: sockets join a channel's room
 // with the `join` event (acked), and the backend's POST /api/v1/publish
 // ({channel, event, payload}, the same body as fanout's server API) emits
-// to the room.
+// to the room; or a socket connects a room's own namespace and its emits
+// reach the room's others.
 //
 //   node loadtest/socketio/server.mjs <port>
 import { createServer } from 'node:http';
@@ -42,6 +43,13 @@ io.on('connection', (socket) => {
     socket.leave(channel);
     if (typeof ack === 'function') ack({ ok: true });
   });
+});
+
+// A namespace per room, as a Socket.IO room app has it: a socket that
+// connects `/workshop:3` is in that workshop, and each of its emits reaches
+// the namespace's other sockets (what the workshop scenario drives).
+io.of(/^\/.+$/).on('connection', (socket) => {
+  socket.onAny((event, payload) => socket.broadcast.emit(event, payload));
 });
 
 http.listen(port, '127.0.0.1', () => console.error(`socket.io ${port} ready`));

@@ -76,7 +76,8 @@ enum ServerKind {
     /// scheme works the same (loadtest/uws: uWebSockets.js).
     Nchan,
     /// Socket.IO 4 (fanout's `/socket.io/` or the Socket.IO server in
-    /// loadtest/socketio), fanout and idle scenarios: --url is the server's
+    /// loadtest/socketio), fanout, idle and workshop scenarios (a workshop is
+    /// a namespace, `/workshop:<n>`): --url is the server's
     /// address (ws://host:port); subscribers open `/socket.io/?EIO=4&
     /// transport=websocket`, CONNECT the main namespace (with --apikey as
     /// `auth.token`) and join the channel with the `join` event; the
@@ -115,6 +116,10 @@ struct Args {
     /// Typing notifications per user per minute (workshop, soak).
     #[arg(long, default_value_t = 6.0)]
     typing_rate: f64,
+    /// Cursor moves per user per second (workshop, soak): each goes to the
+    /// user's whole workshop, as a shared whiteboard's pointers do.
+    #[arg(long, default_value_t = 0.0)]
+    cursor_rate: f64,
     /// Workshop, soak: PostgreSQL URL (schema deploy/sql/workshop.sql). Each
     /// workshop's facilitator then writes activity rows that every member
     /// receives back as postgres_changes through fanout's change stream.
@@ -277,8 +282,11 @@ async fn scenario(args: Arc<Args>, ctx: Arc<Ctx>) -> Result<Partial> {
     if conn.nchan && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle) {
         anyhow::bail!("--target nchan supports the fanout and idle scenarios");
     }
-    if conn.socketio && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle) {
-        anyhow::bail!("--target socketio supports the fanout and idle scenarios");
+    if conn.socketio && !matches!(args.scenario, Scenario::Fanout | Scenario::Idle | Scenario::Workshop) {
+        anyhow::bail!("--target socketio supports the fanout, idle and workshop scenarios");
+    }
+    if conn.socketio && args.database_url.is_some() {
+        anyhow::bail!("--database-url needs --target fanout (postgres_changes)");
     }
     if conn.socketio && args.scenario == Scenario::Fanout && args.api_url.is_none() {
         anyhow::bail!("--target socketio publishes through --api-url (POST /api/v1/publish)");

@@ -48,6 +48,7 @@ pub struct WorkshopInfo {
     pub largest: u64,
     pub chat_per_user_per_min: f64,
     pub typing_per_user_per_min: f64,
+    pub cursor_per_user_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +177,7 @@ impl Report {
             largest: p.workshop_max,
             chat_per_user_per_min: args.chat_rate,
             typing_per_user_per_min: args.typing_rate,
+            cursor_per_user_per_s: args.cursor_rate,
         });
         let connect_storm = (args.scenario == Scenario::ConnectStorm).then(|| ConnectStorm {
             connections_per_second: p.connected as f64 / p.connect_seconds.max(1e-6),
@@ -279,8 +281,11 @@ impl Report {
                 format!("{} ({}..{} users)", w.workshops, w.smallest, w.largest),
             );
             row(
-                "chat / typing per user",
-                format!("{} / {} per min", w.chat_per_user_per_min, w.typing_per_user_per_min),
+                "chat / typing / cursor per user",
+                format!(
+                    "{} / {} per min / {} per s",
+                    w.chat_per_user_per_min, w.typing_per_user_per_min, w.cursor_per_user_per_s
+                ),
             );
         }
         if let Some(c) = &self.connect_storm {

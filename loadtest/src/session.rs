@@ -23,6 +23,10 @@ pub struct JoinOpts {
     /// More `config` members, e.g. `"postgres_changes":[…]` (a JSON fragment
     /// without the surrounding braces).
     pub extra_config: Option<String>,
+    /// Socket.IO: the topic is a namespace (`/workshop:3`) to CONNECT, whose
+    /// emits reach its other sockets, instead of a channel to `join` on the
+    /// main namespace.
+    pub socketio_namespace: bool,
 }
 
 /// Joins `topic` and waits for the ok reply (skipping anything before it).
@@ -152,7 +156,11 @@ where
                 client::connect_path(&target, &nchan_path("sub", &plan.topic), src).await?
             } else if socketio {
                 let (mut r, mut w) = client::connect_path(&target, SOCKETIO_PATH, src).await?;
-                socketio_join(&mut r, &mut w, &plan.topic, apikey.as_deref()).await?;
+                if plan.join.socketio_namespace {
+                    socketio_connect(&mut r, &mut w, Some(&plan.topic), apikey.as_deref()).await?;
+                } else {
+                    socketio_join(&mut r, &mut w, &plan.topic, apikey.as_deref()).await?;
+                }
                 (r, w)
             } else {
                 let (mut r, mut w) = client::connect(&target, &vsn, apikey.as_deref(), src).await?;
@@ -205,13 +213,12 @@ async fn next_text(r: &mut client::Reader) -> Result<String> {
     }
 }
 
-/// After the Engine.IO open packet: CONNECT the main namespace (with
-/// `token` as `auth.token`), then join `topic`'s channel with the `join`
-/// event and wait for its ack.
-pub async fn socketio_join(
+/// After the Engine.IO open packet: CONNECTs namespace `nsp` (the main
+/// one when `None`) with `token` as `auth.token`, and waits for the answer.
+pub async fn socketio_connect(
     r: &mut client::Reader,
     w: &mut client::Writer,
-    topic: &str,
+    nsp: Option<&str>,
     token: Option<&str>,
 ) -> Result<()> {
     let open = next_text(r).await?;
@@ -219,18 +226,27 @@ pub async fn socketio_join(
         open.starts_with("0{"),
         "expected the Engine.IO open packet, got {open:?}"
     );
-    let connect = token.map_or_else(
-        || "40".to_owned(),
-        |t| format!(r#"40{{"token":{}}}"#, serde_json::json!(t)),
-    );
-    client::send_text(w, &connect).await?;
+    let prefix = nsp.map_or_else(|| "40".to_owned(), |n| format!("40{n},"));
+    let auth = token.map_or_else(String::new, |t| format!(r#"{{"token":{}}}"#, serde_json::json!(t)));
+    client::send_text(w, &format!("{prefix}{auth}")).await?;
     loop {
         let p = next_text(r).await?;
-        if p.starts_with("40") {
-            break;
+        if p.starts_with(&prefix) {
+            return Ok(());
         }
         anyhow::ensure!(!p.starts_with("44"), "CONNECT refused: {p}");
     }
+}
+
+/// CONNECTs the main namespace, then joins `topic`'s channel with the
+/// `join` event and waits for its ack.
+pub async fn socketio_join(
+    r: &mut client::Reader,
+    w: &mut client::Writer,
+    topic: &str,
+    token: Option<&str>,
+) -> Result<()> {
+    socketio_connect(r, w, None, token).await?;
     let channel = topic.strip_prefix("realtime:").unwrap_or(topic);
     client::send_text(w, &format!(r#"421["join",{}]"#, serde_json::json!(channel))).await?;
     loop {

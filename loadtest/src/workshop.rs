@@ -1,7 +1,10 @@
 //! The `workshop` scenario (and `soak`, which is the same load held longer):
 //! users spread over workshops of realistic, varied sizes; each user joins
-//! `workshop:<n>` with presence (`{user, name, role}`), then sends chat and
-//! typing broadcasts at set rates. Every message carries its publisher, a
+//! `workshop:<n>` with presence (`{user, name, role}`), then sends chat,
+//! typing and (with `--cursor-rate`) cursor broadcasts at set rates.
+//! Against Socket.IO (`--target socketio`) each workshop is a namespace,
+//! `/workshop:<n>`, whose emits reach its other sockets (the room idiom of
+//! a Socket.IO app); Socket.IO has no presence, so nothing is tracked. Every message carries its publisher, a
 //! per-publisher sequence and its origin time; every receiver checks each
 //! publisher's sequence for gaps, repeats and reordering and records
 //! publish-to-receive latency. Broadcasts are joined with `self: false`, so
@@ -100,6 +103,18 @@ pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn Wo
     for room in &rooms {
         for u in room.users.clone() {
             room_of.insert(u, room.clone());
+            if conn.socketio {
+                plans.push(Plan {
+                    user: u,
+                    topic: format!("/workshop:{}", room.number),
+                    join: JoinOpts {
+                        socketio_namespace: true,
+                        ..JoinOpts::default()
+                    },
+                    track: None,
+                });
+                continue;
+            }
             let role = if u == room.users.start {
                 "facilitator"
             } else {
@@ -112,6 +127,7 @@ pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn Wo
                     presence_key: Some(format!("user-{u}")),
                     resume: None,
                     extra_config: db.join_config(room.number),
+                    socketio_namespace: false,
                 },
                 track: Some(format!(
                     r#"{{"user":"user-{u}","name":"Participant {u}","role":"{role}"}}"#
@@ -161,6 +177,7 @@ pub async fn run_with(args: &Args, conn: &ConnectOpts, ctx: &Ctx, db: Arc<dyn Wo
     let rates = Rates {
         chat_per_min: args.chat_rate,
         typing_per_min: args.typing_rate,
+        cursor_per_min: args.cursor_rate * 60.0,
     };
     let mut publishers = Vec::with_capacity(writers.len());
     for (u, w) in writers {
@@ -206,10 +223,15 @@ pub async fn drain(stats: &Stats, limit: Duration) {
 struct Rates {
     chat_per_min: f64,
     typing_per_min: f64,
+    cursor_per_min: f64,
 }
 
-/// One user's chat and typing broadcasts from `go` until `until`, each at
-/// its rate with ±50 % jitter and a random phase.
+/// The events a user sends, and their payloads after the stamp.
+const EVENTS: [&str; 3] = ["chat", "typing", "cursor"];
+
+/// One user's chat, typing and cursor broadcasts from `go` until `until`,
+/// each at its rate with ±50 % jitter and a random phase, under one
+/// sequence.
 #[allow(clippy::too_many_arguments)]
 async fn publish(
     user: usize,
@@ -222,44 +244,51 @@ async fn publish(
     stats: Arc<Stats>,
 ) {
     let mut rng = Rng::new(user as u64 ^ 0xC0FFEE);
-    let interval = |per_min: f64| (per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / per_min));
-    let (chat_iv, typing_iv) = (interval(rates.chat_per_min), interval(rates.typing_per_min));
-    let mut next_chat = chat_iv.map(|iv| go + iv.mul_f64(rng.unit()));
-    let mut next_typing = typing_iv.map(|iv| go + iv.mul_f64(rng.unit()));
+    let intervals = [rates.chat_per_min, rates.typing_per_min, rates.cursor_per_min]
+        .map(|per_min| (per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / per_min)));
+    let mut next = intervals.map(|iv| iv.map(|iv| go + iv.mul_f64(rng.unit())));
     let topic = format!("realtime:workshop:{}", room.number);
+    let namespace = format!("/workshop:{}", room.number);
     let mut seq = 0u64;
     loop {
-        let (at, chat) = match (next_chat, next_typing) {
-            (Some(c), Some(t)) if c <= t => (c, true),
-            (Some(_), Some(t)) => (t, false),
-            (Some(c), None) => (c, true),
-            (None, Some(t)) => (t, false),
-            (None, None) => return,
+        let Some((kind, at)) = next
+            .iter()
+            .enumerate()
+            .filter_map(|(k, at)| at.map(|at| (k, at)))
+            .min_by_key(|&(_, at)| at)
+        else {
+            return;
         };
         if at >= until {
             return;
         }
         tokio::time::sleep_until(at.into()).await;
         let ts = now_micros();
-        let (event, payload) = if chat {
-            (
-                "chat",
-                format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"text":"message {seq} from Participant {user}"}}"#),
-            )
-        } else {
-            ("typing", format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"typing":true}}"#))
+        let event = EVENTS[kind];
+        let payload = match kind {
+            0 => format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"text":"message {seq} from Participant {user}"}}"#),
+            1 => format!(r#"{{"u":{user},"s":{seq},"ts":{ts},"typing":true}}"#),
+            _ => format!(
+                r#"{{"u":{user},"s":{seq},"ts":{ts},"x":{},"y":{}}}"#,
+                rng.next_u64() % 1920,
+                rng.next_u64() % 1080
+            ),
         };
         let owed = room.joined.load(Ordering::Relaxed).saturating_sub(1);
         let sent = {
             let mut w = writer.lock().await;
-            if vsn == "1.0.0" {
-                let msg = format!(
-                    r#"{{"topic":"{topic}","event":"broadcast","payload":{{"type":"broadcast","event":"{event}","payload":{payload}}},"ref":null,"join_ref":"1"}}"#
-                );
-                client::send_text(&mut w, &msg).await
-            } else {
-                let frame = client::broadcast_push("1", "", &topic, event, payload.as_bytes());
-                client::send_binary(&mut w, &frame).await
+            match vsn.as_str() {
+                "socketio" => client::send_text(&mut w, &format!(r#"42{namespace},["{event}",{payload}]"#)).await,
+                "1.0.0" => {
+                    let msg = format!(
+                        r#"{{"topic":"{topic}","event":"broadcast","payload":{{"type":"broadcast","event":"{event}","payload":{payload}}},"ref":null,"join_ref":"1"}}"#
+                    );
+                    client::send_text(&mut w, &msg).await
+                }
+                _ => {
+                    let frame = client::broadcast_push("1", "", &topic, event, payload.as_bytes());
+                    client::send_binary(&mut w, &frame).await
+                }
             }
         };
         if sent.is_err() {
@@ -268,12 +297,7 @@ async fn publish(
         stats.sent.fetch_add(1, Ordering::Relaxed);
         stats.expected.fetch_add(owed, Ordering::Relaxed);
         seq += 1;
-        let jitter = 0.5 + rng.unit();
-        if chat {
-            next_chat = chat_iv.map(|iv| at + iv.mul_f64(jitter));
-        } else {
-            next_typing = typing_iv.map(|iv| at + iv.mul_f64(jitter));
-        }
+        next[kind] = intervals[kind].map(|iv| at + iv.mul_f64(0.5 + rng.unit()));
     }
 }
 
@@ -301,16 +325,18 @@ async fn receive(
                 return;
             }
             Incoming::Binary(b) => match client::parse_broadcast(b) {
-                Some((b"chat" | b"typing", _, payload)) => match serde_json::from_slice::<Stamp>(payload) {
-                    Ok(s) => (s, 0),
-                    Err(_) => continue,
-                },
+                Some((event, _, payload)) if EVENTS.iter().any(|e| e.as_bytes() == event) => {
+                    match serde_json::from_slice::<Stamp>(payload) {
+                        Ok(s) => (s, 0),
+                        Err(_) => continue,
+                    }
+                }
                 _ => continue,
             },
             Incoming::Text(t) => {
                 if let Some(s) = db.stamp_of(&frame) {
                     (s, 1)
-                } else if let Some(s) = text_broadcast_stamp(t) {
+                } else if let Some(s) = text_broadcast_stamp(t).or_else(|| socketio_event_stamp(t)) {
                     (s, 0)
                 } else {
                     continue;
@@ -345,12 +371,37 @@ fn text_broadcast_stamp(t: &[u8]) -> Option<Stamp> {
         payload: Inner,
     }
     let v: Outer = serde_json::from_slice(t).ok()?;
-    (v.event == "broadcast" && (v.payload.event == "chat" || v.payload.event == "typing")).then_some(v.payload.payload)
+    (v.event == "broadcast" && EVENTS.contains(&v.payload.event.as_str())).then_some(v.payload.payload)
+}
+
+/// The stamp of a Socket.IO event packet on a namespace,
+/// `42/workshop:3,["cursor",{…}]` (fanout's endpoint adds the event's
+/// position as a last argument).
+fn socketio_event_stamp(t: &[u8]) -> Option<Stamp> {
+    let rest = t.strip_prefix(b"42/")?;
+    let args = &rest[rest.iter().position(|&b| b == b',')? + 1..];
+    let args: Vec<&serde_json::value::RawValue> = serde_json::from_slice(args).ok()?;
+    let event: &str = serde_json::from_str(args.first()?.get()).ok()?;
+    if !EVENTS.contains(&event) {
+        return None;
+    }
+    serde_json::from_str(args.get(1)?.get()).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socketio_events_are_read_with_or_without_a_position() {
+        let s = socketio_event_stamp(br#"42/workshop:3,["cursor",{"u":7,"s":2,"ts":99,"x":1,"y":2}]"#).unwrap();
+        assert_eq!((s.u, s.s, s.ts), (7, 2, 99));
+        let s = socketio_event_stamp(br#"42/workshop:3,["chat",{"u":1,"s":0,"ts":5,"text":"hi"},"41"]"#).unwrap();
+        assert_eq!((s.u, s.s, s.ts), (1, 0, 5));
+        assert!(socketio_event_stamp(br#"42/workshop:3,["other",{"u":1,"s":0,"ts":5}]"#).is_none());
+        assert!(socketio_event_stamp(br#"42["chat",{"u":1,"s":0,"ts":5}]"#).is_none());
+        assert!(socketio_event_stamp(b"2").is_none());
+    }
 
     #[test]
     fn layout_covers_every_user_once_with_varied_sizes() {
