@@ -17,6 +17,7 @@
 # Needs target/release/{fanout,fanout-loadtest} and nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 rounds=${1:-3} subs=${2:-10000} rate=${3:-5}
 fanout=target/release/fanout lt=target/release/fanout-loadtest
 out=$(mktemp -d /tmp/fanout-cross-edge.XXXXXX)
@@ -26,10 +27,6 @@ nats=$!
 pids=()
 trap 'kill $nats "${pids[@]}" 2>/dev/null || true' EXIT
 sleep 1
-
-cpu() { # pid → CPU seconds so far (utime + stime)
-  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
-}
 
 start() { # role index tag
   local bus=()

@@ -12,6 +12,7 @@
 # Needs target/release/{fanout,fanout-loadtest} and nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 rounds=${1:-3} subs=${2:-100} rate=${3:-1000}
 fanout=target/release/fanout lt=target/release/fanout-loadtest
 out=$(mktemp -d /tmp/fanout-ephemeral.XXXXXX)
@@ -20,10 +21,6 @@ nats-server -js -a 127.0.0.1 -p $nats_port -sd "$out/js" >"$out/nats.log" 2>&1 &
 nats=$!
 trap 'kill $nats 2>/dev/null || true' EXIT
 sleep 1
-
-cpu() { # pid → CPU seconds so far (utime + stime)
-  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
-}
 
 run() { # kind tag
   local kind=$1 tag=$2 dir="$out/$2" extra=() pid n0 n1

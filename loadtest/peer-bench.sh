@@ -32,6 +32,7 @@
 # fanout / peer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 peer=${1:?usage: peer-bench.sh socketio|uws [rounds] [subs] [rate] [idle]}
 rounds=${2:-3} subs=${3:-5000} rate=${4:-10} idle=${5:-10000} channels=${CHANNELS:-1}
 fanout=target/release/fanout lt=target/release/fanout-loadtest
@@ -48,11 +49,6 @@ case $peer in
   *) echo "unknown peer $peer (socketio, uws or nchan)" >&2; exit 64 ;;
 esac
 
-stop() { # pid: stops a server and waits until it is gone
-  kill "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-  while kill -0 "$1" 2>/dev/null; do sleep 0.1; done
-}
 # A failed run must not leave its server holding the port.
 current=
 trap '[ -z "$current" ] || stop "$current"' EXIT
