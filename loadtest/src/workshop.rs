@@ -4,10 +4,10 @@
 //! typing and (with `--cursor-rate`) cursor broadcasts at set rates.
 //! Against Socket.IO (`--target socketio`) each workshop is a namespace,
 //! `/workshop:<n>`, whose emits reach its other sockets (the room idiom of
-//! a Socket.IO app); Socket.IO has no presence, so nothing is tracked. Every message carries its publisher, a
-//! per-publisher sequence and its origin time; every receiver checks each
-//! publisher's sequence for gaps, repeats and reordering and records
-//! publish-to-receive latency. Broadcasts are joined with `self: false`, so
+//! a Socket.IO app); Socket.IO has no presence, so nothing is tracked.
+//! Every message carries its publisher, a per-publisher sequence and its
+//! origin time; every receiver checks each publisher's sequence for gaps,
+//! repeats and reordering and records publish-to-receive latency. Broadcasts are joined with `self: false`, so
 //! a message is owed to the other members joined when it was sent.
 //!
 //! Workshops are whole within one load process (`--workers` splits by
