@@ -14,6 +14,7 @@
 # Needs release builds: cargo build --release -p fanout -p fanout-loadtest
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 rounds=${1:-3} users=${2:-2000} rate=${3:-100}
 bin=target/release/fanout lt=target/release/fanout-loadtest tp=target/release/fanout-api-throughput
 out=$(mktemp -d /tmp/fanout-api-bench.XXXXXX)
@@ -28,7 +29,7 @@ sleep 1
   --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --api-listen 127.0.0.1:$api \
   --api-keys "$key" --messages-per-second 0 >"$out/edge.log" 2>&1 &
 edge=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+wait_ready "$admin"
 
 echo "== throughput (messages per second, one client process)"
 "$tp" --nats-url nats://127.0.0.1:$nats_port --api 127.0.0.1:$api --api-key "$key" \

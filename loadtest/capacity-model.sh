@@ -50,7 +50,7 @@ up() { # edges tag: a fresh NATS (its own store) and that many edges
     "$fanout" edge --nats-url nats://127.0.0.1:$nats_port --listen "127.0.0.1:${ports[$i]}" \
       --admin-listen "127.0.0.1:${admins[$i]}" --max-connections 200000 --joins-per-second 100000 --messages-per-second 100000 >"$out/$2.edge$i.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:${admins[$i]}/readyz" >/dev/null && break; sleep 0.1; done
+    wait_ready "${admins[$i]}"
   done
 }
 

@@ -10,6 +10,7 @@
 # Needs target/release/{fanout,fanout-loadtest}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 rounds=${1:-3} window=${2:-10} users=${3:-40} rate=${4:-20}
 fanout=target/release/fanout lt=target/release/fanout-loadtest
 out=$(mktemp -d /tmp/fanout-coalesce.XXXXXX)
@@ -20,7 +21,7 @@ run() { # delay-ms tag
   "$fanout" standalone --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --write-delay-ms "$delay" \
     --messages-per-second 1000 >"$out/$tag.server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+  wait_ready "$admin"
   "$lt" --scenario workshop --url ws://127.0.0.1:$port/realtime/v1 --users "$users" --workshops 1 \
     --chat-rate 0 --typing-rate $((rate * 60)) --duration 20 --server-pid "$pid" --report "$dir" >"$out/$tag.log" 2>&1
   kill "$pid"; wait "$pid" 2>/dev/null || true

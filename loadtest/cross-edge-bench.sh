@@ -34,7 +34,7 @@ start() { # role index tag
   "$fanout" "$1" "${bus[@]}" --listen "127.0.0.1:${ports[$2]}" \
     --admin-listen "127.0.0.1:${admins[$2]}" --max-connections 200000 >"$out/$3.server$2.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:${admins[$2]}/readyz" >/dev/null && break; sleep 0.1; done
+  wait_ready "${admins[$2]}"
 }
 
 run() { # kind tag

@@ -11,6 +11,7 @@
 # Needs target/release/{fanout,fanout-loadtest} and nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 users=${1:-4000} drain=${2:-10}
 fanout=target/release/fanout lt=target/release/fanout-loadtest
 out=$(mktemp -d /tmp/fanout-drain.XXXXXX)
@@ -24,7 +25,7 @@ edge() { # port admin drain-secs log → pid
   "$fanout" edge --nats-url nats://127.0.0.1:$nats_port --nats-shards 8 --nats-streams 2 --listen 127.0.0.1:$1 \
     --admin-listen 127.0.0.1:$2 --drain-secs "$3" >"$4" 2>&1 &
   echo $!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$2/readyz" >/dev/null && break; sleep 0.1; done
+  wait_ready "$2"
 }
 
 run() { # how drain-secs tag

@@ -28,7 +28,7 @@ run() { # kind tag
   "$fanout" edge --nats-url nats://127.0.0.1:$nats_port --nats-shards 8 --nats-streams 2 \
     --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin "${extra[@]}" >"$out/$tag.server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+  wait_ready "$admin"
   # NATS's own idle work (JetStream timers, the edge's heartbeats), to
   # subtract: 10 s with the edge connected and no load.
   local i0 i1 t0 t1

@@ -66,7 +66,7 @@ start() { # server tag → the pid to stop, then the pids to measure (comma-sepa
       FANOUT_API_KEYS=$key "$fanout" standalone --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin \
         --api-listen 127.0.0.1:$api --max-connections 200000 >"$out/$2.server.log" 2>&1 &
       echo "$! $!"
-      for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done ;;
+      wait_ready "$admin" ;;
     *)
       node "loadtest/$1/server.mjs" $port >"$out/$2.server.log" 2>&1 &
       echo "$! $!"

@@ -23,6 +23,7 @@
 # Rounds alternate the order (A B, then B A) so warm-up and drift fall on both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/lib.sh
 rounds=${1:-3}
 fanout=${2:-target/release/fanout}
 lt=${3:-target/release/fanout-loadtest}
@@ -58,7 +59,7 @@ start_server() { # log, extra args...
   local log=$1; shift
   FANOUT_JWT_SECRET=$secret "$fanout" --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin "$@" >"$log" 2>&1 &
   pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+  wait_ready "$admin"
 }
 
 stop_server() {

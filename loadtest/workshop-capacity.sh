@@ -40,7 +40,7 @@ start() { # server tag: starts it, prints its pid once it is ready
       "$fanout" standalone --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin \
         --max-connections 200000 >"$out/$2.server.log" 2>&1 &
       echo $!
-      for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done ;;
+      wait_ready "$admin" ;;
     socketio)
       node loadtest/socketio/server.mjs $port >"$out/$2.server.log" 2>&1 &
       echo $!
