@@ -7,8 +7,9 @@
 //! a Socket.IO app); Socket.IO has no presence, so nothing is tracked.
 //! Every message carries its publisher, a per-publisher sequence and its
 //! origin time; every receiver checks each publisher's sequence for gaps,
-//! repeats and reordering and records publish-to-receive latency. Broadcasts are joined with `self: false`, so
-//! a message is owed to the other members joined when it was sent.
+//! repeats and reordering and records publish-to-receive latency.
+//! Broadcasts are joined with `self: false`, so a message is owed to the
+//! other members joined when it was sent.
 //!
 //! Workshops are whole within one load process (`--workers` splits by
 //! workshop), so every count is exact locally.
@@ -226,7 +227,8 @@ struct Rates {
     cursor_per_min: f64,
 }
 
-/// The events a user sends, and their payloads after the stamp.
+/// The events a user sends, by the index `publish` schedules them under;
+/// receivers count only these.
 const EVENTS: [&str; 3] = ["chat", "typing", "cursor"];
 
 /// One user's chat, typing and cursor broadcasts from `go` until `until`,
